@@ -1,0 +1,684 @@
+"""The one typed config tree of an opd run.
+
+Frozen dataclasses with a comment on every field; defaults live only here.
+`load_config(path, overrides)` reads a YAML file, applies dotted overrides
+(`learner.lr=1e-5`, values parsed as YAML scalars), and builds the tree. Unknown
+keys, wrong types and bad values are all collected and raised together as one
+`ConfigError` that names each key, the bad value and what is valid, before any
+actor starts.
+
+Each component receives its own sub-config (`cfg.rollout`, `cfg.learner`, ...),
+never the root.
+
+    python -m cluster.config configs/demo.yaml train.steps=5   # print resolved
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """All problems found in a config, one per line. Pickles (crosses Ray)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} in the config:"
+        return "\n".join([head] + [f"  - {p}" for p in self.problems])
+
+    def __reduce__(self):
+        return (ConfigError, (self.problems,))
+
+
+# --------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    # Student checkpoint: a local Hugging Face directory, a hub id the cluster
+    # can reach, or `tiny:NAME` for a tiny model built locally (cluster/tiny_models.py).
+    model: str = "tiny:student"
+    # Weight dtype in the samplers (and the learner's compute dtype unless
+    # learner.dtype says otherwise).
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Longest prompt + completion the samplers accept (tokens).
+    max_model_len: int = 512
+
+    def problems(self) -> list[str]:
+        return _positive(self, "max_model_len")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    # URL of a running teacher_server (e.g. http://teacher-node:8000). When
+    # null, the driver starts `python -m teacher_server --model teacher.model`
+    # itself on 127.0.0.1 and stops it at the end.
+    url: str | None = None
+    # Model the driver serves when `url` is null (same forms as student.model).
+    model: str | None = "tiny:teacher"
+    # File holding the API key sent as `Authorization: Bearer ...` (the key is
+    # never logged). For a self-started server the same key is configured on it.
+    api_key_file: str | None = None
+    # Teacher weight dtype for a self-started server.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    # Max sequence length of a self-started server.
+    max_model_len: int = 512
+    # Tensor parallel size of a self-started server (GPUs it takes).
+    tensor_parallel_size: int = 1
+    # KV cache of a self-started server on CPU (GiB).
+    kv_cache_gib: float = 1.0
+    # Softmax temperature applied to the teacher's logits before scoring.
+    temperature: float = 1.0
+    # Top-k teacher support fetched per position (needed by the *_topk and jsd
+    # losses; 0 = only the sampled token's logprob).
+    top_k: int = 0
+    # Token budget of one /v1/logprobs request; larger batches are split.
+    max_tokens_per_request: int = 16384
+    # Requests in flight at once from this run.
+    max_concurrency: int = 8
+    # Timeout of one HTTP request (seconds).
+    request_timeout_s: float = 120.0
+    # Give up on a batch (the run checkpoints and stops) once the teacher has
+    # been unreachable or overloaded for this long (seconds).
+    unavailable_timeout_s: float = 600.0
+    # How long a self-started server may take to report healthy (seconds).
+    startup_timeout_s: float = 600.0
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "max_model_len", "tensor_parallel_size", "kv_cache_gib", "temperature",
+                        "max_tokens_per_request", "max_concurrency", "request_timeout_s",
+                        "unavailable_timeout_s", "startup_timeout_s")
+        if self.url is None and not self.model:
+            out.append("teacher: set either teacher.url (a running teacher_server) or teacher.model "
+                       "(the driver starts one); both are null")
+        if self.top_k < 0:
+            out.append(f"teacher.top_k: {self.top_k} is negative; use 0 (sampled token only) or K > 0")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Training prompts: a JSONL or Parquet file, or a `datasets` dataset saved
+    # with save_to_disk, each record with a `prompt` (text) or `messages`
+    # (chat) field; `answer` and other fields are carried through.
+    # `tiny:arithmetic` builds the arithmetic task of recipes/ locally.
+    train: str = "tiny:arithmetic"
+    # Held-out prompts in the same format; null takes `eval_size` records off
+    # the end of the training file instead.
+    eval: str | None = None
+    # Held-out records split off `train` when `eval` is null.
+    eval_size: int = 64
+    # Render `prompt`/`messages` with the tokenizer's chat template.
+    apply_chat_template: bool = True
+    # Shuffle the prompt stream (deterministically by run.seed, per epoch).
+    shuffle: bool = True
+    # Prompts longer than this (tokens) are an error naming the record.
+    max_prompt_tokens: int = 256
+
+    def problems(self) -> list[str]:
+        return _positive(self, "max_prompt_tokens") + _non_negative(self, "eval_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    # Number of sampler actors (each a vLLM engine).
+    num_samplers: int = 1
+    # Completions sampled per prompt (n).
+    samples_per_prompt: int = 4
+    # Longest completion (tokens).
+    max_new_tokens: int = 64
+    # Sampling temperature.
+    temperature: float = 1.0
+    # Nucleus sampling mass (1.0 = off).
+    top_p: float = 1.0
+    # Top-k sampling (0 = off).
+    top_k: int = 0
+    # Strings that end a completion (besides the EOS token).
+    stop: tuple[str, ...] = ()
+    # Token ids that end a completion (besides the EOS token).
+    stop_token_ids: tuple[int, ...] = ()
+    # Base sampling seed; each step and sampler derive their own from it.
+    seed: int = 0
+    # Tensor parallel size of one sampler engine (GPUs per sampler on GPU).
+    tensor_parallel_size: int = 1
+    # CPUs reserved per sampler actor in the placement group.
+    cpus_per_sampler: float = 1.0
+    # GPU memory fraction vLLM may use (GPU only).
+    gpu_memory_utilization: float = 0.5
+    # KV cache per sampler on CPU (GiB, VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_gib: float = 1.0
+    # VLLM_CPU_OMP_THREADS_BIND for CPU samplers ("auto", or a core range "0-1").
+    cpu_threads_bind: str = "auto"
+    # Run vLLM without CUDA graphs / compilation (always on for CPU).
+    enforce_eager: bool = True
+    # Weight transport: "auto" (nccl when the samplers have GPUs, else gloo),
+    # "nccl" (vLLM's official NCCL weight-transfer engine) or "gloo" (CPU).
+    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # Bucket size of one weight-sync transfer (MiB): bounds the extra memory.
+    weight_sync_bucket_mb: int = 64
+    # Timeout of one weight update, and of a sampler RPC (seconds).
+    weight_sync_timeout_s: float = 600.0
+    # Timeout of one generate call (seconds); a sampler that exceeds it is
+    # treated as dead and restarted.
+    generate_timeout_s: float = 1800.0
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "num_samplers", "samples_per_prompt", "max_new_tokens", "tensor_parallel_size",
+                        "kv_cache_gib", "weight_sync_bucket_mb", "weight_sync_timeout_s", "generate_timeout_s")
+        out += _non_negative(self, "temperature", "top_k", "cpus_per_sampler")
+        if not 0.0 < self.top_p <= 1.0:
+            out.append(f"rollout.top_p: {self.top_p} is outside (0, 1]; use 1.0 to disable nucleus sampling")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            out.append(f"rollout.gpu_memory_utilization: {self.gpu_memory_utilization} is outside (0, 1]")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    # Learner ranks (one Ray actor each: one GPU each on GPU, one process on CPU).
+    world_size: int = 1
+    # DeepSpeed ZeRO stage (0 = plain data parallel).
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # Training precision: fp32 master weights always; "bfloat16" computes in bf16.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Peak learning rate (AdamW).
+    lr: float = 1e-4
+    # Linear warmup steps from 0 to `lr`.
+    warmup_steps: int = 0
+    # Schedule after warmup.
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    # Final learning rate as a fraction of `lr` (cosine/linear).
+    min_lr_ratio: float = 0.0
+    # AdamW weight decay.
+    weight_decay: float = 0.0
+    # AdamW betas.
+    betas: tuple[float, float] = (0.9, 0.999)
+    # Clip the global gradient norm to this (0 = off).
+    grad_clip: float = 1.0
+    # Token budget of one micro-batch (prompt + completion tokens, padded).
+    micro_batch_tokens: int = 8192
+    # Gradient checkpointing in the student's forward.
+    gradient_checkpointing: bool = False
+    # CPUs reserved per learner rank in the placement group.
+    cpus_per_worker: float = 1.0
+    # Timeout of every collective and learner RPC (seconds): a dead rank fails
+    # the run instead of hanging it.
+    collective_timeout_s: float = 600.0
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "world_size", "lr", "micro_batch_tokens", "collective_timeout_s")
+        out += _non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "cpus_per_worker")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            out.append(f"learner.min_lr_ratio: {self.min_lr_ratio} is outside [0, 1]")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            out.append(f"learner.betas: {list(self.betas)} must both be in [0, 1)")
+        return out
+
+
+LOSS_KINDS = ("reverse_kl", "reverse_kl_topk", "forward_kl_topk", "jsd", "sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    # reverse_kl: the seed's on-policy distillation (sampled-token reverse KL
+    #   as a per-token advantage, importance-sampling loss).
+    # reverse_kl_topk / forward_kl_topk / jsd: divergences over the teacher's
+    #   top-k support (teacher.top_k > 0).
+    # sft: cross-entropy on the completions (sequence-level KD when
+    #   train.sample_from=teacher).
+    kind: Literal["reverse_kl", "reverse_kl_topk", "forward_kl_topk", "jsd", "sft"] = "reverse_kl"
+    # Scale of the reverse-KL advantage A_t = -coef * (lp_sampler - lp_teacher).
+    kl_coef: float = 1.0
+    # Discount of future per-token advantages (0 = each token's own advantage,
+    # 1 = undiscounted sum to the end of the completion).
+    discount: float = 0.0
+    # Truncate the importance ratio exp(lp_learner - lp_sampler) at this cap.
+    ratio_cap: float = 2.0
+    # "token": mean over all trained tokens of the batch; "sequence": mean per
+    # sequence, then over sequences.
+    normalize: Literal["token", "sequence"] = "token"
+    # Generalized JSD interpolation (0 -> forward KL, 1 -> reverse KL, in the
+    # seed's D_JSD(beta) convention with P = teacher).
+    jsd_beta: float = 0.5
+
+    def problems(self) -> list[str]:
+        out = _positive(self, "ratio_cap")
+        if not 0.0 <= self.discount <= 1.0:
+            out.append(f"loss.discount: {self.discount} is outside [0, 1]")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            out.append(f"loss.jsd_beta: {self.jsd_beta} is outside [0, 1]")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # Optimizer steps of the run.
+    steps: int = 20
+    # Prompts per step (each sampled rollout.samples_per_prompt times).
+    prompts_per_step: int = 8
+    # sync: sample with the current weights, then train (strictly on-policy).
+    # async: sample step k+1 while step k trains (bounded policy lag).
+    mode: Literal["sync", "async"] = "sync"
+    # Async only: the oldest policy version a trained sample may come from,
+    # counted in steps behind the learner.
+    max_policy_lag: int = 1
+    # Who writes the completions: "student" (on-policy, the samplers) or
+    # "teacher" (off-policy, teacher_server /v1/generate: sequence-level KD).
+    sample_from: Literal["student", "teacher"] = "student"
+
+    def problems(self) -> list[str]:
+        return _positive(self, "steps", "prompts_per_step", "max_policy_lag")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    # Evaluate every N steps (and before the first and after the last); 0 = never.
+    every_steps: int = 5
+    # Held-out prompts per evaluation.
+    num_prompts: int = 32
+    # Completions per held-out prompt.
+    samples_per_prompt: int = 1
+    # Sampling temperature of eval completions (reverse KL is measured on them).
+    temperature: float = 1.0
+
+    def problems(self) -> list[str]:
+        return _non_negative(self, "every_steps") + _positive(self, "num_prompts", "samples_per_prompt")
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    # online | offline | disabled | auto (online when WANDB_API_KEY is set or
+    # a login exists, else offline; `wandb sync <run.dir>/wandb/offline-run-*`).
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    # wandb project.
+    project: str = "opd"
+    # wandb entity (team); null = the default of the logged-in user.
+    entity: str | None = None
+    # Run name; null = the basename of run.dir.
+    name: str | None = None
+    # Log a table of sampled completions with per-token advantages every N steps (0 = never).
+    table_every_steps: int = 10
+    # Completions in that table.
+    table_samples: int = 4
+
+    def problems(self) -> list[str]:
+        return _non_negative(self, "table_every_steps", "table_samples")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    # Weights & Biases settings.
+    wandb: WandbConfig = WandbConfig()
+    # Print a progress line every N steps.
+    print_every_steps: int = 1
+
+    def problems(self) -> list[str]:
+        return _positive(self, "print_every_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    # Run directory: metrics.jsonl, checkpoints/, the final export, the
+    # resolved config, wandb's offline files.
+    dir: str = "runs/demo"
+    # Seed of everything (prompt order, sampling, init of the learner's RNG).
+    seed: int = 0
+    # Continue from the latest checkpoint in run.dir (same as --resume).
+    resume: bool = False
+    # Checkpoint every N steps (0 = only at the end and on SIGTERM).
+    save_every_steps: int = 10
+    # Checkpoints kept (older ones are deleted after a newer one is complete).
+    keep_checkpoints: int = 2
+    # Export the final student in Hugging Face format to <run.dir>/final.
+    export_final: bool = True
+
+    def problems(self) -> list[str]:
+        return _non_negative(self, "save_every_steps") + _positive(self, "keep_checkpoints")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementConfig:
+    # Ray address to join; null = RAY_ADDRESS, or a new local cluster.
+    ray_address: str | None = None
+    # CPUs of a local cluster started by the driver (null = all of them).
+    local_num_cpus: int | None = None
+    # How bundles of one role spread over nodes (a Ray placement strategy).
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # GPUs per sampler engine bundle and per learner rank; 0 = CPU-only run;
+    # null = 1 when the cluster has GPUs, else 0.
+    gpus_per_bundle: float | None = None
+    # Custom Ray resource that sampler bundles require (e.g. a node label), or null.
+    sampler_resource: str | None = None
+    # Custom Ray resource that learner bundles require, or null.
+    learner_resource: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # The model being trained.
+    student: StudentConfig = StudentConfig()
+    # The frozen model that scores the student's tokens.
+    teacher: TeacherConfig = TeacherConfig()
+    # Prompt sources.
+    data: DataConfig = DataConfig()
+    # Sampling (vLLM sampler actors).
+    rollout: RolloutConfig = RolloutConfig()
+    # Training (DeepSpeed learner actors).
+    learner: LearnerConfig = LearnerConfig()
+    # The distillation objective.
+    loss: LossConfig = LossConfig()
+    # The loop.
+    train: TrainConfig = TrainConfig()
+    # Held-out evaluation.
+    eval: EvalConfig = EvalConfig()
+    # Logging.
+    log: LogConfig = LogConfig()
+    # Run directory, seed, checkpoints.
+    run: RunConfig = RunConfig()
+    # Ray cluster and placement.
+    placement: PlacementConfig = PlacementConfig()
+
+    def problems(self) -> list[str]:
+        """Cross-section checks (each section checks its own fields)."""
+        out = []
+        if self.loss.kind in ("reverse_kl_topk", "forward_kl_topk", "jsd") and self.teacher.top_k <= 0:
+            out.append(f"loss.kind={self.loss.kind} needs the teacher's top-k support: set teacher.top_k "
+                       f"to K > 0 (e.g. teacher.top_k=20); it is {self.teacher.top_k}")
+        if self.train.sample_from == "teacher" and self.train.mode == "async":
+            out.append("train.mode=async overlaps student sampling with training; with "
+                       "train.sample_from=teacher there is no student sampling: use train.mode=sync")
+        if self.data.max_prompt_tokens + self.rollout.max_new_tokens > self.student.max_model_len:
+            out.append(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_new_tokens "
+                       f"({self.rollout.max_new_tokens}) exceeds student.max_model_len "
+                       f"({self.student.max_model_len}); raise student.max_model_len or lower one of them")
+        if self.teacher.url is None and (self.data.max_prompt_tokens + self.rollout.max_new_tokens
+                                         > self.teacher.max_model_len):
+            out.append(f"data.max_prompt_tokens + rollout.max_new_tokens "
+                       f"({self.data.max_prompt_tokens + self.rollout.max_new_tokens}) exceeds "
+                       f"teacher.max_model_len ({self.teacher.max_model_len})")
+        return out
+
+
+# --------------------------------------------------------------------------
+# Field checks
+# --------------------------------------------------------------------------
+
+def _section(obj) -> str:
+    return _SECTION_NAMES.get(type(obj), type(obj).__name__)
+
+
+def _positive(obj, *names: str) -> list[str]:
+    return [f"{_section(obj)}.{n}: {getattr(obj, n)!r} must be > 0"
+            for n in names if getattr(obj, n) is not None and not getattr(obj, n) > 0]
+
+
+def _non_negative(obj, *names: str) -> list[str]:
+    return [f"{_section(obj)}.{n}: {getattr(obj, n)!r} must be >= 0"
+            for n in names if getattr(obj, n) is not None and not getattr(obj, n) >= 0]
+
+
+_SECTION_NAMES: dict[type, str] = {}
+
+
+def _register_sections(cls: type, prefix: str) -> None:
+    _SECTION_NAMES[cls] = prefix or "config"
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            _register_sections(t, f"{prefix}.{f.name}" if prefix else f.name)
+
+
+_register_sections(Config, "")
+
+
+# --------------------------------------------------------------------------
+# Building the tree from untyped data
+# --------------------------------------------------------------------------
+
+def _type_name(t: Any) -> str:
+    origin = typing.get_origin(t)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(t))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(t))
+    if origin is tuple:
+        return "a list"
+    if t is type(None):
+        return "null"
+    return getattr(t, "__name__", str(t))
+
+
+def _convert(value: Any, t: Any, key: str, problems: list[str]) -> Any:
+    """Convert one YAML value to type `t`; on failure append a problem and
+    return a sentinel."""
+    origin = typing.get_origin(t)
+    if dataclasses.is_dataclass(t):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping (section), got {value!r}")
+            return _BAD
+        return _build(t, value, key, problems)
+    if origin is Literal:
+        allowed = typing.get_args(t)
+        if value in allowed and type(value) in {type(a) for a in allowed}:
+            return value
+        problems.append(f"{key}: {value!r} is not valid; valid values are "
+                        + ", ".join(repr(a) for a in allowed))
+        return _BAD
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(t)
+        if value is None:
+            if type(None) in args:
+                return None
+            problems.append(f"{key}: null is not allowed; expected {_type_name(t)}")
+            return _BAD
+        sub: list[str] = []
+        for a in args:
+            if a is type(None):
+                continue
+            sub = []
+            out = _convert(value, a, key, sub)
+            if not sub:
+                return out
+        problems.append(f"{key}: {value!r} is not {_type_name(t)}")
+        return _BAD
+    if origin is tuple:
+        args = typing.get_args(t)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and args and args[-1] is Ellipsis:
+            value = [value]  # a single stop string is a one-element list
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return _BAD
+        if args and args[-1] is Ellipsis:
+            elem_types = [args[0]] * len(value)
+        else:
+            if len(value) != len(args):
+                problems.append(f"{key}: expected a list of {len(args)} values, got {len(value)}: {list(value)!r}")
+                return _BAD
+            elem_types = list(args)
+        out = tuple(_convert(v, et, f"{key}[{i}]", problems) for i, (v, et) in enumerate(zip(value, elem_types, strict=True)))
+        return out
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{key}: {value!r} is not a boolean; use true or false")
+        return _BAD
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{key}: {value!r} is not an integer")
+        return _BAD
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: {value!r} is not a number")
+        return _BAD
+    if t is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{key}: {value!r} is not a string")
+        return _BAD
+    raise TypeError(f"config field {key} has an unsupported type {t!r}")
+
+
+class _Bad:
+    def __repr__(self) -> str:
+        return "<invalid>"
+
+
+_BAD = _Bad()
+
+
+def _build(cls: type, data: dict, prefix: str, problems: list[str]):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in fields:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            problems.append(f"{key}: unknown key; valid keys {'of ' + prefix if prefix else 'at the top level'} "
+                            f"are {', '.join(sorted(fields))}")
+    kwargs = {}
+    bad = False
+    for name in fields:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        v = _convert(data[name], hints[name], key, problems)
+        if v is _BAD:
+            bad = True
+        else:
+            kwargs[name] = v
+    obj = cls(**kwargs)
+    if not bad and hasattr(obj, "problems") and cls is not Config:
+        problems.extend(obj.problems())
+    return obj
+
+
+def _walk_sections(cfg) -> list:
+    out = [cfg]
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.extend(_walk_sections(v))
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict (values parsed as YAML)."""
+    for ov in overrides:
+        if "=" not in ov:
+            problems.append(f"override {ov!r}: expected dotted.key=value (e.g. learner.lr=1e-5)")
+            continue
+        key, text = ov.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            problems.append(f"override {ov!r}: empty key segment in {key!r}")
+            continue
+        node = data
+        ok = True
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                problems.append(f"override {ov!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+                ok = False
+                break
+            node = nxt
+        if ok:
+            node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> Config:
+    """Build and validate the tree; raise ConfigError with every problem."""
+    problems: list[str] = []
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError([f"the config must be a mapping at the top level, got {type(data).__name__}"])
+    import copy
+
+    data = apply_overrides(copy.deepcopy(data), list(overrides or []), problems)
+    cfg = _build(Config, data, "", problems)
+    # Cross-section checks run too (fields that failed above hold their
+    # defaults), so the user sees every problem in one go.
+    problems.extend(cfg.problems())
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load `path` (YAML; None = all defaults) with dotted overrides."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError([f"config file {str(p)!r} does not exist (paths are relative to {Path.cwd()})"])
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{p}: not valid YAML: {e}"]) from e
+    return config_from_dict(data, overrides)
+
+
+def to_dict(cfg) -> dict:
+    """The resolved tree as plain data (tuples become lists), for logging."""
+    def conv(v):
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def replace(cfg: Config, overrides: list[str]) -> Config:
+    """A new validated tree: `cfg` with dotted overrides applied."""
+    return config_from_dict(to_dict(cfg), overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv and "=" not in argv[0] else None
+    overrides = argv[1:] if path else argv
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

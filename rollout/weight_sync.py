@@ -1,0 +1,198 @@
+"""The weight-sync contract between the learner (sender) and the samplers
+(receivers), in the manner of vLLM's weight-transfer API
+(`vllm/distributed/weight_transfer/base.py`).
+
+Two transports share this contract:
+
+* `nccl` (GPU): vLLM's official `NCCLWeightTransferEngine` on the sampler
+  workers and `NCCLTrainerWeightTransferEngine` on learner rank 0.
+* `gloo` (CPU): `rollout/weight_receiver.py` registers `GlooWeightTransferEngine`
+  in vLLM's `WeightTransferEngineFactory` under the name "opd_gloo"; learner
+  rank 0 broadcasts over a gloo process group of (rank 0 = learner, ranks
+  1.. = every sampler worker).
+
+The sampler side is always driven through vLLM's four control-plane calls
+(init_weight_transfer_engine / start_weight_update / update_weights /
+finish_weight_update), exposed by each sampler actor; `WeightSyncClient` is
+what the sender holds to call them on all samplers at once.
+
+Gloo wire format: the parameters of one update, in the order of
+`GlooUpdateInfo.names`, are cut into buckets at `bucket_ends`; for each bucket
+the learner broadcasts one flat uint8 tensor holding the bucket's tensors
+back-to-back (each contiguous, in its own dtype, no padding), and the workers
+cut it up with `unpack_bucket`. The memory cost on either side is one bucket.
+
+This module imports torch only (no vllm, no deepspeed): both sides use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+GLOO_BACKEND_NAME = "opd_gloo"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One parameter as it travels: Hugging Face checkpoint name, dtype, full shape."""
+
+    name: str
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return dtype_from_name(self.dtype)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.torch_dtype.itemsize
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown dtype name {name!r} in a weight update (expected e.g. 'float32', 'bfloat16')")
+    return dt
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+@dataclasses.dataclass
+class GlooInitInfo:
+    """Sent to every worker of every sampler by init_weight_transfer_engine
+    (as a dict: vLLM builds this with `GlooInitInfo(**dict)`)."""
+
+    master_address: str  # learner rank 0's host, where the TCPStore listens
+    master_port: int
+    rank_offset: int  # the group rank of this sampler's worker 0 (learner is rank 0)
+    world_size: int  # 1 + the total number of sampler workers
+    timeout_s: float = 600.0
+    group_name: str = "opd_weight_sync"
+
+
+@dataclasses.dataclass
+class GlooUpdateInfo:
+    """One whole update (all parameters), sent to every worker with
+    update_weights (as a dict)."""
+
+    version: int
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    # bucket b holds params [bucket_ends[b-1], bucket_ends[b]) (bucket_ends[-1] == len(names))
+    bucket_ends: list[int]
+
+    def specs(self) -> list[ParamSpec]:
+        return [ParamSpec(n, d, tuple(s)) for n, d, s in zip(self.names, self.dtype_names, self.shapes, strict=True)]
+
+    def buckets(self) -> list[list[ParamSpec]]:
+        specs = self.specs()
+        out, start = [], 0
+        for end in self.bucket_ends:
+            out.append(specs[start:end])
+            start = end
+        return out
+
+    def validate(self) -> None:
+        n = len(self.names)
+        if not (len(self.dtype_names) == len(self.shapes) == n):
+            raise ValueError(f"weight update: {n} names, {len(self.dtype_names)} dtypes, {len(self.shapes)} shapes")
+        if not self.bucket_ends or self.bucket_ends[-1] != n or any(
+            b <= a for a, b in zip([0] + self.bucket_ends[:-1], self.bucket_ends, strict=True)
+        ):
+            raise ValueError(f"weight update: bad bucket_ends {self.bucket_ends} for {n} parameters")
+        for d in self.dtype_names:
+            dtype_from_name(d)
+
+    @staticmethod
+    def build(version: int, specs: Sequence[ParamSpec], bucket_bytes: int) -> "GlooUpdateInfo":
+        return GlooUpdateInfo(
+            version=version,
+            names=[s.name for s in specs],
+            dtype_names=[s.dtype for s in specs],
+            shapes=[list(s.shape) for s in specs],
+            bucket_ends=plan_buckets(specs, bucket_bytes),
+        )
+
+
+def plan_buckets(specs: Sequence[ParamSpec], bucket_bytes: int) -> list[int]:
+    """Greedy split of `specs` (in order) into buckets of at most
+    `bucket_bytes` (a single larger tensor gets a bucket of its own).
+    Returns the exclusive end index of each bucket."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+    ends: list[int] = []
+    size = 0
+    for i, s in enumerate(specs):
+        if size > 0 and size + s.nbytes > bucket_bytes:
+            ends.append(i)
+            size = 0
+        size += s.nbytes
+    if specs:
+        ends.append(len(specs))
+    return ends
+
+
+def pack_bucket(tensors: Iterable[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate tensors' bytes into one flat uint8 tensor (CPU)."""
+    views = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    total = sum(v.numel() for v in views)
+    if out is None:
+        out = torch.empty(total, dtype=torch.uint8)
+    elif out.numel() < total:
+        raise ValueError(f"pack buffer holds {out.numel()} bytes, bucket needs {total}")
+    off = 0
+    for v in views:
+        out[off: off + v.numel()].copy_(v)
+        off += v.numel()
+    return out[:total]
+
+
+def unpack_bucket(flat: torch.Tensor, specs: Sequence[ParamSpec]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views into `flat` (uint8) for each spec, in order (no copy)."""
+    off = 0
+    for s in specs:
+        n = s.nbytes
+        yield s.name, flat[off: off + n].view(s.torch_dtype).view(s.shape)
+        off += n
+    if off != flat.numel():
+        raise ValueError(f"weight bucket holds {flat.numel()} bytes, its specs describe {off}")
+
+
+@runtime_checkable
+class WeightSyncClient(Protocol):
+    """The sender's handle on all samplers' control plane; structurally the
+    same four calls as vLLM's `VLLMWeightSyncClient`, so vLLM's own NCCL
+    trainer engine can drive it. Each call runs on every sampler and returns
+    when all have finished (raising if any failed)."""
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None: ...
+
+    def start_weight_update(self) -> None: ...
+
+    def update_weights(self, update_info: dict) -> None: ...
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None: ...
+
+
+class WeightSender(Protocol):
+    """Learner side. `send(version)` is called on every learner rank in
+    lockstep (gathering ZeRO-3 parameters is a collective); rank 0 transmits."""
+
+    def send(self, version: int) -> None: ...
+
+    def shutdown(self) -> None: ...
