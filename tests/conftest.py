@@ -22,4 +22,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.ray_cluster",
+    "tests.fixtures.teacher",   # one teacher_server process (teacher_server/)
+    "tests.fixtures.sampler",   # one student sampler actor (rollout/)
 ]
