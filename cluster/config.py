@@ -252,6 +252,11 @@ class LossConfig:
     # Generalized JSD interpolation (0 -> forward KL, 1 -> reverse KL, in the
     # seed's D_JSD(beta) convention with P = teacher).
     jsd_beta: float = 0.5
+    # (added by the learner) Probability outside the teacher's top-k in the
+    # *_topk and jsd losses: "renormalize" restricts both distributions to the
+    # top-k and renormalises; "bucket" adds one tail category holding each
+    # side's remaining mass (penalises student mass outside the top-k).
+    topk_tail: Literal["renormalize", "bucket"] = "renormalize"
 
     def problems(self) -> list[str]:
         out = _positive(self, "ratio_cap")
@@ -559,18 +564,17 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]):
             problems.append(f"{key}: unknown key; valid keys {'of ' + prefix if prefix else 'at the top level'} "
                             f"are {', '.join(sorted(fields))}")
     kwargs = {}
-    bad = False
     for name in fields:
         if name not in data:
             continue
         key = f"{prefix}.{name}" if prefix else name
         v = _convert(data[name], hints[name], key, problems)
-        if v is _BAD:
-            bad = True
-        else:
+        if v is not _BAD:
             kwargs[name] = v
     obj = cls(**kwargs)
-    if not bad and hasattr(obj, "problems") and cls is not Config:
+    # Bad fields hold their (valid) defaults here, so the section's own checks
+    # still run and every problem is reported at once.
+    if hasattr(obj, "problems") and cls is not Config:
         problems.extend(obj.problems())
     return obj
 

@@ -1,0 +1,202 @@
+"""The training loops: one function per mode, each about a page.
+
+    do_sync_training   sample (current weights) -> score -> train -> sync
+    do_async_training  sampling for step k+1 overlaps scoring + training of
+                       step k; the batch trained at step k was sampled by the
+                       policy one version behind, which the importance ratio
+                       corrects; `train.max_policy_lag` bounds the lag
+
+Every stage is a named helper (cluster/stages.py); one metrics dict per step
+is logged once (metrics.jsonl + wandb) by `finish_step`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.checkpoint import save_checkpoint
+from cluster.config import Config
+from cluster.stages import completion_table, evaluate, sample_completions, score_completions
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything a loop needs; built by cluster/train.py."""
+
+    cfg: Config
+    run_dir: Path
+    pool: Any  # rollout SamplerPool
+    learners: Any  # learner LearnerGroup
+    teacher: Any  # rollout TeacherClient
+    stream: Any  # rollout PromptStream (train)
+    eval_records: list
+    tokenizer: Any
+    logger: Any  # cluster.metrics_log.MetricsLogger
+    step: int = 0  # optimizer steps completed
+    version: int = 0  # policy version the samplers serve
+    stop_requested: threading.Event = dataclasses.field(default_factory=threading.Event)
+    started_at: float = dataclasses.field(default_factory=time.monotonic)
+    start_step: int = 0
+    trained_tokens: int = 0
+    # The stream position before the prompts of a step that has not finished
+    # training were drawn (async mode draws step k+1's prompts before step k
+    # is checkpointed; a step can fail mid-way). A checkpoint records this one,
+    # so a resumed run neither skips nor repeats prompts.
+    uncommitted_stream_state: dict | None = None
+
+
+class TeacherDown(RuntimeError):
+    pass
+
+
+def sampling_seed(ctx: RunContext, step: int) -> int:
+    return ctx.cfg.run.seed * 1_000_003 + step
+
+
+# ----------------------------------------------------------------- stages
+
+def train_on(ctx: RunContext, batch) -> dict:
+    t0 = time.monotonic()
+    m = ctx.learners.train_step(batch, step=ctx.step, temperature=ctx.cfg.rollout.temperature)
+    ctx.trained_tokens += batch.num_trained_tokens
+    return {**m, "time/train_s": time.monotonic() - t0}
+
+
+def sync_weights(ctx: RunContext) -> dict:
+    t0 = time.monotonic()
+    new_version = ctx.version + 1
+    ctx.learners.push_weights(ctx.pool, new_version)
+    ctx.version = new_version
+    return {"sync/version": new_version, "time/sync_s": time.monotonic() - t0}
+
+
+def checkpoint(ctx: RunContext) -> Path:
+    stream_state = ctx.uncommitted_stream_state or ctx.stream.state_dict()
+    state = {"version": ctx.version, "stream": stream_state, "wandb_run_id": ctx.logger.run_id,
+             "trained_tokens": ctx.trained_tokens}
+    return save_checkpoint(ctx.run_dir, ctx.step, ctx.learners.save, state, ctx.cfg.run.keep_checkpoints)
+
+
+def maybe_eval(ctx: RunContext, force: bool = False) -> dict:
+    every = ctx.cfg.eval.every_steps
+    if not ctx.eval_records or every == 0:
+        return {}
+    if not force and ctx.step % every != 0:
+        return {}
+    return evaluate(ctx.pool, ctx.teacher, ctx.eval_records, ctx.cfg.eval, ctx.cfg.rollout, ctx.cfg.teacher,
+                    ctx.tokenizer, seed=sampling_seed(ctx, 10_000_000 + ctx.step))
+
+
+def finish_step(ctx: RunContext, metrics: dict, t0: float, batch) -> None:
+    """Eval, log, progress line, periodic checkpoint for the step just done."""
+    cfg = ctx.cfg
+    last = ctx.step >= cfg.train.steps
+    metrics.update(maybe_eval(ctx, force=last))
+    step_s = time.monotonic() - t0
+    done = ctx.step - ctx.start_step
+    elapsed = time.monotonic() - ctx.started_at
+    eta_s = elapsed / max(1, done) * (cfg.train.steps - ctx.step)
+    metrics.update({
+        "time/step_s": step_s,
+        "progress/step": ctx.step,
+        "progress/trained_tokens": ctx.trained_tokens,
+        "progress/tokens_per_s": metrics.get("learner/tokens", 0) / max(step_s, 1e-9),
+        "progress/eta_s": eta_s,
+    })
+    wcfg = cfg.log.wandb
+    if batch is not None and wcfg.table_every_steps and ctx.step % wcfg.table_every_steps == 0 \
+            and batch.teacher_logprobs_B_T is not None:
+        cols, rows = completion_table(batch, ctx.tokenizer, cfg.loss, wcfg.table_samples)
+        ctx.logger.log_table(ctx.step, "rollout/samples", cols, rows)
+    ctx.logger.log(ctx.step, metrics)
+    if ctx.step % cfg.log.print_every_steps == 0 or last:
+        ev = metrics.get("eval/reverse_kl")
+        acc = metrics.get("eval/accuracy")
+        print(f"[opd] step {ctx.step}/{cfg.train.steps} | kl {metrics.get('teacher/reverse_kl', float('nan')):.4f}"
+              + (f" | eval_kl {ev:.4f}" if ev is not None else "")
+              + (f" | eval_acc {acc:.3f}" if acc is not None else "")
+              + f" | loss {metrics.get('learner/loss', float('nan')):.4f}"
+              + f" | {metrics['progress/tokens_per_s']:.0f} tok/s | {step_s:.1f}s/step | ETA {eta_s:.0f}s",
+              flush=True)
+    if cfg.run.save_every_steps and ctx.step % cfg.run.save_every_steps == 0 and not last:
+        checkpoint(ctx)
+
+
+def rollout_and_score(ctx: RunContext, records: list, seed: int) -> tuple[Any, dict]:
+    cfg = ctx.cfg
+    comps, m = sample_completions(ctx.pool, ctx.teacher, records, cfg.rollout, seed, cfg.train.sample_from)
+    scorer = ctx.pool.score if cfg.train.sample_from == "teacher" else None
+    batch, m2 = score_completions(ctx.teacher, comps, records, cfg.teacher, cfg.loss, student_scorer=scorer)
+    return batch, {**m, **m2}
+
+
+# ----------------------------------------------------------------- loops
+
+def do_sync_training(ctx: RunContext) -> None:
+    cfg = ctx.cfg
+    if ctx.step == 0:
+        ctx.logger.log(0, maybe_eval(ctx, force=True))
+    while ctx.step < cfg.train.steps and not ctx.stop_requested.is_set():
+        t0 = time.monotonic()
+        ctx.uncommitted_stream_state = ctx.stream.state_dict()
+        records = ctx.stream.next_batch(cfg.train.prompts_per_step)
+        batch, metrics = rollout_and_score(ctx, records, sampling_seed(ctx, ctx.step))
+        if batch is not None:
+            metrics.update(train_on(ctx, batch))
+            metrics.update(sync_weights(ctx))
+        ctx.step += 1
+        ctx.uncommitted_stream_state = None
+        finish_step(ctx, metrics, t0, batch)
+
+
+def do_async_training(ctx: RunContext) -> None:
+    cfg = ctx.cfg
+    if ctx.step == 0:
+        ctx.logger.log(0, maybe_eval(ctx, force=True))
+    # One background thread samples the next batch while this one scores and trains.
+    ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-sampling")
+
+    def submit(step: int):
+        ctx.uncommitted_stream_state = ctx.stream.state_dict()
+        records = ctx.stream.next_batch(cfg.train.prompts_per_step)
+        return records, ex.submit(sample_completions, ctx.pool, ctx.teacher, records, cfg.rollout,
+                                  sampling_seed(ctx, step), cfg.train.sample_from)
+
+    pending = None
+    try:
+        pending = submit(ctx.step)
+        while ctx.step < cfg.train.steps and not ctx.stop_requested.is_set():
+            t0 = time.monotonic()
+            records, fut = pending
+            t_wait = time.monotonic()
+            comps, metrics = fut.result()
+            metrics["time/wait_sampling_s"] = time.monotonic() - t_wait
+            nxt = submit(ctx.step + 1) if ctx.step + 1 < cfg.train.steps else None
+            # Drop samples older than the lag bound (the learner is at ctx.version).
+            fresh = [c for c in comps if ctx.version - c.policy_version <= cfg.train.max_policy_lag]
+            metrics["rollout/stale_dropped"] = len(comps) - len(fresh)
+            metrics["rollout/policy_lag_max"] = max((ctx.version - c.policy_version for c in comps), default=0)
+            metrics["rollout/policy_lag_mean"] = sum(ctx.version - c.policy_version for c in comps) / max(1, len(comps))
+            batch, m2 = score_completions(ctx.teacher, fresh, records, cfg.teacher, cfg.loss)
+            metrics.update(m2)
+            if batch is not None:
+                metrics.update(train_on(ctx, batch))
+                if nxt is not None:  # the samplers must finish step k+1 before weights change under them
+                    t_w = time.monotonic()
+                    cf.wait([nxt[1]])
+                    metrics["time/wait_before_sync_s"] = time.monotonic() - t_w
+                metrics.update(sync_weights(ctx))
+            ctx.step += 1
+            pending = nxt
+            if pending is None:
+                ctx.uncommitted_stream_state = None
+            finish_step(ctx, metrics, t0, batch)
+    finally:
+        # A stop with a batch still pending keeps the pre-draw position, so a
+        # resumed run samples those prompts again.
+        ex.shutdown(wait=True, cancel_futures=True)

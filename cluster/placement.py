@@ -1,0 +1,138 @@
+"""Ray cluster start/join and placement groups per role.
+
+Called by the driver (cluster/train.py) before any actor starts:
+
+    ray_info = connect(cfg.placement)                  # local cluster or join
+    plan = make_placement(cfg.placement, cfg.rollout, cfg.learner, ray_info)
+    plan.sampler_strategies[i]  -> scheduling strategy of sampler actor i
+    plan.learner_strategies[r]  -> scheduling strategy of learner rank r
+
+One placement group per role: samplers (one bundle per sampler engine, with
+`tensor_parallel_size` GPUs on GPU) and learners (one bundle per rank). Each
+group uses `placement.strategy` (PACK / SPREAD / STRICT_*), so a user can keep
+a role on one node or spread it. Ray reserves the bundles atomically, so a run
+that does not fit fails at start with a message instead of half-starting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+from cluster.config import LearnerConfig, PlacementConfig, RolloutConfig
+
+
+class PlacementError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class RayInfo:
+    address: str | None  # None for a local cluster this process started
+    started_local: bool
+    cluster_gpus: float
+    cluster_cpus: float
+
+
+def connect(pcfg: PlacementConfig, env_vars: dict[str, str] | None = None) -> RayInfo:
+    """Join `placement.ray_address` / RAY_ADDRESS (e.g. under `ray job submit`),
+    or start a local cluster. `env_vars` reach every actor (runtime_env)."""
+    import ray
+
+    address = pcfg.ray_address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": dict(env_vars or {})}
+    if ray.is_initialized():
+        started = False
+    elif address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        started = False
+    else:
+        kwargs = {}
+        if pcfg.local_num_cpus is not None:
+            kwargs["num_cpus"] = pcfg.local_num_cpus
+        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        started = True
+    res = ray.cluster_resources()
+    return RayInfo(address=address, started_local=started, cluster_gpus=float(res.get("GPU", 0)),
+                   cluster_cpus=float(res.get("CPU", 0)))
+
+
+@dataclasses.dataclass
+class PlacementPlan:
+    gpus_per_bundle: float
+    sampler_group: object
+    learner_group: object
+    sampler_strategies: list
+    learner_strategies: list
+
+    @property
+    def uses_gpus(self) -> bool:
+        return self.gpus_per_bundle > 0
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in (self.sampler_group, self.learner_group):
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+
+
+def bundles_for(pcfg: PlacementConfig, rcfg: RolloutConfig, lcfg: LearnerConfig,
+                gpus_per_bundle: float) -> tuple[list[dict], list[dict]]:
+    """The resource bundles of the sampler and learner groups."""
+    sampler = {"CPU": rcfg.cpus_per_sampler}
+    learner = {"CPU": lcfg.cpus_per_worker}
+    if gpus_per_bundle > 0:
+        sampler["GPU"] = gpus_per_bundle * rcfg.tensor_parallel_size
+        learner["GPU"] = gpus_per_bundle
+    if pcfg.sampler_resource:
+        sampler[pcfg.sampler_resource] = 0.001
+    if pcfg.learner_resource:
+        learner[pcfg.learner_resource] = 0.001
+    return [dict(sampler) for _ in range(rcfg.num_samplers)], [dict(learner) for _ in range(lcfg.world_size)]
+
+
+def make_placement(pcfg: PlacementConfig, rcfg: RolloutConfig, lcfg: LearnerConfig, info: RayInfo,
+                   timeout_s: float = 300.0) -> PlacementPlan:
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    gpus = pcfg.gpus_per_bundle
+    if gpus is None:
+        gpus = 1.0 if info.cluster_gpus > 0 else 0.0
+    s_bundles, l_bundles = bundles_for(pcfg, rcfg, lcfg, gpus)
+    need_gpu = sum(b.get("GPU", 0) for b in s_bundles + l_bundles)
+    if need_gpu > info.cluster_gpus:
+        raise PlacementError(
+            f"the run needs {need_gpu:g} GPUs ({rcfg.num_samplers} samplers x {rcfg.tensor_parallel_size} "
+            f"+ {lcfg.world_size} learner ranks, placement.gpus_per_bundle={gpus:g}) but the Ray cluster has "
+            f"{info.cluster_gpus:g}; lower rollout.num_samplers / learner.world_size, or set "
+            f"placement.gpus_per_bundle=0 for a CPU-only run")
+    s_pg = placement_group(s_bundles, strategy=pcfg.strategy, name="opd-samplers")
+    l_pg = placement_group(l_bundles, strategy=pcfg.strategy, name="opd-learners")
+    import ray
+
+    t0 = time.monotonic()
+    for pg, role, bundles in ((s_pg, "sampler", s_bundles), (l_pg, "learner", l_bundles)):
+        left = max(1.0, timeout_s - (time.monotonic() - t0))
+        try:
+            ray.get(pg.ready(), timeout=left)
+        except ray.exceptions.GetTimeoutError as e:
+            raise PlacementError(
+                f"could not reserve the {role} placement group {bundles} with strategy {pcfg.strategy} within "
+                f"{timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}. Lower the role's size or "
+                f"resources, or use placement.strategy=PACK") from e
+    return PlacementPlan(
+        gpus_per_bundle=gpus,
+        sampler_group=s_pg,
+        learner_group=l_pg,
+        sampler_strategies=[PlacementGroupSchedulingStrategy(s_pg, placement_group_bundle_index=i,
+                                                             placement_group_capture_child_tasks=True)
+                            for i in range(len(s_bundles))],
+        learner_strategies=[PlacementGroupSchedulingStrategy(l_pg, placement_group_bundle_index=i,
+                                                             placement_group_capture_child_tasks=True)
+                            for i in range(len(l_bundles))],
+    )

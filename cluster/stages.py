@@ -1,0 +1,159 @@
+"""The named stages of one training step, shared by the sync and async loops
+(cluster/loop.py):
+
+    sample_completions   prompts -> n completions each (student samplers, or
+                         the teacher's /v1/generate for off-policy variants)
+    score_completions    completions -> teacher logprobs -> RolloutBatch
+    evaluate             held-out prompts -> eval/reverse_kl, eval/accuracy
+    completion_table     a few samples with their per-token advantages (wandb)
+
+Each returns its result plus a metrics dict with `stage/name` keys. A sample
+whose teacher score finally failed is dropped from the batch and counted
+(`teacher/failed_sequences`): it is never given a made-up score.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from cluster.config import EvalConfig, LossConfig, RolloutConfig, TeacherConfig
+from cluster.tiny_data import grade
+from rollout.types import Completion, RolloutBatch
+
+
+def sample_completions(pool, teacher, records: list, rcfg: RolloutConfig, seed: int,
+                       sample_from: str = "student") -> tuple[list[Completion], dict]:
+    """n completions for each prompt record, in prompt order."""
+    t0 = time.monotonic()
+    prompts = [r.prompt_ids for r in records]
+    if sample_from == "student":
+        comps = pool.generate(prompts, n=rcfg.samples_per_prompt, seed=seed)
+    else:
+        comps = teacher.generate_completions(
+            prompts, n=rcfg.samples_per_prompt, max_new_tokens=rcfg.max_new_tokens,
+            temperature=rcfg.temperature, top_p=rcfg.top_p, seed=seed,
+            stop_token_ids=list(rcfg.stop_token_ids))
+    dt = time.monotonic() - t0
+    n_tok = sum(len(c.completion_ids) for c in comps)
+    return comps, {
+        "rollout/completions": len(comps),
+        "rollout/completion_tokens": n_tok,
+        "rollout/mean_completion_len": n_tok / max(1, len(comps)),
+        "rollout/finished_frac": sum(c.finish_reason == "stop" for c in comps) / max(1, len(comps)),
+        "rollout/tokens_per_s": n_tok / max(dt, 1e-9),
+        "time/sample_s": dt,
+    }
+
+
+def score_completions(teacher, comps: list[Completion], records: list, tcfg: TeacherConfig,
+                      loss_cfg: LossConfig, student_scorer=None) -> tuple[RolloutBatch | None, dict]:
+    """Teacher logprobs of every completion token -> the training batch.
+
+    `records[c.prompt_index]` is the prompt record of completion c.
+    `student_scorer(seqs) -> logprobs` fills sampler logprobs for off-policy
+    completions (the teacher wrote them; the ratio's denominator is the student).
+    """
+    t0 = time.monotonic()
+    need_topk = loss_cfg.kind in ("reverse_kl_topk", "forward_kl_topk", "jsd")
+    seqs = [(list(c.prompt_ids) + list(c.completion_ids), len(c.prompt_ids)) for c in comps]
+    keep = [i for i, c in enumerate(comps) if len(c.completion_ids) > 0]
+    res = teacher.score([seqs[i] for i in keep], top_k=tcfg.top_k if need_topk else 0,
+                        temperature=tcfg.temperature)
+    dt = time.monotonic() - t0
+    rows: list[int] = []
+    t_lp, t_ids, t_tlp = [], [], []
+    for j, i in enumerate(keep):
+        lp = res.logprobs[j]
+        if lp is None:
+            continue
+        rows.append(i)
+        t_lp.append(list(lp))
+        if need_topk:
+            t_ids.append(res.top_ids[j])
+            t_tlp.append(res.top_logprobs[j])
+    failed = len(keep) - len(rows)
+    metrics = {
+        "teacher/scored_sequences": len(rows),
+        "teacher/failed_sequences": failed,
+        "teacher/empty_completions": len(comps) - len(keep),
+        "teacher/tokens_per_s": sum(len(t) for t in t_lp) / max(dt, 1e-9),
+        "time/teacher_s": dt,
+    }
+    metrics.update({f"teacher/{k}": v for k, v in getattr(res, "metrics", {}).items()})
+    if not rows:
+        return None, metrics
+    sel = [comps[i] for i in rows]
+    sampler_lp = [list(c.sampler_logprobs) for c in sel]
+    if student_scorer is not None:
+        sampler_lp = student_scorer([seqs[i] for i in rows])
+    batch = RolloutBatch(
+        prompt_ids_B_T=[list(c.prompt_ids) for c in sel],
+        completion_ids_B_T=[list(c.completion_ids) for c in sel],
+        sampler_logprobs_B_T=sampler_lp,
+        loss_mask_B_T=[[1] * len(c.completion_ids) for c in sel],
+        policy_versions_B=[c.policy_version for c in sel],
+        prompt_index_B=[records[c.prompt_index].index for c in sel],
+        finish_reasons_B=[c.finish_reason for c in sel],
+        teacher_logprobs_B_T=t_lp,
+        teacher_top_ids_B_T_K=t_ids if need_topk else None,
+        teacher_top_logprobs_B_T_K=t_tlp if need_topk else None,
+        answers_B=[records[c.prompt_index].answer for c in sel],
+    )
+    # Sampled per-token reverse KL, sum(lp_student - lp_teacher) / tokens: the
+    # quantity on-policy distillation drives down.
+    n = sum(len(t) for t in t_lp)
+    metrics["teacher/reverse_kl"] = sum(s - t for sl, tl in zip(sampler_lp, t_lp, strict=True)
+                                        for s, t in zip(sl, tl, strict=True)) / max(1, n)
+    metrics["teacher/mean_logprob"] = sum(sum(t) for t in t_lp) / max(1, n)
+    return batch, metrics
+
+
+def evaluate(pool, teacher, records: list, ecfg: EvalConfig, rcfg: RolloutConfig, tcfg: TeacherConfig,
+             tokenizer, seed: int) -> dict:
+    """Reverse KL to the teacher on the student's own held-out completions,
+    and the task score where records carry an answer."""
+    t0 = time.monotonic()
+    recs = records[: ecfg.num_prompts]
+    if not recs:
+        return {}
+    comps = pool.generate([r.prompt_ids for r in recs], n=ecfg.samples_per_prompt, seed=seed,
+                          temperature=ecfg.temperature)
+    seqs = [(list(c.prompt_ids) + list(c.completion_ids), len(c.prompt_ids)) for c in comps
+            if c.completion_ids]
+    scored = [c for c in comps if c.completion_ids]
+    res = teacher.score(seqs, top_k=0, temperature=tcfg.temperature)
+    kl_sum, n_tok, seq_kls = 0.0, 0, []
+    for c, lp in zip(scored, res.logprobs, strict=True):
+        if lp is None:
+            continue
+        d = sum(s - t for s, t in zip(c.sampler_logprobs, lp, strict=True))
+        kl_sum += d
+        n_tok += len(lp)
+        seq_kls.append(d)
+    out: dict[str, Any] = {
+        "eval/reverse_kl": kl_sum / max(1, n_tok),
+        "eval/reverse_kl_per_seq": sum(seq_kls) / max(1, len(seq_kls)),
+        "eval/mean_completion_len": sum(len(c.completion_ids) for c in comps) / max(1, len(comps)),
+        "eval/prompts": len(recs),
+    }
+    graded = [(c, recs[c.prompt_index].answer) for c in comps if recs[c.prompt_index].answer is not None]
+    if graded:
+        out["eval/accuracy"] = sum(grade(tokenizer.decode(c.completion_ids, skip_special_tokens=True), a)
+                                   for c, a in graded) / len(graded)
+    out["time/eval_s"] = time.monotonic() - t0
+    return out
+
+
+def completion_table(batch: RolloutBatch, tokenizer, loss_cfg: LossConfig, k: int) -> tuple[list[str], list[list]]:
+    """A few samples with their per-token advantages A_t = -coef (lp_s - lp_t)."""
+    cols = ["prompt", "completion", "policy_version", "mean_advantage", "tokens_and_advantages"]
+    rows = []
+    for b in range(min(k, len(batch))):
+        ids = batch.completion_ids_B_T[b]
+        adv = [-loss_cfg.kl_coef * (s - t) for s, t in
+               zip(batch.sampler_logprobs_B_T[b], batch.teacher_logprobs_B_T[b], strict=True)]
+        toks = " ".join(f"{tokenizer.decode([i])!r}:{a:+.2f}" for i, a in zip(ids, adv, strict=True))
+        rows.append([tokenizer.decode(batch.prompt_ids_B_T[b]), tokenizer.decode(ids),
+                     batch.policy_versions_B[b], sum(adv) / max(1, len(adv)), toks])
+    return cols, rows

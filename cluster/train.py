@@ -1,0 +1,197 @@
+"""The opd training driver: the main job.
+
+    python -m cluster.train --config configs/demo.yaml [--resume] [dotted.key=value ...]
+    opd-train --config configs/demo.yaml learner.lr=1e-5        # console script
+
+With no Ray address (placement.ray_address / RAY_ADDRESS) it starts a local Ray
+cluster; under `ray job submit` it joins the cluster it was submitted to. When
+`teacher.url` is null it starts teacher_server for `teacher.model` itself and
+stops it at the end.
+
+Order of work: validate the config (all problems at once, before anything
+starts) -> run dir + resolved config -> Ray + placement groups -> teacher ->
+samplers + learners -> (resume) -> the sync or async loop -> final checkpoint
+and Hugging Face export -> teardown. SIGTERM (e.g. `ray job stop`) finishes the
+current step, checkpoints and exits 0; `--resume` continues from there.
+
+Exit codes: 0 done (or stopped by SIGTERM after checkpointing), 2 bad config
+or input, 3 the teacher stayed unavailable (a checkpoint was written), 1 other
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from cluster.checkpoint import clean_partial, latest_checkpoint, read_driver_state
+from cluster.config import Config, ConfigError, load_config, to_dict
+from cluster.loop import RunContext, checkpoint, do_async_training, do_sync_training
+from cluster.metrics_log import MetricsLogger
+from cluster.tiny_data import resolve_data
+from cluster.tiny_models import resolve_model
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="opd-train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", "-c", default=None, help="YAML config (default: all defaults = the demo)")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.dir")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5 train.steps=10")
+    return ap.parse_args(argv)
+
+
+def actor_env(cfg: Config) -> dict[str, str]:
+    """Environment every actor gets (vLLM CPU settings, DeepSpeed accelerator)."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(cfg.rollout.kv_cache_gib))),
+           "TOKENIZERS_PARALLELISM": "false"}
+    for k in ("OPD_CACHE_DIR", "DS_ACCELERATOR", "VLLM_CPU_OMP_THREADS_BIND", "WANDB_MODE"):
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env
+
+
+def prepare_run_dir(cfg: Config, resume: bool) -> Path:
+    run_dir = Path(cfg.run.dir).resolve()
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError([f"run.dir {run_dir} already holds checkpoints of an earlier run: pass --resume "
+                           f"(or run.resume=true) to continue it, or choose a new run.dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return run_dir
+
+
+def build(cfg: Config, run_dir: Path, resume_state: dict | None):
+    """Start everything the loop needs; returns (ctx, teardown callbacks)."""
+    from transformers import AutoTokenizer
+
+    from cluster.placement import connect, make_placement
+    from cluster.teacher_proc import start_teacher
+    from learner.group import LearnerGroup
+    from rollout.prompts import load_prompt_sources
+    from rollout.sampler import SamplerPool
+    from rollout.teacher_client import TeacherClient
+
+    teardown = []
+    student_path = resolve_model(cfg.student.model)
+    teacher_path = resolve_model(cfg.teacher.model) if cfg.teacher.url is None else None
+    train_path, eval_path = resolve_data(cfg.data.train, cfg.data.eval)
+    data_cfg = __import__("dataclasses").replace(cfg.data, train=train_path, eval=eval_path)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    # Prompts first: bad data fails in seconds, before any actor starts.
+    stream, eval_records = load_prompt_sources(data_cfg, tokenizer, seed=cfg.run.seed)
+    if resume_state is not None:
+        stream.load_state_dict(resume_state["stream"])
+
+    print(f"[opd] starting teacher ({cfg.teacher.url or teacher_path})", flush=True)
+    teacher_proc = start_teacher(cfg.teacher, teacher_path, run_dir)
+    teardown.append(teacher_proc.stop)
+    teacher = TeacherClient.from_config(cfg.teacher, teacher_proc.url)
+    teardown.append(teacher.close)
+    teacher.check_tokenizer(student_path)
+
+    info = connect(cfg.placement, env_vars=actor_env(cfg))
+    import ray
+
+    if info.started_local:
+        teardown.append(ray.shutdown)
+    plan = make_placement(cfg.placement, cfg.rollout, cfg.learner, info)
+    teardown.append(plan.remove)
+    print(f"[opd] starting {cfg.rollout.num_samplers} sampler(s) and {cfg.learner.world_size} learner rank(s)"
+          f" ({'GPU' if plan.uses_gpus else 'CPU'})", flush=True)
+    pool = SamplerPool.create(student_path, cfg.rollout, cfg.student, num_samplers=cfg.rollout.num_samplers,
+                              scheduling_strategies=plan.sampler_strategies)
+    teardown.append(pool.shutdown)
+    learners = LearnerGroup.create(student_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
+                                   scheduling_strategies=plan.learner_strategies)
+    teardown.append(learners.shutdown)
+    learners.init_weight_sync(pool, backend=cfg.rollout.weight_sync_backend if cfg.rollout.weight_sync_backend != "auto"
+                              else ("nccl" if plan.uses_gpus else "gloo"),
+                              bucket_mb=cfg.rollout.weight_sync_bucket_mb,
+                              timeout_s=cfg.rollout.weight_sync_timeout_s)
+    return dict(pool=pool, learners=learners, teacher=teacher, stream=stream, eval_records=eval_records,
+                tokenizer=tokenizer), teardown
+
+
+def run(cfg: Config, resume: bool = False) -> int:
+    run_dir = prepare_run_dir(cfg, resume)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume:
+        clean_partial(run_dir)
+    state = read_driver_state(ckpt) if ckpt is not None else None
+    if resume and ckpt is None:
+        print(f"[opd] --resume: no checkpoint in {run_dir}; starting from step 0", flush=True)
+    teardown: list = []
+    logger = None
+    try:
+        parts, teardown = build(cfg, run_dir, state)
+        logger = MetricsLogger(run_dir, cfg.log.wandb, to_dict(cfg),
+                               run_id=state.get("wandb_run_id") if state else None,
+                               resume_from_step=state["step"] if state else None)
+        ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, **parts)
+        if state is not None:
+            print(f"[opd] resuming from {ckpt.name} (step {state['step']})", flush=True)
+            ctx.learners.load(str(ckpt / "learner"))
+            ctx.step = ctx.start_step = state["step"]
+            ctx.trained_tokens = state.get("trained_tokens", 0)
+            ctx.version = state["version"]
+            # Samplers start from the base checkpoint: give them the restored policy.
+            ctx.learners.push_weights(ctx.pool, ctx.version)
+        signal.signal(signal.SIGTERM, lambda *_: ctx.stop_requested.set())
+        try:
+            (do_async_training if cfg.train.mode == "async" else do_sync_training)(ctx)
+        except Exception as e:
+            if type(e).__name__ == "TeacherUnavailableError":
+                # Keep what was trained: the learners hold a consistent state
+                # for ctx.step (the failed step never reached them).
+                path = checkpoint(ctx)
+                print(f"[opd] teacher unavailable: checkpoint {path} written", file=sys.stderr, flush=True)
+            raise
+        path = checkpoint(ctx)
+        if ctx.stop_requested.is_set():
+            print(f"[opd] stopped by SIGTERM at step {ctx.step}; checkpoint {path}; rerun with --resume", flush=True)
+            return 0
+        if cfg.run.export_final:
+            ctx.learners.export_hf(str(run_dir / "final"))
+            print(f"[opd] done: {ctx.step} steps; student exported to {run_dir / 'final'}", flush=True)
+        return 0
+    finally:
+        if logger is not None:
+            logger.close()
+        for fn in reversed(teardown):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - keep tearing down the rest
+                traceback.print_exc()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return run(cfg, resume=args.resume or cfg.run.resume)
+    except ConfigError as e:
+        print(f"[opd] {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - classify the known failure kinds for the exit code
+        name = type(e).__name__
+        if name in ("PromptDataError", "TokenizerMismatchError"):
+            print(f"[opd] {e}", file=sys.stderr)
+            return 2
+        if name == "TeacherUnavailableError":
+            print(f"[opd] {e}\n[opd] the last checkpoint is intact; rerun with --resume once the teacher is up",
+                  file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
