@@ -127,6 +127,14 @@ def finish_step(ctx: RunContext, metrics: dict, t0: float, batch) -> None:
         checkpoint(ctx)
 
 
+def prompts_digest(records: list) -> str:
+    """A short fingerprint of a step's prompts (logged, so a resumed run can be
+    checked to see the same prompts as an uninterrupted one)."""
+    import hashlib
+
+    return hashlib.sha256(",".join(str(r.index) for r in records).encode()).hexdigest()[:12]
+
+
 def rollout_and_score(ctx: RunContext, records: list, seed: int) -> tuple[Any, dict]:
     cfg = ctx.cfg
     comps, m = sample_completions(ctx.pool, ctx.teacher, records, cfg.rollout, seed, cfg.train.sample_from)
@@ -146,6 +154,7 @@ def do_sync_training(ctx: RunContext) -> None:
         ctx.uncommitted_stream_state = ctx.stream.state_dict()
         records = ctx.stream.next_batch(cfg.train.prompts_per_step)
         batch, metrics = rollout_and_score(ctx, records, sampling_seed(ctx, ctx.step))
+        metrics["progress/prompts_digest"] = prompts_digest(records)
         if batch is not None:
             metrics.update(train_on(ctx, batch))
             metrics.update(sync_weights(ctx))
@@ -176,6 +185,7 @@ def do_async_training(ctx: RunContext) -> None:
             t_wait = time.monotonic()
             comps, metrics = fut.result()
             metrics["time/wait_sampling_s"] = time.monotonic() - t_wait
+            metrics["progress/prompts_digest"] = prompts_digest(records)
             nxt = submit(ctx.step + 1) if ctx.step + 1 < cfg.train.steps else None
             # Drop samples older than the lag bound (the learner is at ctx.version).
             fresh = [c for c in comps if ctx.version - c.policy_version <= cfg.train.max_policy_lag]

@@ -77,7 +77,9 @@ class MetricsLogger:
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
         if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=step)
+            # wandb charts numbers; strings (e.g. digests) stay in metrics.jsonl only.
+            self.run.log({k: v for k, v in row.items()
+                          if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}, step=step)
 
     def log_table(self, step: int, key: str, columns: list[str], rows: list[list[Any]]) -> None:
         if self.run is None:

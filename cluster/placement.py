@@ -70,6 +70,18 @@ class PlacementPlan:
     def uses_gpus(self) -> bool:
         return self.gpus_per_bundle > 0
 
+    def describe(self) -> dict:
+        """Which node each bundle landed on (written to <run.dir>/placement.json)."""
+        from ray.util import placement_group_table
+
+        out = {"gpus_per_bundle": self.gpus_per_bundle}
+        for role, pg in (("samplers", self.sampler_group), ("learners", self.learner_group)):
+            t = placement_group_table(pg)
+            nodes = t.get("bundles_to_node_id", {})
+            out[role] = {"strategy": t.get("strategy"), "bundles": t.get("bundles"),
+                         "node_ids": [nodes.get(i) for i in sorted(nodes)]}
+        return out
+
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
 

@@ -105,6 +105,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None):
         teardown.append(ray.shutdown)
     plan = make_placement(cfg.placement, cfg.rollout, cfg.learner, info)
     teardown.append(plan.remove)
+    (run_dir / "placement.json").write_text(json.dumps(plan.describe(), indent=1))
     print(f"[opd] starting {cfg.rollout.num_samplers} sampler(s) and {cfg.learner.world_size} learner rank(s)"
           f" ({'GPU' if plan.uses_gpus else 'CPU'})", flush=True)
     pool = SamplerPool.create(student_path, cfg.rollout, cfg.student, num_samplers=cfg.rollout.num_samplers,
