@@ -70,9 +70,9 @@ def train_on(ctx: RunContext, batch) -> dict:
 def sync_weights(ctx: RunContext) -> dict:
     t0 = time.monotonic()
     new_version = ctx.version + 1
-    ctx.learners.push_weights(ctx.pool, new_version)
+    stats = ctx.learners.push_weights(ctx.pool, new_version)
     ctx.version = new_version
-    return {"sync/version": new_version, "time/sync_s": time.monotonic() - t0}
+    return {**stats, "sync/version": new_version, "time/sync_s": time.monotonic() - t0}
 
 
 def checkpoint(ctx: RunContext) -> Path:
@@ -127,6 +127,14 @@ def finish_step(ctx: RunContext, metrics: dict, t0: float, batch) -> None:
         checkpoint(ctx)
 
 
+def log_baseline_eval(ctx: RunContext) -> None:
+    m = maybe_eval(ctx, force=True)
+    if m:
+        ctx.logger.log(0, m)
+        print(f"[opd] step 0 (before training) | eval_kl {m['eval/reverse_kl']:.4f}"
+              + (f" | eval_acc {m['eval/accuracy']:.3f}" if "eval/accuracy" in m else ""), flush=True)
+
+
 def prompts_digest(records: list) -> str:
     """A short fingerprint of a step's prompts (logged, so a resumed run can be
     checked to see the same prompts as an uninterrupted one)."""
@@ -148,7 +156,7 @@ def rollout_and_score(ctx: RunContext, records: list, seed: int) -> tuple[Any, d
 def do_sync_training(ctx: RunContext) -> None:
     cfg = ctx.cfg
     if ctx.step == 0:
-        ctx.logger.log(0, maybe_eval(ctx, force=True))
+        log_baseline_eval(ctx)
     while ctx.step < cfg.train.steps and not ctx.stop_requested.is_set():
         t0 = time.monotonic()
         ctx.uncommitted_stream_state = ctx.stream.state_dict()
@@ -166,7 +174,7 @@ def do_sync_training(ctx: RunContext) -> None:
 def do_async_training(ctx: RunContext) -> None:
     cfg = ctx.cfg
     if ctx.step == 0:
-        ctx.logger.log(0, maybe_eval(ctx, force=True))
+        log_baseline_eval(ctx)
     # One background thread samples the next batch while this one scores and trains.
     ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-sampling")
 

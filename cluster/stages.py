@@ -27,13 +27,12 @@ def sample_completions(pool, teacher, records: list, rcfg: RolloutConfig, seed: 
     """n completions for each prompt record, in prompt order."""
     t0 = time.monotonic()
     prompts = [r.prompt_ids for r in records]
+    extra: dict = {}
     if sample_from == "student":
-        comps = pool.generate(prompts, n=rcfg.samples_per_prompt, seed=seed)
+        comps = [c for per_prompt in pool.generate(prompts, n=rcfg.samples_per_prompt, seed=seed)
+                 for c in per_prompt]
     else:
-        comps = teacher.generate_completions(
-            prompts, n=rcfg.samples_per_prompt, max_new_tokens=rcfg.max_new_tokens,
-            temperature=rcfg.temperature, top_p=rcfg.top_p, seed=seed,
-            stop_token_ids=list(rcfg.stop_token_ids))
+        comps, extra = teacher_completions(teacher, prompts, rcfg, seed)
     dt = time.monotonic() - t0
     n_tok = sum(len(c.completion_ids) for c in comps)
     return comps, {
@@ -43,7 +42,27 @@ def sample_completions(pool, teacher, records: list, rcfg: RolloutConfig, seed: 
         "rollout/finished_frac": sum(c.finish_reason == "stop" for c in comps) / max(1, len(comps)),
         "rollout/tokens_per_s": n_tok / max(dt, 1e-9),
         "time/sample_s": dt,
+        **extra,
     }
+
+
+def teacher_completions(teacher, prompts: list[list[int]], rcfg: RolloutConfig, seed: int) -> tuple[list[Completion], dict]:
+    """Off-policy completions written by the teacher (/v1/generate). Their
+    logprobs are the teacher's sampling distribution; the policy version is -1
+    (no student policy wrote them). Prompts whose generation failed are counted
+    and skipped."""
+    out = teacher.generate(prompts, n=rcfg.samples_per_prompt, max_new_tokens=rcfg.max_new_tokens,
+                           temperature=rcfg.temperature, top_p=rcfg.top_p, seed=seed,
+                           stop_token_ids=list(rcfg.stop_token_ids))
+    comps = []
+    for p, samples in enumerate(out.samples):
+        if samples is None:
+            continue
+        for s, smp in enumerate(samples):
+            comps.append(Completion(prompt_index=p, sample_index=s, prompt_ids=list(prompts[p]),
+                                    completion_ids=list(smp.token_ids), sampler_logprobs=list(smp.logprobs),
+                                    finish_reason=smp.finish_reason, policy_version=-1))
+    return comps, dict(out.metrics)
 
 
 def score_completions(teacher, comps: list[Completion], records: list, tcfg: TeacherConfig,
@@ -80,13 +99,13 @@ def score_completions(teacher, comps: list[Completion], records: list, tcfg: Tea
         "teacher/tokens_per_s": sum(len(t) for t in t_lp) / max(dt, 1e-9),
         "time/teacher_s": dt,
     }
-    metrics.update({f"teacher/{k}": v for k, v in getattr(res, "metrics", {}).items()})
+    metrics.update(res.metrics)  # the client's own teacher/* counters (requests, retries, ...)
     if not rows:
         return None, metrics
     sel = [comps[i] for i in rows]
     sampler_lp = [list(c.sampler_logprobs) for c in sel]
     if student_scorer is not None:
-        sampler_lp = student_scorer([seqs[i] for i in rows])
+        sampler_lp = student_scorer([seqs[i][0] for i in rows], [seqs[i][1] for i in rows])
     batch = RolloutBatch(
         prompt_ids_B_T=[list(c.prompt_ids) for c in sel],
         completion_ids_B_T=[list(c.completion_ids) for c in sel],
@@ -117,8 +136,9 @@ def evaluate(pool, teacher, records: list, ecfg: EvalConfig, rcfg: RolloutConfig
     recs = records[: ecfg.num_prompts]
     if not recs:
         return {}
-    comps = pool.generate([r.prompt_ids for r in recs], n=ecfg.samples_per_prompt, seed=seed,
-                          temperature=ecfg.temperature)
+    comps = [c for per_prompt in pool.generate([r.prompt_ids for r in recs], n=ecfg.samples_per_prompt,
+                                               seed=seed, temperature=ecfg.temperature)
+             for c in per_prompt]
     seqs = [(list(c.prompt_ids) + list(c.completion_ids), len(c.prompt_ids)) for c in comps
             if c.completion_ids]
     scored = [c for c in comps if c.completion_ids]

@@ -77,7 +77,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None):
     from cluster.teacher_proc import start_teacher
     from learner.group import LearnerGroup
     from rollout.prompts import load_prompt_sources
-    from rollout.sampler import SamplerPool
+    from rollout.pool import SamplerPool
     from rollout.teacher_client import TeacherClient
 
     teardown = []
@@ -112,12 +112,14 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None):
                               scheduling_strategies=plan.sampler_strategies)
     teardown.append(pool.shutdown)
     learners = LearnerGroup.create(student_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
-                                   scheduling_strategies=plan.learner_strategies)
+                                   scheduling_strategies=plan.learner_strategies,
+                                   num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps)
     teardown.append(learners.shutdown)
-    learners.init_weight_sync(pool, backend=cfg.rollout.weight_sync_backend if cfg.rollout.weight_sync_backend != "auto"
-                              else ("nccl" if plan.uses_gpus else "gloo"),
-                              bucket_mb=cfg.rollout.weight_sync_bucket_mb,
-                              timeout_s=cfg.rollout.weight_sync_timeout_s)
+    backend = cfg.rollout.weight_sync_backend
+    if backend == "auto":
+        backend = "nccl" if plan.uses_gpus else "gloo"
+    learners.init_weight_sync(pool, backend=backend, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
+                              timeout_s=cfg.rollout.weight_sync_timeout_s, dtype=cfg.student.dtype)
     return dict(pool=pool, learners=learners, teacher=teacher, stream=stream, eval_records=eval_records,
                 tokenizer=tokenizer), teardown
 
