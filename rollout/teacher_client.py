@@ -1,0 +1,642 @@
+"""Client of teacher_server (`/v1/model`, `/v1/logprobs`, `/v1/generate`).
+
+Who calls it: the driver (synchronous code that also drives Ray) builds one
+`TeacherClient.from_config(cfg.teacher, url)`, calls `check_tokenizer(student_dir)`
+once before the first step, then `score(...)` on every rollout batch (and
+`generate(...)` when `train.sample_from=teacher`). The client also pickles (it is
+rebuilt from its settings on the other side), so a Ray actor can hold one.
+
+What it does per call:
+  * packs the sequences into requests of at most `max_tokens_per_request`
+    tokens, in order (a sequence larger than the budget goes alone);
+  * sends them with at most `max_concurrency` requests in flight;
+  * retries 429 / 503 / connection errors / timeouts with exponential backoff
+    and full jitter, waiting at least the server's Retry-After; 500 is retried
+    `max_internal_retries` times;
+  * gives up with `TeacherUnavailableError` once one request has been failing
+    for `unavailable_timeout_s` (the driver then checkpoints and stops);
+  * raises `TeacherRequestError` without retrying on a request-level 400 / 401 /
+    404 / 415 (the request itself is wrong: retrying cannot help);
+  * isolates sequence-level failures: a 400 naming `sequences[i]` (e.g. a token
+    id out of the teacher's vocabulary), a lone sequence the server refuses as too
+    large (413; larger packs are split in two and resent), a 500 that outlasts its
+    retries, or a result of the wrong length. Such a sequence gets `None` and an
+    entry in `ScoreResult.errors`, and is counted in `teacher/failed_sequences`:
+    never a made-up score.
+
+Event loop: the async core (aiohttp) runs on one event loop in a background
+daemon thread that the client owns; the sync methods submit coroutines to it and
+block on the result. Chosen over `asyncio.run` per call because (a) it keeps the
+connection pool (HTTP keep-alive) across calls and (b) it works the same from a
+plain thread, from a synchronous Ray actor and from inside a running event loop
+(an async Ray actor), where `asyncio.run` is not allowed. Async callers use
+`score_async` / `generate_async`, which await the same work without blocking
+their loop.
+
+The API key is read from `api_key_file` and only ever put in the Authorization
+header; no message or log line contains it.
+
+    python -m rollout.teacher_client http://127.0.0.1:8000 [STUDENT_DIR]   # model info + tokenizer check
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cluster.config import TeacherConfig
+from teacher_server import protocol as P
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------
+# Errors (all pickle: they cross Ray actor boundaries)
+# --------------------------------------------------------------------------
+
+class TeacherError(RuntimeError):
+    """Base of the teacher client's errors."""
+
+
+class TeacherUnavailableError(TeacherError):
+    """The teacher stayed unreachable or overloaded past `unavailable_timeout_s`."""
+
+    def __init__(self, url: str, waited_s: float, timeout_s: float, last_error: str, attempts: int):
+        self.url, self.waited_s, self.timeout_s = url, waited_s, timeout_s
+        self.last_error, self.attempts = last_error, attempts
+        super().__init__(
+            f"teacher at {url} unavailable: a request kept failing for {waited_s:.1f} s over {attempts} "
+            f"attempts, past teacher.unavailable_timeout_s={timeout_s:g}; last error: {last_error}. "
+            f"Check that teacher_server is running and reachable from this node (GET {url}/health), "
+            f"or raise teacher.unavailable_timeout_s if it is only slow to load or overloaded")
+
+    def __reduce__(self):
+        return (TeacherUnavailableError, (self.url, self.waited_s, self.timeout_s, self.last_error, self.attempts))
+
+
+class TeacherRequestError(TeacherError):
+    """The server refused a request in a way retrying cannot fix (400/401/404/413/415)."""
+
+    def __init__(self, url: str, status: int, type: str, message: str, field: str | None = None, hint: str = ""):
+        self.url, self.status, self.type, self.message, self.field, self.hint = url, status, type, message, field, hint
+        where = f" (field {field})" if field else ""
+        super().__init__(f"teacher at {url} refused the request: {status} {type}{where}: {message}"
+                         + (f"; {hint}" if hint else ""))
+
+    def __reduce__(self):
+        return (TeacherRequestError, (self.url, self.status, self.type, self.message, self.field, self.hint))
+
+
+class TokenizerMismatchError(TeacherError):
+    def __init__(self, teacher_sha256: str, student_sha256: str, teacher_model: str, student_dir: str):
+        self.teacher_sha256, self.student_sha256 = teacher_sha256, student_sha256
+        self.teacher_model, self.student_dir = teacher_model, student_dir
+        super().__init__(
+            f"teacher tokenizer differs from the student's (sha256 {teacher_sha256[:12]}... of teacher "
+            f"{teacher_model} vs {student_sha256[:12]}... of student {student_dir}): on-policy distillation "
+            f"scores the student's own token ids, so both must use one tokenizer; serve a teacher that shares "
+            f"the student's tokenizer")
+
+    def __reduce__(self):
+        return (TokenizerMismatchError, (self.teacher_sha256, self.student_sha256, self.teacher_model,
+                                         self.student_dir))
+
+
+# --------------------------------------------------------------------------
+# Pure logic: packing and backoff (unit-tested in tests/unit/test_teacher_client_unit.py)
+# --------------------------------------------------------------------------
+
+def pack_by_budget(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """Greedy in-order packing of items (by index) into groups of total cost <=
+    budget; an item costing more than the budget forms a group of its own."""
+    if budget <= 0:
+        raise ValueError(f"token budget {budget} must be > 0")
+    packs: list[list[int]] = []
+    cur: list[int] = []
+    cur_cost = 0
+    for i, c in enumerate(costs):
+        if cur and cur_cost + c > budget:
+            packs.append(cur)
+            cur, cur_cost = [], 0
+        cur.append(i)
+        cur_cost += c
+    if cur:
+        packs.append(cur)
+    return packs
+
+
+def backoff_delay(attempt: int, base_s: float, max_s: float, rng: random.Random,
+                  retry_after_s: float | None = None) -> float:
+    """Seconds to wait before retry number `attempt` (0-based).
+
+    Full jitter (uniform in [0, min(max_s, base_s * 2**attempt)]) spreads the
+    retries of many clients after an outage. A server's Retry-After is a floor:
+    wait that long plus a jitter of up to base_s, so clients do not all return
+    in the same instant."""
+    if retry_after_s is not None and retry_after_s >= 0:
+        return retry_after_s + rng.uniform(0.0, base_s)
+    return rng.uniform(0.0, min(max_s, base_s * (2.0 ** attempt)))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the delta-seconds form; an HTTP date is ignored)."""
+    if not value:
+        return None
+    try:
+        v = float(value.strip())
+    except ValueError:
+        return None
+    return v if math.isfinite(v) and v >= 0 else None
+
+
+_ITEM_RE = re.compile(r"^(\w+)\[(\d+)\]")
+
+
+def item_index(field: str | None, collection: str) -> int | None:
+    """`sequences[3].token_ids[7]` -> 3 (for collection "sequences"); else None."""
+    m = _ITEM_RE.match(field or "")
+    return int(m.group(2)) if m and m.group(1) == collection else None
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ScoreResult:
+    """Teacher scores of a list of sequences, index-aligned with the input.
+
+    A sequence whose scoring failed has `logprobs[i] is None` (and None top-k
+    entries) and an entry (i, reason) in `errors`; nothing is zero-filled."""
+
+    logprobs: list[list[float] | None]  # [i]: (T_i - start_i,)
+    top_ids: list[list[list[int]] | None] | None  # [i]: (T_i - start_i, K); None when top_k == 0
+    top_logprobs: list[list[list[float]] | None] | None
+    errors: list[tuple[int, str]]
+    metrics: dict[str, float]
+
+    @property
+    def failed_indices(self) -> list[int]:
+        return [i for i, _ in self.errors]
+
+    @property
+    def num_failed(self) -> int:
+        return len(self.errors)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Teacher-sampled completions, one entry per prompt (None where it failed)."""
+
+    samples: list[list[P.GenerateSample] | None]  # [i]: n samples of prompt i
+    errors: list[tuple[int, str]]
+    metrics: dict[str, float]
+
+    @property
+    def num_failed(self) -> int:
+        return len(self.errors)
+
+
+class _CallStats:
+    """Counters of one score/generate call (calls from different threads do not mix)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.retries = 0
+        self.splits = 0
+        self.wait_s = 0.0
+
+
+# The client's cumulative metric keys (metrics()) and the per-call ones (result.metrics).
+_COUNTERS = ("teacher/requests", "teacher/retries", "teacher/failed_sequences", "teacher/tokens_scored",
+             "teacher/failed_prompts", "teacher/tokens_generated", "teacher/split_requests",
+             "teacher/backoff_wait_s", "teacher/latency_s")
+
+
+def _rebuild_client(kwargs: dict) -> "TeacherClient":
+    return TeacherClient(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# The client
+# --------------------------------------------------------------------------
+
+class TeacherClient:
+    """See the module docstring. Thread-safe: several threads may call it at once."""
+
+    def __init__(self, url: str, api_key_file: str | None = None, *, max_tokens_per_request: int = 16384,
+                 max_concurrency: int = 8, request_timeout_s: float = 120.0, unavailable_timeout_s: float = 600.0,
+                 top_k: int = 0, temperature: float = 1.0, backoff_base_s: float = 0.5, backoff_max_s: float = 30.0,
+                 max_internal_retries: int = 2, encoding: str = P.CONTENT_TYPE_MSGPACK, jitter_seed: int | None = None):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher url {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000)")
+        if encoding not in P.CONTENT_TYPES:
+            raise ValueError(f"encoding {encoding!r} is not one of {list(P.CONTENT_TYPES)}")
+        for name, v in (("max_tokens_per_request", max_tokens_per_request), ("max_concurrency", max_concurrency),
+                        ("request_timeout_s", request_timeout_s), ("unavailable_timeout_s", unavailable_timeout_s)):
+            if not v > 0:
+                raise ValueError(f"teacher.{name}: {v!r} must be > 0")
+        self._kwargs = dict(url=url, api_key_file=api_key_file, max_tokens_per_request=max_tokens_per_request,
+                            max_concurrency=max_concurrency, request_timeout_s=request_timeout_s,
+                            unavailable_timeout_s=unavailable_timeout_s, top_k=top_k, temperature=temperature,
+                            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
+                            max_internal_retries=max_internal_retries, encoding=encoding, jitter_seed=jitter_seed)
+        self.url = url.rstrip("/")
+        self.api_key_file = api_key_file
+        self.max_tokens_per_request = max_tokens_per_request
+        self.max_concurrency = max_concurrency
+        self.request_timeout_s = request_timeout_s
+        self.unavailable_timeout_s = unavailable_timeout_s
+        self.top_k, self.temperature = top_k, temperature
+        self.backoff_base_s, self.backoff_max_s = backoff_base_s, backoff_max_s
+        self.max_internal_retries = max_internal_retries
+        self.encoding = encoding
+        self._headers = {"Content-Type": encoding, "Accept": encoding}
+        if api_key_file is not None:
+            self._headers["Authorization"] = f"Bearer {_read_key(api_key_file)}"
+        self._rng = random.Random(jitter_seed)
+        self._totals = dict.fromkeys(_COUNTERS, 0.0)
+        self._lock = threading.Lock()
+        # Created on first use, in the loop thread.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._sem: asyncio.Semaphore | None = None
+
+    @classmethod
+    def from_config(cls, cfg: TeacherConfig, url: str | None = None, **overrides: Any) -> "TeacherClient":
+        """Client for `url` (or `cfg.url`) with the settings of `cfg`."""
+        url = url or cfg.url
+        if not url:
+            raise ValueError("no teacher url: teacher.url is null and no url of a self-started server was "
+                             "given; set teacher.url=http://HOST:PORT or let the driver start the server")
+        kw = dict(api_key_file=cfg.api_key_file, max_tokens_per_request=cfg.max_tokens_per_request,
+                  max_concurrency=cfg.max_concurrency, request_timeout_s=cfg.request_timeout_s,
+                  unavailable_timeout_s=cfg.unavailable_timeout_s, top_k=cfg.top_k, temperature=cfg.temperature)
+        kw.update(overrides)
+        return cls(url, **kw)
+
+    def __reduce__(self):
+        # The loop, session and thread stay here; the other side makes its own
+        # and re-reads the key file (the key itself is not pickled).
+        return (_rebuild_client, (self._kwargs,))
+
+    def __repr__(self) -> str:
+        return (f"TeacherClient({self.url!r}, max_tokens_per_request={self.max_tokens_per_request}, "
+                f"max_concurrency={self.max_concurrency}, auth={'yes' if self.api_key_file else 'no'})")
+
+    # ------------------------------------------------------------ public, sync
+
+    def model_info(self) -> P.ModelInfo:
+        """GET /v1/model (waits, with retries, while the server is loading)."""
+        return self._run(self._model_info())
+
+    def check_tokenizer(self, student_tokenizer_dir: str | Path) -> P.ModelInfo:
+        """Refuse a teacher whose tokenizer differs from the student's."""
+        student_sha = P.tokenizer_fingerprint(student_tokenizer_dir)
+        info = self.model_info()
+        if info.tokenizer_sha256 != student_sha:
+            raise TokenizerMismatchError(info.tokenizer_sha256, student_sha, info.model, str(student_tokenizer_dir))
+        return info
+
+    def score(self, sequences: Sequence[tuple[Sequence[int], int]], top_k: int | None = None,
+              temperature: float | None = None) -> ScoreResult:
+        """Teacher log-probs of tokens start.. of each (token_ids, start).
+
+        top_k / temperature default to the client's (teacher.top_k / .temperature)."""
+        return self._run(self._score(sequences, top_k, temperature))
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, max_new_tokens: int = 64,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_token_ids: Sequence[int] = ()) -> GenerateOutput:
+        """Teacher-sampled completions (n per prompt). With a seed, the samples do
+        not depend on how the prompts were packed into requests."""
+        return self._run(self._generate(prompts, n, max_new_tokens, temperature, top_p, seed, stop_token_ids))
+
+    # ------------------------------------------------------------ public, async
+
+    async def score_async(self, sequences, top_k=None, temperature=None) -> ScoreResult:
+        return await asyncio.wrap_future(self._submit(self._score(sequences, top_k, temperature)))
+
+    async def generate_async(self, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, seed=None,
+                             stop_token_ids=()) -> GenerateOutput:
+        return await asyncio.wrap_future(self._submit(
+            self._generate(prompts, n, max_new_tokens, temperature, top_p, seed, stop_token_ids)))
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative counters since the client was made."""
+        with self._lock:
+            return dict(self._totals)
+
+    def close(self) -> None:
+        """Close the connection pool and stop the loop thread (idempotent)."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if self._session is not None:
+            asyncio.run_coroutine_threadsafe(self._session.close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+        self._loop = self._thread = self._session = self._sem = None
+
+    def __enter__(self) -> "TeacherClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ loop plumbing
+
+    def _submit(self, coro) -> concurrent.futures.Future:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-client", daemon=True)
+                self._thread.start()
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("TeacherClient sync methods called from its own loop thread; use the *_async methods")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _run(self, coro):
+        return self._submit(coro).result()
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        # Runs in the loop thread only, so no lock is needed.
+        if self._session is None:
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_concurrency),
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout_s))
+        return self._session
+
+    def _add(self, **counts: float) -> None:
+        with self._lock:
+            for k, v in counts.items():
+                self._totals[f"teacher/{k}"] += v
+
+    # ------------------------------------------------------------ one request, with retries
+
+    async def _request(self, method: str, path: str, body: bytes | None, stats: _CallStats
+                       ) -> tuple[int, bytes, str]:
+        """Send until a reply that is not retryable; return (status, body, content type).
+
+        Retryable: connection errors, timeouts, 429, 503, and 500 up to
+        max_internal_retries times (after that the 500 is returned). Raises
+        TeacherUnavailableError once this request has been failing for
+        unavailable_timeout_s."""
+        session = self._ensure_session()
+        assert self._sem is not None
+        outage_start: float | None = None
+        attempt = internal_errors = 0
+        while True:
+            t0 = time.monotonic()
+            retry_after = None
+            async with self._sem:
+                stats.requests += 1
+                try:
+                    async with session.request(method, self.url + path, data=body, headers=self._headers) as resp:
+                        data = await resp.read()
+                        status, ctype = resp.status, resp.headers.get("Content-Type", P.CONTENT_TYPE_JSON)
+                        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
+                    status, data, ctype = 0, b"", ""
+                    kind = "timeout" if isinstance(e, asyncio.TimeoutError) else type(e).__name__
+                    last_error = f"{kind} after {time.monotonic() - t0:.1f} s: {e or 'no detail'}"
+            if status in (429, 503):
+                last_error = str(P.ProtocolError.from_body(status, data, ctype))
+            elif status == 500 and internal_errors < self.max_internal_retries:
+                internal_errors += 1
+                last_error = str(P.ProtocolError.from_body(status, data, ctype))
+            elif status != 0:
+                return status, data, ctype
+            if outage_start is None:
+                outage_start = t0
+                log.warning("teacher %s %s failed (%s); retrying with backoff for up to %g s",
+                            method, path, last_error, self.unavailable_timeout_s)
+            waited = time.monotonic() - outage_start
+            if waited >= self.unavailable_timeout_s:
+                raise TeacherUnavailableError(self.url, waited, self.unavailable_timeout_s, last_error, attempt + 1)
+            with self._lock:  # the rng is shared by the loop's coroutines only, but keep it simple
+                delay = backoff_delay(attempt, self.backoff_base_s, self.backoff_max_s, self._rng, retry_after)
+            # The last wait ends at the deadline, so the final attempt comes just then.
+            delay = min(delay, self.unavailable_timeout_s - waited)
+            stats.retries += 1
+            stats.wait_s += delay
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _refusal(self, status: int, data: bytes, ctype: str) -> TeacherRequestError:
+        err = P.ProtocolError.from_body(status, data, ctype)
+        hint = ""
+        if status == 401:
+            hint = (f"check teacher.api_key_file (now {self.api_key_file}): it must hold the key the server "
+                    f"was started with" if self.api_key_file else
+                    "the server needs an API key: set teacher.api_key_file to a file holding it")
+        elif status == 404:
+            hint = "is teacher.url the address of a teacher_server (python -m teacher_server)?"
+        return TeacherRequestError(self.url, status, err.type, err.message, err.field, hint)
+
+    async def _model_info(self) -> P.ModelInfo:
+        status, data, ctype = await self._request("GET", "/v1/model", None, _CallStats())
+        if status != 200:
+            raise self._refusal(status, data, ctype)
+        return P.decode(data, P.ModelInfo, ctype)
+
+    # ------------------------------------------------------------ /v1/logprobs
+
+    async def _score(self, sequences, top_k, temperature) -> ScoreResult:
+        top_k = self.top_k if top_k is None else top_k
+        temperature = self.temperature if temperature is None else temperature
+        seqs = [(list(ids), int(start)) for ids, start in sequences]
+        t0 = time.monotonic()
+        stats = _CallStats()
+        out_lp: list[list[float] | None] = [None] * len(seqs)
+        out_ids: list[Any] = [None] * len(seqs)
+        out_tlp: list[Any] = [None] * len(seqs)
+        errors: dict[int, str] = {}
+
+        def take(i: int, r: P.SequenceLogprobs) -> None:
+            ids, start = seqs[i]
+            n = len(ids) - start
+            bad = None
+            if len(r.logprobs) != n:
+                bad = f"teacher returned {len(r.logprobs)} logprobs for {n} scored positions"
+            elif not all(math.isfinite(x) for x in r.logprobs):
+                j = next(j for j, x in enumerate(r.logprobs) if not math.isfinite(x))
+                bad = f"teacher returned a non-finite logprob {r.logprobs[j]} at position {start + j}"
+            elif top_k > 0 and (r.top_ids is None or r.top_logprobs is None or len(r.top_ids) != n
+                                or len(r.top_logprobs) != n or any(len(row) != top_k for row in r.top_ids)):
+                bad = f"teacher returned top-k lists of the wrong shape (expected {n} x {top_k})"
+            if bad:
+                errors[i] = bad
+            else:
+                out_lp[i] = r.logprobs
+                out_ids[i], out_tlp[i] = r.top_ids, r.top_logprobs
+
+        async def run_pack(pending: list[int]) -> None:
+            while pending:
+                req = P.LogprobsRequest(sequences=[P.ScoreSequence(token_ids=seqs[i][0], start=seqs[i][1])
+                                                   for i in pending], top_k=top_k, temperature=temperature)
+                status, data, ctype = await self._request("POST", "/v1/logprobs", P.encode(req, self.encoding), stats)
+                if status == 200:
+                    try:
+                        resp = P.decode(data, P.LogprobsResponse, ctype)
+                    except P.ProtocolError as e:
+                        errors.update({i: f"malformed teacher reply: {e.message}" for i in pending})
+                        return
+                    if len(resp.results) != len(pending):
+                        errors.update({i: f"teacher returned {len(resp.results)} results for {len(pending)} "
+                                          f"sequences" for i in pending})
+                        return
+                    for i, r in zip(pending, resp.results, strict=True):
+                        take(i, r)
+                    return
+                pending = await self._handle_item_error(status, data, ctype, pending, "sequences", errors,
+                                                        stats, run_pack)
+
+        packs = pack_by_budget([len(ids) for ids, _ in seqs], self.max_tokens_per_request)
+        await _gather_or_cancel([run_pack(p) for p in packs])
+        nfail = len(errors)
+        tokens = sum(len(seqs[i][0]) - seqs[i][1] for i in range(len(seqs)) if out_lp[i] is not None)
+        metrics = {"teacher/requests": stats.requests, "teacher/retries": stats.retries,
+                   "teacher/split_requests": stats.splits, "teacher/backoff_wait_s": stats.wait_s,
+                   "teacher/failed_sequences": nfail, "teacher/tokens_scored": tokens,
+                   "teacher/latency_s": time.monotonic() - t0}
+        self._add(**{k.split("/", 1)[1]: v for k, v in metrics.items()})
+        if nfail:
+            log.warning("teacher scoring failed for %d of %d sequences; first: %s", nfail, len(seqs),
+                        min(errors.items()))
+        return ScoreResult(out_lp, out_ids if top_k > 0 else None, out_tlp if top_k > 0 else None,
+                           sorted(errors.items()), metrics)
+
+    async def _handle_item_error(self, status, data, ctype, pending, collection, errors, stats, run_pack):
+        """Shared handling of a non-200 reply to a packed request: returns the
+        items still to send (or raises). See the module docstring for the rules."""
+        err = P.ProtocolError.from_body(status, data, ctype)
+        j = item_index(err.field, collection)
+        if status == 400 and j is not None and j < len(pending):
+            # One bad item: fail it alone and resend the others.
+            errors[pending[j]] = f"{err.message} (400 {err.type}, field {collection}[{pending[j]}]" \
+                                 f"{err.field[err.field.index(']') + 1:] if err.field else ''})"
+            return pending[:j] + pending[j + 1:]
+        if status == 413 and len(pending) > 1:
+            # Our budget is above the server's limit: halve the pack and resend both halves.
+            stats.splits += 1
+            half = len(pending) // 2
+            await _gather_or_cancel([run_pack(pending[:half]), run_pack(pending[half:])])
+            return []
+        if status == 413 or status == 500:
+            why = ("too large for the teacher even alone (413)" if status == 413 else
+                   f"teacher internal error after {self.max_internal_retries} retries (500)")
+            errors.update({i: f"{why}: {err.message}" for i in pending})
+            return []
+        raise self._refusal(status, data, ctype)
+
+    # ------------------------------------------------------------ /v1/generate
+
+    async def _generate(self, prompts, n, max_new_tokens, temperature, top_p, seed, stop_token_ids) -> GenerateOutput:
+        ps = [list(p) for p in prompts]
+        t0 = time.monotonic()
+        stats = _CallStats()
+        out: list[list[P.GenerateSample] | None] = [None] * len(ps)
+        errors: dict[int, str] = {}
+
+        async def run_pack(pending: list[int]) -> None:
+            while pending:
+                # The server seeds prompt i, sample k with seed + i*n + k; several
+                # requests send one request per prompt so each keeps its global seed.
+                if seed is not None and len(pending) > 1 and pending != list(range(pending[0], pending[-1] + 1)):
+                    await _gather_or_cancel([run_pack([i]) for i in pending])
+                    return
+                req = P.GenerateRequest(prompts=[P.GeneratePrompt(token_ids=ps[i]) for i in pending], n=n,
+                                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                        seed=None if seed is None else seed + pending[0] * n,
+                                        stop_token_ids=list(stop_token_ids))
+                status, data, ctype = await self._request("POST", "/v1/generate", P.encode(req, self.encoding), stats)
+                if status == 200:
+                    try:
+                        resp = P.decode(data, P.GenerateResponse, ctype)
+                    except P.ProtocolError as e:
+                        errors.update({i: f"malformed teacher reply: {e.message}" for i in pending})
+                        return
+                    if len(resp.results) != len(pending):
+                        errors.update({i: f"teacher returned {len(resp.results)} results for {len(pending)} "
+                                          f"prompts" for i in pending})
+                        return
+                    for i, r in zip(pending, resp.results, strict=True):
+                        if len(r.samples) != n or any(len(s.token_ids) != len(s.logprobs) for s in r.samples):
+                            errors[i] = f"teacher returned {len(r.samples)} samples (expected {n}) or ragged logprobs"
+                        else:
+                            out[i] = r.samples
+                    return
+                pending = await self._handle_item_error(status, data, ctype, pending, "prompts", errors,
+                                                        stats, run_pack)
+
+        packs = pack_by_budget([(len(p) + max_new_tokens) * n for p in ps], self.max_tokens_per_request)
+        await _gather_or_cancel([run_pack(p) for p in packs])
+        tokens = sum(len(s.token_ids) for samples in out if samples for s in samples)
+        metrics = {"teacher/requests": stats.requests, "teacher/retries": stats.retries,
+                   "teacher/split_requests": stats.splits, "teacher/backoff_wait_s": stats.wait_s,
+                   "teacher/failed_prompts": len(errors), "teacher/tokens_generated": tokens,
+                   "teacher/latency_s": time.monotonic() - t0}
+        self._add(**{k.split("/", 1)[1]: v for k, v in metrics.items()})
+        return GenerateOutput(out, sorted(errors.items()), metrics)
+
+
+async def _gather_or_cancel(coros) -> None:
+    """Run concurrently; on the first exception cancel the rest and raise it
+    (plain gather would leave the other requests retrying in the background)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _read_key(path: str) -> str:
+    p = Path(path)
+    try:
+        key = p.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"teacher.api_key_file: cannot read {path} ({e.strerror}); give a file holding the "
+                         f"teacher server's API key") from e
+    if not key:
+        raise ValueError(f"teacher.api_key_file: {path} is empty; it must hold the teacher server's API key")
+    return key
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(argv) <= 2:
+        print("usage: python -m rollout.teacher_client URL [STUDENT_DIR]", file=sys.stderr)
+        return 2
+    with TeacherClient(argv[0], unavailable_timeout_s=30.0) as client:
+        try:
+            info = client.check_tokenizer(argv[1]) if len(argv) == 2 else client.model_info()
+        except TeacherError as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
