@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 DRIVER_STATE = "driver_state.json"
@@ -71,6 +72,11 @@ def save_checkpoint(run_dir: Path, step: int, save_learner, driver_state: dict, 
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
+    # Fault-injection hook for the reliability tests: widen the window in which
+    # a SIGKILL finds a half-built checkpoint.
+    delay = float(os.environ.get("OPD_FAULT_CHECKPOINT_DELAY_S", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
     final = root / name
     if final.exists():  # re-saving the same step (e.g. SIGTERM right after a periodic save)
         shutil.rmtree(final)

@@ -48,10 +48,58 @@ class RunContext:
     # is checkpointed; a step can fail mid-way). A checkpoint records this one,
     # so a resumed run neither skips nor repeats prompts.
     uncommitted_stream_state: dict | None = None
+    # Arguments of LearnerGroup.init_weight_sync, to rebuild the group after a
+    # sampler restart.
+    sync_kwargs: dict = dataclasses.field(default_factory=dict)
+    sampler_restarts: int = 0
 
 
-class TeacherDown(RuntimeError):
-    pass
+MAX_SAMPLER_RECOVERIES_PER_STEP = 3
+
+
+def _actor_died(e: BaseException) -> bool:
+    import ray
+
+    return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+
+
+def recover_samplers(ctx: RunContext, cause: BaseException) -> dict:
+    """Restart every dead sampler, rebuild the weight-sync group over the pool
+    and push the current policy (same version) before anyone samples again.
+    Called by the loop when a sampling call failed because an actor died."""
+    import ray
+
+    t0 = time.monotonic()
+    dead = []
+    for i, s in enumerate(ctx.pool.samplers):
+        try:
+            ray.get(s.ready.remote(), timeout=60)
+        except Exception:  # noqa: BLE001 - any failure to answer counts as dead
+            dead.append(i)
+    if not dead:
+        raise cause  # not a dead sampler: nothing to recover
+    print(f"[opd] sampler(s) {dead} died ({type(cause).__name__}); restarting them and re-sending policy "
+          f"v{ctx.version}", flush=True)
+    for i in dead:
+        ctx.pool.restart(i)
+    ctx.learners.init_weight_sync(ctx.pool, **ctx.sync_kwargs)
+    ctx.learners.push_weights(ctx.pool, ctx.version)
+    ctx.sampler_restarts += len(dead)
+    return {"rollout/sampler_restarts": len(dead), "time/sampler_recovery_s": time.monotonic() - t0}
+
+
+def with_sampler_recovery(ctx: RunContext, fn, *args, **kwargs):
+    """fn(*args) retried after restarting dead samplers; returns (result, recovery metrics)."""
+    metrics: dict = {}
+    for attempt in range(MAX_SAMPLER_RECOVERIES_PER_STEP + 1):
+        try:
+            return fn(*args, **kwargs), metrics
+        except Exception as e:  # noqa: BLE001 - only actor deaths are recovered
+            if not _actor_died(e) or attempt == MAX_SAMPLER_RECOVERIES_PER_STEP:
+                raise
+            for k, v in recover_samplers(ctx, e).items():
+                metrics[k] = metrics.get(k, 0) + v
+    raise AssertionError("unreachable")
 
 
 def sampling_seed(ctx: RunContext, step: int) -> int:
@@ -88,8 +136,10 @@ def maybe_eval(ctx: RunContext, force: bool = False) -> dict:
         return {}
     if not force and ctx.step % every != 0:
         return {}
-    return evaluate(ctx.pool, ctx.teacher, ctx.eval_records, ctx.cfg.eval, ctx.cfg.rollout, ctx.cfg.teacher,
-                    ctx.tokenizer, seed=sampling_seed(ctx, 10_000_000 + ctx.step))
+    m, rec = with_sampler_recovery(ctx, evaluate, ctx.pool, ctx.teacher, ctx.eval_records, ctx.cfg.eval,
+                                   ctx.cfg.rollout, ctx.cfg.teacher, ctx.tokenizer,
+                                   seed=sampling_seed(ctx, 10_000_000 + ctx.step))
+    return {**m, **rec}
 
 
 def finish_step(ctx: RunContext, metrics: dict, t0: float, batch) -> None:
@@ -145,7 +195,9 @@ def prompts_digest(records: list) -> str:
 
 def rollout_and_score(ctx: RunContext, records: list, seed: int) -> tuple[Any, dict]:
     cfg = ctx.cfg
-    comps, m = sample_completions(ctx.pool, ctx.teacher, records, cfg.rollout, seed, cfg.train.sample_from)
+    (comps, m), rec = with_sampler_recovery(ctx, sample_completions, ctx.pool, ctx.teacher, records, cfg.rollout,
+                                            seed, cfg.train.sample_from)
+    m.update(rec)
     scorer = ctx.pool.score if cfg.train.sample_from == "teacher" else None
     batch, m2 = score_completions(ctx.teacher, comps, records, cfg.teacher, cfg.loss, student_scorer=scorer)
     return batch, {**m, **m2}
@@ -191,7 +243,16 @@ def do_async_training(ctx: RunContext) -> None:
             t0 = time.monotonic()
             records, fut = pending
             t_wait = time.monotonic()
-            comps, metrics = fut.result()
+            try:
+                comps, metrics = fut.result()
+            except Exception as e:  # noqa: BLE001 - a dead sampler: restart, then sample the same prompts again
+                if not _actor_died(e):
+                    raise
+                rec = recover_samplers(ctx, e)
+                (comps, metrics), rec2 = with_sampler_recovery(
+                    ctx, sample_completions, ctx.pool, ctx.teacher, records, cfg.rollout,
+                    sampling_seed(ctx, ctx.step), cfg.train.sample_from)
+                metrics.update({k: rec.get(k, 0) + rec2.get(k, 0) for k in set(rec) | set(rec2)})
             metrics["time/wait_sampling_s"] = time.monotonic() - t_wait
             metrics["progress/prompts_digest"] = prompts_digest(records)
             nxt = submit(ctx.step + 1) if ctx.step + 1 < cfg.train.steps else None

@@ -15,8 +15,10 @@ and Hugging Face export -> teardown. SIGTERM (e.g. `ray job stop`) finishes the
 current step, checkpoints and exits 0; `--resume` continues from there.
 
 Exit codes: 0 done (or stopped by SIGTERM after checkpointing), 2 bad config
-or input, 3 the teacher stayed unavailable (a checkpoint was written), 1 other
-errors.
+or input, 3 the teacher stayed unavailable (a checkpoint was written), 4 a
+learner worker died (every learner call has a timeout, so this never hangs),
+1 other errors. A dead sampler is restarted, re-sent the current weights, and
+its step retried (`rollout/sampler_restarts`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ from cluster.loop import RunContext, checkpoint, do_async_training, do_sync_trai
 from cluster.metrics_log import MetricsLogger
 from cluster.tiny_data import resolve_data
 from cluster.tiny_models import resolve_model
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+def _is_actor_death(e: BaseException) -> bool:
+    import ray
+
+    return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -118,10 +130,11 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None):
     backend = cfg.rollout.weight_sync_backend
     if backend == "auto":
         backend = "nccl" if plan.uses_gpus else "gloo"
-    learners.init_weight_sync(pool, backend=backend, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
-                              timeout_s=cfg.rollout.weight_sync_timeout_s, dtype=cfg.student.dtype)
+    sync_kwargs = dict(backend=backend, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
+                       timeout_s=cfg.rollout.weight_sync_timeout_s, dtype=cfg.student.dtype)
+    learners.init_weight_sync(pool, **sync_kwargs)
     return dict(pool=pool, learners=learners, teacher=teacher, stream=stream, eval_records=eval_records,
-                tokenizer=tokenizer), teardown
+                tokenizer=tokenizer, sync_kwargs=sync_kwargs), teardown
 
 
 def run(cfg: Config, resume: bool = False) -> int:
@@ -152,6 +165,14 @@ def run(cfg: Config, resume: bool = False) -> int:
         try:
             (do_async_training if cfg.train.mode == "async" else do_sync_training)(ctx)
         except Exception as e:
+            if _is_actor_death(e):
+                # Dead samplers were restarted inside the loop; what reaches here
+                # is a dead learner rank (its state is gone with it).
+                last = latest_checkpoint(run_dir)
+                raise WorkerDied(
+                    f"a learner worker died ({type(e).__name__}: {str(e).splitlines()[0][:300]}); the run stops "
+                    f"instead of hanging. Last checkpoint: {last or 'none'}; rerun with --resume to continue "
+                    f"from it") from e
             if type(e).__name__ == "TeacherUnavailableError":
                 # Keep what was trained: the learners hold a consistent state
                 # for ctx.step (the failed step never reached them).
@@ -189,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("PromptDataError", "TokenizerMismatchError"):
             print(f"[opd] {e}", file=sys.stderr)
             return 2
+        if isinstance(e, WorkerDied):
+            print(f"[opd] {e}", file=sys.stderr)
+            return 4
         if name == "TeacherUnavailableError":
             print(f"[opd] {e}\n[opd] the last checkpoint is intact; rerun with --resume once the teacher is up",
                   file=sys.stderr)

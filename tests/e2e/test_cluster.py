@@ -6,8 +6,9 @@ wandb offline.
   run, eval/reverse_kl falls (the method works, not only the plumbing), the
   final export loads in transformers;
 - an async run: the same namespaces, policy lag within the bound;
-- SIGKILL mid-run, then --resume: the right step, the same prompts as an
-  uninterrupted stream, continuous metrics;
+- SIGKILL while a checkpoint is being written, then --resume: the previous
+  checkpoint is intact, the run continues at the right step with the same
+  prompts as an uninterrupted stream, metrics continuous;
 - `ray job submit` to a two-node Ray cluster the test starts: the job
   SUCCEEDs and samplers/learners land on the nodes the placement config names.
 """
@@ -32,10 +33,12 @@ REPO = Path(__file__).resolve().parents[2]
 NAMESPACES = ("rollout/", "teacher/", "learner/", "sync/", "time/", "eval/", "progress/")
 
 
-def base_overrides(run_dir: Path, teacher_url: str, steps: int) -> list[str]:
+def base_overrides(run_dir: Path, teacher, steps: int) -> list[str]:
+    """A short demo run against the session's teacher_server (which has an API key)."""
     return [
         f"run.dir={run_dir}",
-        f"teacher.url={teacher_url}",
+        f"teacher.url={teacher.url}",
+        f"teacher.api_key_file={teacher.api_key_file}",
         "teacher.model=null",
         "log.wandb.mode=offline",
         f"train.steps={steps}",
@@ -74,7 +77,7 @@ def assert_offline_wandb(run_dir: Path) -> None:
 @pytest.mark.slow
 def test_sync_run_logs_everything_and_kl_falls(ray_session, teacher_server, tmp_path):
     run_dir = tmp_path / "sync"
-    rc = run_in_process(base_overrides(run_dir, teacher_server.url, steps=6)
+    rc = run_in_process(base_overrides(run_dir, teacher_server, steps=6)
                         + ["eval.every_steps=6", "learner.lr=2e-3", "train.prompts_per_step=16"])
     assert rc == 0
     rows = read_metrics(run_dir)
@@ -96,7 +99,7 @@ def test_sync_run_logs_everything_and_kl_falls(ray_session, teacher_server, tmp_
 @pytest.mark.slow
 def test_async_run(ray_session, teacher_server, tmp_path):
     run_dir = tmp_path / "async"
-    rc = run_in_process(base_overrides(run_dir, teacher_server.url, steps=3)
+    rc = run_in_process(base_overrides(run_dir, teacher_server, steps=3)
                         + ["train.mode=async", "eval.every_steps=3", "train.max_policy_lag=1"])
     assert rc == 0
     rows = read_metrics(run_dir)
@@ -126,32 +129,40 @@ def _expected_digests(cfg, n_steps: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume(ray_session, teacher_server, tmp_path):
+def test_sigkill_while_checkpointing_then_resume(ray_session, teacher_server, tmp_path):
+    """The driver is SIGKILLed while it writes a checkpoint: the previous
+    checkpoint stays intact and `--resume` continues from it at the right step
+    with the same prompts an uninterrupted run would see (issue 6 and 9)."""
     run_dir = tmp_path / "resume"
-    ov = base_overrides(run_dir, teacher_server.url, steps=4) + ["run.save_every_steps=1", "eval.every_steps=0"]
-    env = dict(os.environ)
+    ov = base_overrides(run_dir, teacher_server, steps=3) + ["run.save_every_steps=1", "eval.every_steps=0"]
+    # The fault-injection hook holds each checkpoint half-written for 20 s.
+    env = dict(os.environ, OPD_FAULT_CHECKPOINT_DELAY_S="20")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.train", "--config", "configs/demo.yaml", *ov],
                             cwd=REPO, env=env, start_new_session=True,
                             stdout=open(tmp_path / "driver.log", "wb"), stderr=subprocess.STDOUT)
+    root = run_dir / "checkpoints"
     deadline = time.monotonic() + 600
-    ckpt2 = run_dir / "checkpoints" / "step_00000002"
-    while not ckpt2.exists():
+    while not (root / "step_00000001").exists() or not list(root.glob(".tmp-step_00000002*")):
         assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "driver never reached step 2"
-        time.sleep(0.5)
+        assert time.monotonic() < deadline, "driver never started writing checkpoint 2"
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole driver (its local Ray cluster too)
     proc.wait()
-    killed_rows = read_metrics(run_dir)
-    assert max(r["step"] for r in killed_rows) >= 2
+    assert (root / "latest").read_text().strip() == "step_00000001"
+    assert list(root.glob(".tmp-step_00000002*")), "the half-written checkpoint should be left behind"
+    from cluster.checkpoint import latest_checkpoint, read_driver_state
+
+    assert read_driver_state(latest_checkpoint(run_dir))["step"] == 1
 
     rc = run_in_process(ov + ["run.resume=true"])
     assert rc == 0
+    assert not list(root.glob(".tmp-*")), "resume must clean up the partial checkpoint"
     rows = read_metrics(run_dir)
     steps = [r["step"] for r in rows if "learner/loss" in r]
-    assert steps == [1, 2, 3, 4], steps  # continuous, no repeats, none skipped
+    assert steps == [1, 2, 3], steps  # continuous, nothing repeated or skipped
     cfg = load_config(REPO / "configs" / "demo.yaml", ov)
     got = [r["progress/prompts_digest"] for r in rows if "learner/loss" in r]
-    assert got == _expected_digests(cfg, 4)
+    assert got == _expected_digests(cfg, 3)
 
 
 @pytest.mark.slow
@@ -170,7 +181,7 @@ def test_ray_job_submit_two_nodes(teacher_server, tmp_path):
     try:
         cluster.add_node(num_cpus=8, resources={"learner_node": 1})
         run_dir = tmp_path / "job"
-        ov = base_overrides(run_dir, teacher_server.url, steps=1) + [
+        ov = base_overrides(run_dir, teacher_server, steps=1) + [
             "eval.every_steps=0", "placement.sampler_resource=sampler_node",
             "placement.learner_resource=learner_node", "placement.strategy=SPREAD"]
         addr = f"http://127.0.0.1:{dash_port}"
