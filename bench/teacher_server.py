@@ -1,0 +1,243 @@
+"""Benchmark: tokens scored per second by teacher_server, side by side with
+(a) the same vLLM engine scoring offline in-process (the ceiling) and
+(b) vLLM's own OpenAI-compatible server with `prompt_logprobs` (what a user
+would run instead), at several batch sizes (sequences per request) and client
+concurrencies. Each route runs alone (one engine at a time), on the same model,
+the same sequences and the same vLLM options (float32, enforce_eager, default
+CPU thread binding).
+
+    .venv/bin/python -m bench.teacher_server                       # tiny teacher, a few minutes
+    .venv/bin/python -m bench.teacher_server --model tiny:teacher-100m --num-seqs 256
+
+"Tokens scored" are the positions start .. len-1 of every sequence (here the
+second half: a prompt plus a completion of equal length). The offline ceiling of
+a (batch B, concurrency C) row is `LLM.generate` on chunks of B x C sequences,
+the most the server can have in flight in that row; its conversion of vLLM's
+output to per-token arrays is included, as the server must do it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+import msgspec
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resolve_model(spec: str) -> str:
+    if spec.startswith("tiny:"):
+        from cluster.tiny_models import build_model
+        return str(build_model(spec.removeprefix("tiny:")))
+    return spec
+
+
+def make_sequences(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"token_ids": rng.integers(0, vocab, length).tolist(), "start": length // 2} for _ in range(n)]
+
+
+def scored_tokens(seqs) -> int:
+    return sum(len(s["token_ids"]) - s["start"] for s in seqs)
+
+
+# ----------------------------------------------------------------------------- (a) offline ceiling
+
+def bench_offline(model: str, max_model_len: int, seqs, configs, repeats: int) -> dict:
+    from vllm import LLM
+
+    from teacher_server.engine import prompt_logprobs_to_result, sampling_params_for_scoring
+
+    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=max_model_len, max_logprobs=-1,
+              seed=0)
+    params = sampling_params_for_scoring(0, 1.0)
+    out = {}
+    try:
+        llm.generate([{"prompt_token_ids": s["token_ids"]} for s in seqs[:8]], params, use_tqdm=False)  # warm-up
+        for b, c in configs:
+            chunk = b * c
+            best = 0.0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for i in range(0, len(seqs), chunk):
+                    part = seqs[i:i + chunk]
+                    res = llm.generate([{"prompt_token_ids": s["token_ids"]} for s in part], params, use_tqdm=False)
+                    for o, s in zip(res, part, strict=True):
+                        prompt_logprobs_to_result(o.prompt_logprobs, s["token_ids"], s["start"], 0, 1.0)
+                best = max(best, scored_tokens(seqs) / (time.perf_counter() - t0))
+            out[(b, c)] = best
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return out
+
+
+# ----------------------------------------------------------------------------- servers
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], ready_path: str, log_path: str, timeout_s: float = 300.0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{args[:4]} exited with {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(ready_path, timeout=5) as r:
+                if r.status == 200:
+                    return proc
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1)
+    stop(proc)
+    raise RuntimeError(f"{args[:4]} not ready after {timeout_s}s; see {log_path}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+async def drive(post_batch, seqs, batch: int, concurrency: int) -> float:
+    """C workers, each sending B sequences per request until all are scored; tokens/s."""
+    batches = [seqs[i:i + batch] for i in range(0, len(seqs), batch)]
+    it = iter(batches)
+
+    async def worker(session):
+        for part in it:
+            await post_batch(session, part)
+
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await post_batch(session, seqs[:2])  # warm-up (connections, first request)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        return scored_tokens(seqs) / (time.perf_counter() - t0)
+
+
+def ours_poster(url: str, binary: bool):
+    from teacher_server.protocol import CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, LogprobsResponse, decode, encode
+
+    ct = CONTENT_TYPE_MSGPACK if binary else CONTENT_TYPE_JSON
+
+    async def post(session, part):
+        body = encode({"sequences": part, "top_k": 0, "temperature": 1.0}, ct)
+        async with session.post(url + "/v1/logprobs", data=body, headers={"Content-Type": ct}) as r:
+            raw = await r.read()
+            assert r.status == 200, raw[:300]
+        res = decode(raw, LogprobsResponse, ct).results
+        assert len(res[0].logprobs) == len(part[0]["token_ids"]) - part[0]["start"]
+        return [x.logprobs for x in res]
+
+    return post
+
+
+def vllm_poster(url: str, model: str):
+    async def post(session, part):
+        body = {"model": model, "prompt": [s["token_ids"] for s in part], "max_tokens": 1, "prompt_logprobs": 0}
+        async with session.post(url + "/v1/completions", json=body) as r:
+            raw = await r.read()
+            assert r.status == 200, raw[:300]
+        choices = sorted(msgspec.json.decode(raw)["choices"], key=lambda c: c["index"])
+        # Entry p: {token_id: {"logprob", "rank", "decoded_token"}}; look the given token up by id.
+        return [[c["prompt_logprobs"][p][str(s["token_ids"][p])]["logprob"]
+                 for p in range(s["start"], len(s["token_ids"]))] for c, s in zip(choices, part, strict=True)]
+
+    return post
+
+
+def bench_server(post, seqs, configs, repeats: int) -> dict:
+    return {(b, c): max(asyncio.run(drive(post, seqs, b, c)) for _ in range(repeats)) for b, c in configs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny:teacher")
+    p.add_argument("--num-seqs", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--configs", default="1x16,8x4,32x2,64x1", help="BATCHxCONCURRENCY,...")
+    p.add_argument("--repeats", type=int, default=2, help="runs per cell; the best is reported")
+    args = p.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = resolve_model(args.model)
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    import json
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    seqs = make_sequences(args.num_seqs, args.seq_len, vocab)
+    logdir = tempfile.mkdtemp(prefix="bench_teacher_")
+    print(f"model {model}: {args.num_seqs} sequences x {args.seq_len} tokens, "
+          f"{scored_tokens(seqs)} scored per run; logs in {logdir}", flush=True)
+
+    offline = bench_offline(model, args.max_model_len, seqs, configs, args.repeats)
+    print("offline done", flush=True)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = launch([sys.executable, "-m", "teacher_server", "--model", model, "--port", str(port), "--dtype",
+                   "float32", "--max-model-len", str(args.max_model_len), "--max-queue", "1024"],
+                  url + "/health", os.path.join(logdir, "teacher_server.log"))
+    try:
+        ours_json = bench_server(ours_poster(url, False), seqs, configs, args.repeats)
+        ours_msgpack = bench_server(ours_poster(url, True), seqs, configs, args.repeats)
+        ref_ours = asyncio.run(_once(ours_poster(url, False), seqs[:4]))
+    finally:
+        stop(proc)
+    print("teacher_server done", flush=True)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = launch([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+                   "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len",
+                   str(args.max_model_len), "--max-logprobs", "20", "--seed", "0"],
+                  url + "/health", os.path.join(logdir, "vllm_server.log"))
+    try:
+        vllm = bench_server(vllm_poster(url, model), seqs, configs, args.repeats)
+        ref_vllm = asyncio.run(_once(vllm_poster(url, model), seqs[:4]))
+    finally:
+        stop(proc)
+    diff = max(float(np.max(np.abs(np.subtract(a, b)))) for a, b in zip(ref_ours, ref_vllm, strict=True))
+
+    print(f"\nmax |teacher_server - vllm serve| logprob difference on 4 sequences: {diff:.2e}")
+    print("tokens scored per second (best of %d)" % args.repeats)
+    hdr = (f"{'batch':>5} {'conc':>4} | {'offline':>9} {'ours-json':>9} {'ours-msgp':>9} {'vllm-srv':>9} | "
+           f"{'json/off':>8} {'msgp/off':>8} {'json/vllm':>9} {'msgp/vllm':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    for b, c in configs:
+        o, j, m, v = offline[(b, c)], ours_json[(b, c)], ours_msgpack[(b, c)], vllm[(b, c)]
+        print(f"{b:>5} {c:>4} | {o:>9.0f} {j:>9.0f} {m:>9.0f} {v:>9.0f} | "
+              f"{j / o:>8.2f} {m / o:>8.2f} {j / v:>9.2f} {m / v:>9.2f}")
+
+
+async def _once(post, part):
+    async with aiohttp.ClientSession() as s:
+        return await post(s, part)
+
+
+if __name__ == "__main__":
+    main()

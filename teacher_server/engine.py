@@ -1,0 +1,221 @@
+"""The scoring engine behind teacher_server: a vLLM v1 `AsyncLLM` (continuous
+batching across all HTTP requests and clients) turned into the protocol's
+`/v1/logprobs` and `/v1/generate` answers.
+
+Each scored sequence is one vLLM request with `max_tokens=1` and
+`prompt_logprobs`; vLLM's entry p holds log p(ids[p] | ids[:p]) with the given
+token first, then the top-K tokens by logprob. `flat_logprobs=True` and
+`detokenize=False` keep the front-end's per-token Python work to a few flat
+lists, which numpy reshapes to (positions, K + 1).
+
+Temperature. vLLM 0.32 computes prompt logprobs from the raw logits
+(`gpu_model_runner._get_prompt_logprobs_dict` calls `compute_logprobs(logits)`;
+the sampling temperature is never applied to prompt positions, whatever
+`logprobs_mode`). log_softmax is shift-invariant, so with l = log_softmax(z):
+log_softmax(z / T) = log_softmax(l / T) exactly. For T != 1 the engine therefore
+asks for the full-vocabulary raw prompt logprobs (`prompt_logprobs=-1`, allowed by
+`max_logprobs=-1`) and rescales them here in float64. Top-k order is invariant
+under positive scaling, so the top-K of the rescaled row are the first K of
+vLLM's sorted row. Cost: V floats per position instead of K + 1 (fine for
+V in the tens of thousands at moderate batch; T = 1 stays cheap).
+
+Used by `teacher_server.server`; `python -m teacher_server` builds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from teacher_server.protocol import (DEFAULT_MAX_TOP_K, GenerateRequest, GenerateResponse, GenerateResult,
+                                     GenerateSample, LogprobsRequest, LogprobsResponse, ModelInfo,
+                                     ProtocolError, SequenceLogprobs, tokenizer_fingerprint)
+
+log = logging.getLogger("teacher_server.engine")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """What `python -m teacher_server` passes to vLLM (see __main__ for the flags)."""
+
+    model: str
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16
+    tensor_parallel_size: int = 1
+    max_model_len: int | None = None  # None: the model's own
+    max_batch_tokens: int | None = None  # vLLM max_num_batched_tokens (per engine step)
+    max_num_seqs: int = 256
+    max_top_k: int = DEFAULT_MAX_TOP_K
+    seed: int = 0
+
+
+def sampling_params_for_scoring(top_k: int, temperature: float):
+    """SamplingParams of one scored sequence (shared with bench/teacher_server.py's
+    offline ceiling so both measure the same engine work)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    full_vocab = temperature != 1.0
+    return SamplingParams(max_tokens=1, prompt_logprobs=-1 if full_vocab else top_k, detokenize=False,
+                          flat_logprobs=True, output_kind=RequestOutputKind.FINAL_ONLY, temperature=1.0)
+
+
+def prompt_logprobs_to_result(flat, token_ids: list[int], start: int, top_k: int,
+                              temperature: float) -> SequenceLogprobs:
+    """Turn one request's vLLM prompt logprobs (a FlatLogprobs, entry 0 None) into
+    the protocol result for positions start .. len(token_ids)-1."""
+    n = len(token_ids)
+    lo = flat.start_indices[start]
+    hi = flat.end_indices[n - 1]
+    width = flat.end_indices[start] - lo  # entries per position: the given token + K (or V) sorted
+    ids_P_W = np.asarray(flat.token_ids[lo:hi], dtype=np.int64).reshape(n - start, width)
+    lps_P_W = np.asarray(flat.logprobs[lo:hi], dtype=np.float64).reshape(n - start, width)
+    if not np.array_equal(ids_P_W[:, 0], np.asarray(token_ids[start:], dtype=np.int64)):
+        # vLLM puts the scored token first; anything else means a layout change upstream.
+        raise RuntimeError("vLLM prompt logprobs do not start with the scored token; "
+                           "this vLLM version's FlatLogprobs layout is not supported")
+    if temperature != 1.0:
+        # Full vocab in columns 1..V: rescale exactly (see module docstring).
+        scaled_P_V = lps_P_W[:, 1:] / temperature
+        lse_P = np.logaddexp.reduce(scaled_P_V, axis=1)
+        given_P = lps_P_W[:, 0] / temperature - lse_P
+        top_P_K = scaled_P_V[:, :top_k] - lse_P[:, None]
+    else:
+        given_P = lps_P_W[:, 0]
+        top_P_K = lps_P_W[:, 1:1 + top_k]
+    if top_k == 0:
+        return SequenceLogprobs(logprobs=given_P.tolist())
+    return SequenceLogprobs(logprobs=given_P.tolist(), top_ids=ids_P_W[:, 1:1 + top_k].tolist(),
+                            top_logprobs=top_P_K.tolist())
+
+
+class TeacherEngine:
+    """Owns one AsyncLLM. All methods are called from the server's event loop."""
+
+    def __init__(self, engine, info: ModelInfo):
+        self._engine = engine
+        self.info = info
+        self._ids = itertools.count()
+
+    @classmethod
+    def build(cls, opts: EngineOptions) -> "TeacherEngine":
+        """Start vLLM (tens of seconds; spawns the engine-core process). Safe to call
+        from a worker thread: AsyncLLM starts its output loop lazily on the first
+        request when no event loop runs in the constructing thread."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = dict(model=opts.model, dtype=opts.dtype, tensor_parallel_size=opts.tensor_parallel_size,
+                      max_model_len=opts.max_model_len, seed=opts.seed, max_num_seqs=opts.max_num_seqs,
+                      # -1: no cap, so temperature != 1 can fetch full-vocab prompt logprobs.
+                      max_logprobs=-1,
+                      # /v1/generate reports the logprobs of the distribution sampled from;
+                      # prompt logprobs are raw in every mode (see module docstring).
+                      logprobs_mode="processed_logprobs",
+                      served_model_name=opts.served_model_name)
+        if opts.max_batch_tokens:
+            kwargs["max_num_batched_tokens"] = opts.max_batch_tokens
+        if _is_cpu_build():  # CUDA graphs do not exist on CPU
+            kwargs["enforce_eager"] = True
+        engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        mc = engine.model_config
+        # vLLM samples one token after a scored prompt, so the longest scorable sequence
+        # is one shorter than the engine's context; that is what clients are told.
+        info = ModelInfo(model=opts.served_model_name or opts.model, vocab_size=mc.get_vocab_size(),
+                         max_model_len=mc.max_model_len - 1, dtype=str(mc.dtype).removeprefix("torch."),
+                         tokenizer_sha256=tokenizer_fingerprint(_tokenizer_dir(opts.model)),
+                         max_top_k=opts.max_top_k)
+        return cls(engine, info)
+
+    def _request_id(self) -> str:
+        return f"teacher-{os.getpid()}-{next(self._ids)}"
+
+    async def _final(self, prompt_ids: list[int], params) -> object:
+        out = None
+        async for out in self._engine.generate({"prompt_token_ids": prompt_ids}, params, self._request_id()):
+            pass
+        if out is None:
+            raise RuntimeError("vLLM returned no output for a request")
+        return out
+
+    async def score(self, req: LogprobsRequest) -> LogprobsResponse:
+        """Score every sequence of an already validated request; each sequence is one
+        engine request so vLLM batches them with every other client's."""
+        params = sampling_params_for_scoring(req.top_k, req.temperature)
+        outs = await _all(self._final(s.token_ids, params) for s in req.sequences)
+        results = [prompt_logprobs_to_result(o.prompt_logprobs, s.token_ids, s.start, req.top_k, req.temperature)
+                   for o, s in zip(outs, req.sequences, strict=True)]
+        return LogprobsResponse(model=self.info.model, results=results)
+
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        def params(i: int, k: int):
+            seed = None if req.seed is None else req.seed + i * req.n + k
+            return SamplingParams(n=1, max_tokens=req.max_new_tokens, temperature=req.temperature,
+                                  top_p=req.top_p, seed=seed, stop_token_ids=list(req.stop_token_ids),
+                                  logprobs=0, detokenize=False, flat_logprobs=True,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
+
+        jobs = [self._final(p.token_ids, params(i, k)) for i, p in enumerate(req.prompts) for k in range(req.n)]
+        outs = await _all(jobs)
+        results = []
+        for i in range(len(req.prompts)):
+            samples = []
+            for o in outs[i * req.n:(i + 1) * req.n]:
+                c = o.outputs[0]
+                flat = c.logprobs
+                # Entry t's first element is the sampled token (vLLM puts it first).
+                lps = [flat.logprobs[flat.start_indices[t]] for t in range(len(c.token_ids))]
+                samples.append(GenerateSample(token_ids=list(c.token_ids), logprobs=lps,
+                                              finish_reason="stop" if c.finish_reason == "stop" else "length"))
+            results.append(GenerateResult(samples=samples))
+        return GenerateResponse(model=self.info.model, results=results)
+
+    @property
+    def dead(self) -> bool:
+        """True once vLLM's engine core has failed (the server then reports 503)."""
+        return bool(getattr(self._engine, "errored", False))
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
+
+
+async def _all(coros) -> list:
+    """Await all, in order; on the first failure cancel the rest (vLLM then aborts
+    their requests) instead of leaving them running for a reply nobody reads."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:  # includes CancelledError (the client went away, or shutdown)
+        for t in tasks:
+            t.cancel()
+        raise
+
+
+def _is_cpu_build() -> bool:
+    try:
+        from vllm.platforms import current_platform
+        return current_platform.is_cpu()
+    except Exception:  # noqa: BLE001 - platform probing must not stop the server
+        return False
+
+
+def _tokenizer_dir(model: str) -> str:
+    """Local directory holding the tokenizer files (a hub id is resolved from the
+    local HF cache; nothing is downloaded)."""
+    if Path(model).exists():
+        return model
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(model, local_files_only=True,
+                                 allow_patterns=["tokenizer*", "*.json", "*.model", "*.txt"])
+    except Exception as e:  # noqa: BLE001
+        raise ProtocolError(500, "internal", f"cannot find tokenizer files for {model!r}: {e}") from e
