@@ -15,6 +15,7 @@ never the root.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import types
@@ -401,6 +402,13 @@ class Config:
         if self.loss.kind in ("reverse_kl_topk", "forward_kl_topk", "jsd") and self.teacher.top_k <= 0:
             out.append(f"loss.kind={self.loss.kind} needs the teacher's top-k support: set teacher.top_k "
                        f"to K > 0 (e.g. teacher.top_k=20); it is {self.teacher.top_k}")
+        # (added by the learner) The sampled-token reverse-KL estimator needs
+        # the student's own samples: on teacher samples lp_sampler is the
+        # teacher's, so the advantage lp_teacher - lp_sampler is 0.
+        if self.train.sample_from == "teacher" and self.loss.kind == "reverse_kl":
+            out.append("loss.kind=reverse_kl with train.sample_from=teacher: the sampled-token estimator needs the "
+                       "student's own samples (on teacher samples its advantage is 0); for off-policy reverse KL "
+                       "use loss.kind=reverse_kl_topk with teacher.top_k > 0, or sample from the student")
         if self.train.sample_from == "teacher" and self.train.mode == "async":
             out.append("train.mode=async overlaps student sampling with training; with "
                        "train.sample_from=teacher there is no student sampling: use train.mode=sync")
@@ -472,14 +480,14 @@ def _convert(value: Any, t: Any, key: str, problems: list[str]) -> Any:
     origin = typing.get_origin(t)
     if dataclasses.is_dataclass(t):
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping (section), got {value!r}")
+            problems.append(f"{key}: expected a mapping (section), got {_show(value)}")
             return _BAD
         return _build(t, value, key, problems)
     if origin is Literal:
         allowed = typing.get_args(t)
         if value in allowed and type(value) in {type(a) for a in allowed}:
             return value
-        problems.append(f"{key}: {value!r} is not valid; valid values are "
+        problems.append(f"{key}: {_show(value)} is not valid; valid values are "
                         + ", ".join(repr(a) for a in allowed))
         return _BAD
     if origin in (typing.Union, types.UnionType):
@@ -497,20 +505,20 @@ def _convert(value: Any, t: Any, key: str, problems: list[str]) -> Any:
             out = _convert(value, a, key, sub)
             if not sub:
                 return out
-        problems.append(f"{key}: {value!r} is not {_type_name(t)}")
+        problems.append(f"{key}: {_show(value)} is not {_type_name(t)}")
         return _BAD
     if origin is tuple:
         args = typing.get_args(t)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and args and args[-1] is Ellipsis:
             value = [value]  # a single stop string is a one-element list
         if not isinstance(value, (list, tuple)):
-            problems.append(f"{key}: expected a list, got {value!r}")
+            problems.append(f"{key}: expected a list, got {_show(value)}")
             return _BAD
         if args and args[-1] is Ellipsis:
             elem_types = [args[0]] * len(value)
         else:
             if len(value) != len(args):
-                problems.append(f"{key}: expected a list of {len(args)} values, got {len(value)}: {list(value)!r}")
+                problems.append(f"{key}: expected a list of {len(args)} values, got {len(value)}: {_show(list(value))}")
                 return _BAD
             elem_types = list(args)
         out = tuple(_convert(v, et, f"{key}[{i}]", problems) for i, (v, et) in enumerate(zip(value, elem_types, strict=True)))
@@ -518,33 +526,56 @@ def _convert(value: Any, t: Any, key: str, problems: list[str]) -> Any:
     if t is bool:
         if isinstance(value, bool):
             return value
-        problems.append(f"{key}: {value!r} is not a boolean; use true or false")
+        problems.append(f"{key}: {_show(value)} is not a boolean; use true or false")
         return _BAD
     if t is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        problems.append(f"{key}: {value!r} is not an integer")
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if _INT_MIN <= value <= _INT_MAX:
+                return value
+            problems.append(f"{key}: {_show(value, 40)} is out of range; valid integers are "
+                            f"{_INT_MIN} .. {_INT_MAX}")
+            return _BAD
+        problems.append(f"{key}: {_show(value)} is not an integer")
         return _BAD
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int beyond float range
+                problems.append(f"{key}: {_show(value, 40)} is too large for a float")
+                return _BAD
         if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
             try:
                 return float(value)
             except ValueError:
                 pass
-        problems.append(f"{key}: {value!r} is not a number")
+        problems.append(f"{key}: {_show(value)} is not a number")
         return _BAD
     if t is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        problems.append(f"{key}: {value!r} is not a string")
+            with contextlib.suppress(ValueError):  # ints over 4300 digits do not convert
+                return str(value)
+        problems.append(f"{key}: {_show(value)} is not a string")
         return _BAD
     raise TypeError(f"config field {key} has an unsupported type {t!r}")
+
+
+def _show(value: Any, limit: int = 200) -> str:
+    """repr() for a problem message: never raises (ints over 4300 digits, deep
+    nesting) and is cut at `limit` characters."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# Config integers (steps, seeds, sizes) fit in 64 bits; larger ones are typos.
+_INT_MIN, _INT_MAX = -2**63, 2**63 - 1
 
 
 class _Bad:
@@ -560,7 +591,8 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in data:
         if k not in fields:
-            key = f"{prefix}.{k}" if prefix else str(k)
+            k = k if isinstance(k, str) else _show(k, 40)
+            key = f"{prefix}.{k}" if prefix else k
             problems.append(f"{key}: unknown key; valid keys {'of ' + prefix if prefix else 'at the top level'} "
                             f"are {', '.join(sorted(fields))}")
     kwargs = {}
@@ -591,7 +623,10 @@ def _walk_sections(cfg) -> list:
 def _parse_scalar(text: str) -> Any:
     try:
         return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError):
+        # Not a YAML scalar (or a tagged one its constructor refuses, e.g. `!!float x`,
+        # or nesting past the recursion limit): keep the text; the field's type check
+        # then reports it.
         return text
 
 
@@ -630,7 +665,12 @@ def config_from_dict(data: dict | None, overrides: list[str] | None = None) -> C
         raise ConfigError([f"the config must be a mapping at the top level, got {type(data).__name__}"])
     import copy
 
-    data = apply_overrides(copy.deepcopy(data), list(overrides or []), problems)
+    try:
+        data = copy.deepcopy(data)
+    except RecursionError as e:
+        raise ConfigError(["the config nests deeper than Python's recursion limit; it cannot be a valid "
+                           "opd config (sections are at most 3 levels deep)"]) from e
+    data = apply_overrides(data, list(overrides or []), problems)
     cfg = _build(Config, data, "", problems)
     # Cross-section checks run too (fields that failed above hold their
     # defaults), so the user sees every problem in one go.
@@ -648,9 +688,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.exists():
             raise ConfigError([f"config file {str(p)!r} does not exist (paths are relative to {Path.cwd()})"])
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{p}: not valid YAML: {e}"]) from e
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError) as e:
+            # ValueError includes UnicodeDecodeError and refused tagged scalars (`!!int x`).
+            raise ConfigError([f"{p}: not valid YAML: {type(e).__name__}: {str(e)[:500]}"]) from e
     return config_from_dict(data, overrides)
 
 

@@ -1,0 +1,260 @@
+"""LearnerGroup: the world_size learner ranks (Ray actors) used as one.
+
+The driver (cluster/) holds one LearnerGroup. Every method fans out to all
+ranks at once and waits with `ray.get(..., timeout=collective_timeout_s)`:
+the ranks run collectives together, so they must all be called, and a dead
+rank surfaces as an error (its peers' collectives time out) instead of a hang.
+
+    group = LearnerGroup.create(model_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
+                                scheduling_strategies=[...], total_steps=cfg.train.steps)
+    metrics = group.train_step(batch, step=k, temperature=cfg.rollout.temperature)
+    group.init_weight_sync(pool)            # once, after the samplers are up
+    group.push_weights(pool, version=k + 1)
+    group.save(run_dir / "checkpoints", client_state={...}, keep=2)
+    group.load(run_dir / "checkpoints")     # on resume, before the first step
+    group.export_hf(run_dir / "final")
+    group.shutdown()
+
+Tests: tests/e2e/test_learner.py, tests/e2e/test_learner_sync.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from learner import checkpoint as ckpt
+from learner.batching import plan_micro_batches, sequence_lengths
+from rollout.types import RolloutBatch
+from rollout.weight_sync import ParamSpec, WeightSyncClient
+
+
+def _token_denominator(batch: RolloutBatch, normalize: str) -> float:
+    if normalize == "token":
+        return float(batch.num_trained_tokens)
+    if normalize == "sequence":
+        return float(sum(1 for m in batch.loss_mask_B_T if sum(m) > 0))
+    raise ValueError(f"loss.normalize={normalize!r} is not valid; use 'token' or 'sequence'")
+
+
+class LearnerGroup:
+    def __init__(self, workers: list, learner_cfg, loss_cfg):
+        self.workers = workers
+        self.cfg = learner_cfg
+        self.loss_cfg = loss_cfg
+        self.timeout_s = learner_cfg.collective_timeout_s
+        self._sync_backend: str | None = None
+
+    @classmethod
+    def create(cls, model_path: str, learner_cfg, loss_cfg, seed: int, scheduling_strategies: list | None = None,
+               *, num_gpus_per_worker: float = 0.0, total_steps: int | None = None,
+               ds_config_overrides: dict | None = None) -> "LearnerGroup":
+        """Start `learner_cfg.world_size` ranks. `scheduling_strategies[r]`
+        (e.g. a PlacementGroupSchedulingStrategy bundle) places rank r;
+        `num_gpus_per_worker` > 0 gives each rank a GPU and NCCL;
+        `total_steps` (train.steps) is needed by the cosine/linear lr schedules;
+        `ds_config_overrides` is deep-merged into the DeepSpeed config."""
+        import ray
+
+        from learner.worker import LearnerWorker, lr_factor, node_address
+
+        n = learner_cfg.world_size
+        if scheduling_strategies is not None and len(scheduling_strategies) != n:
+            raise ValueError(f"{len(scheduling_strategies)} scheduling strategies for learner.world_size={n} ranks; "
+                             "pass one per rank (or None)")
+        # Fail here, not inside n actors, when the schedule needs total_steps.
+        lr_factor(learner_cfg.warmup_steps, learner_cfg.warmup_steps, learner_cfg.lr_schedule, total_steps,
+                  learner_cfg.min_lr_ratio)
+        strategies = scheduling_strategies or [None] * n
+
+        def opts(r):
+            o = {"num_cpus": learner_cfg.cpus_per_worker, "num_gpus": num_gpus_per_worker}
+            if strategies[r] is not None:
+                o["scheduling_strategy"] = strategies[r]
+            return o
+
+        # Rank 0's node hosts the torch.distributed rendezvous: ask a task
+        # placed like rank 0 for that node's IP and a free port.
+        probe = ray.remote(node_address).options(**opts(0))
+        master_addr, master_port = ray.get(probe.remote(), timeout=learner_cfg.collective_timeout_s)
+        actor_cls = ray.remote(LearnerWorker)
+        workers = [actor_cls.options(**opts(r)).remote(
+            r, n, master_addr, master_port, str(model_path), learner_cfg, loss_cfg, seed,
+            use_gpu=num_gpus_per_worker > 0, total_steps=total_steps, ds_config_overrides=ds_config_overrides)
+            for r in range(n)]
+        group = cls(workers, learner_cfg, loss_cfg)
+        try:
+            group._all(lambda w: w.ready.remote())
+        except BaseException:
+            group.kill()
+            raise
+        return group
+
+    # ----------------------------------------------------------- plumbing
+
+    def _get(self, refs: list, what: str = "learner call"):
+        import ray
+
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError as e:
+            raise TimeoutError(f"{what} did not finish on all {len(self.workers)} learner ranks within "
+                               f"learner.collective_timeout_s={self.timeout_s}s (a rank died or hangs)") from e
+
+    def _all(self, call, what: str = "learner call") -> list:
+        return self._get([call(w) for w in self.workers], what)
+
+    # ------------------------------------------------------------ training
+
+    def set_loss(self, loss_cfg) -> None:
+        """Switch the objective between steps (e.g. an SFT warm-up, then
+        reverse KL); the optimizer state is kept."""
+        self._all(lambda w: w.set_loss_config.remote(loss_cfg), "set_loss")
+        self.loss_cfg = loss_cfg
+
+    def plan(self, batch: RolloutBatch) -> list[list[list[int]]]:
+        return plan_micro_batches(sequence_lengths(batch), len(self.workers), self.cfg.micro_batch_tokens)
+
+    def train_step(self, batch: RolloutBatch, step: int, temperature: float = 1.0) -> dict:
+        """One optimizer step on `batch` (all ranks). `temperature` is the
+        sampling temperature of the batch (the learner's logprobs use
+        logits / temperature; 0 = greedy, treated as 1). Returns the
+        `learner/*` and `time/*` metrics of the step."""
+        t0 = time.perf_counter()
+        if self.loss_cfg.kind == "reverse_kl" and batch.teacher_logprobs_B_T is None:
+            raise ValueError("loss.kind=reverse_kl needs teacher logprobs, but the batch has "
+                             "teacher_logprobs_B_T=None; score it with the teacher or use loss.kind=sft")
+        if self.loss_cfg.kind in ("reverse_kl_topk", "forward_kl_topk", "jsd") and (
+                batch.teacher_top_ids_B_T_K is None or batch.teacher_top_logprobs_B_T_K is None):
+            raise ValueError(f"loss.kind={self.loss_cfg.kind} needs the teacher's top-k support, but the batch has "
+                             "teacher_top_ids_B_T_K=None; set teacher.top_k > 0 so the teacher returns it")
+        plan = self.plan(batch)
+        denom = _token_denominator(batch, self.loss_cfg.normalize)
+        refs = []
+        for w, mbs in zip(self.workers, plan, strict=True):
+            rows = sorted(i for mb in mbs for i in mb)
+            local = {g: j for j, g in enumerate(rows)}
+            shard = batch.select(rows) if rows else None
+            refs.append(w.train_step.remote(shard, [[local[i] for i in mb] for mb in mbs], denom, temperature))
+        per_rank = self._get(refs, f"train_step {step}")
+        m = self._reduce(per_rank)
+        m["learner/step"] = float(step)
+        m["learner/micro_batches_per_rank"] = float(len(plan[0]))
+        m["time/learner_train_step_s"] = time.perf_counter() - t0
+        return m
+
+    @staticmethod
+    def _reduce(per_rank: list[dict]) -> dict:
+        def tot(k):
+            return sum(r[k] for r in per_rank)
+
+        tokens = max(tot("tokens"), 1.0)
+        out = {
+            "learner/loss": tot("loss"),
+            "learner/tokens": tot("tokens"),
+            "learner/sequences": tot("sequences"),
+            "learner/padding_fraction": 1.0 - tot("real_tokens") / max(tot("padded_tokens"), 1.0),
+            "learner/student_logprob": tot("learner_lp_sum") / tokens,
+            "learner/sampler_logprob": tot("sampler_lp_sum") / tokens,
+            "learner/ratio_mean": tot("ratio_sum") / tokens,
+            "learner/ratio_max": max(r["ratio_max"] for r in per_rank),
+            "learner/ratio_truncated_frac": tot("truncated") / tokens,
+            "learner/logprob_abs_diff": tot("abs_lp_diff_sum") / tokens,
+            "learner/grad_norm": per_rank[0]["grad_norm"],
+            "learner/lr": per_rank[0]["lr"],
+            "learner/steps_done": per_rank[0]["steps_done"],
+            "time/learner_forward_backward_s": max(r["forward_backward_s"] for r in per_rank),
+            "time/learner_optimizer_step_s": max(r["optimizer_step_s"] for r in per_rank),
+        }
+        if tot("kl_tokens") > 0:
+            out["learner/reverse_kl"] = tot("kl_sum") / tot("kl_tokens")
+            out["learner/teacher_logprob"] = tot("teacher_lp_sum") / tot("kl_tokens")
+        return out
+
+    def logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> list[list[float]]:
+        """The learner's per-token log-probs of `batch`'s completions (rank 0's
+        answer; every rank runs the forward, as ZeRO-3 requires)."""
+        return self._all(lambda w: w.logprobs.remote(batch, temperature), "logprobs")[0]
+
+    # --------------------------------------------------------- weight sync
+
+    def param_specs(self, dtype: str | None = None) -> list[ParamSpec]:
+        import ray
+
+        return ray.get(self.workers[0].param_specs.remote(dtype), timeout=self.timeout_s)
+
+    def init_weight_sync(self, client: WeightSyncClient, backend: str = "gloo", bucket_bytes: int = 64 << 20,
+                         timeout_s: float = 600.0, dtype: str | None = None) -> None:
+        """Connect learner rank 0 to every sampler (once). `backend`: "gloo"
+        (CPU) or "nccl" (vLLM's NCCL engine); `dtype` casts the sent weights
+        (e.g. the samplers' "bfloat16"), None = the learner's dtype."""
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"weight sync backend {backend!r} is not valid; use 'gloo' or 'nccl'")
+        self._all(lambda w: w.init_weight_sync.remote(client, backend, bucket_bytes, timeout_s, dtype),
+                  "init_weight_sync")
+        self._sync_backend = backend
+
+    def push_weights(self, client: WeightSyncClient | None, version: int) -> dict:
+        """Send the current weights to the samplers as `version` (all ranks in
+        lockstep; rank 0 transmits). `client` is the one given to
+        init_weight_sync (accepted here for symmetry). Returns sync/time metrics."""
+        if self._sync_backend is None:
+            if client is None:
+                raise RuntimeError("push_weights before init_weight_sync and without a client")
+            self.init_weight_sync(client)
+        t0 = time.perf_counter()
+        stats = self._all(lambda w: w.push_weights.remote(version), f"push_weights v{version}")[0]
+        stats["time/learner_push_weights_s"] = time.perf_counter() - t0
+        stats["sync/version"] = float(version)
+        return stats
+
+    # --------------------------------------------------------- checkpoints
+
+    def save(self, root: str | Path, client_state: dict | None = None, keep: int | None = None) -> Path:
+        """Atomically write the full training state under checkpoint root
+        `root` as `step_<steps_done>` and point `root/latest` at it (see
+        learner/checkpoint.py). `client_state` (JSON) is returned by load();
+        `keep` prunes older checkpoints."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        staging = ckpt.new_staging_dir(root, "save")
+        self.save_shards(staging, client_state)
+        import ray
+
+        return Path(ray.get(self.workers[0].commit_checkpoint.remote(str(staging), str(root), keep),
+                            timeout=self.timeout_s))
+
+    def save_shards(self, staging: str | Path, client_state: dict | None = None) -> None:
+        """The first half of save(): every rank writes into `staging`; nothing
+        is visible to load() until rank 0 commits."""
+        self._all(lambda w: w.save_checkpoint.remote(str(staging), client_state), "save_checkpoint")
+
+    def load(self, path: str | Path) -> dict:
+        """Restore from a checkpoint root (its latest) or directory.
+        Returns {"steps_done", "path", "client_state"}."""
+        return self._all(lambda w: w.load_checkpoint.remote(str(path)), "load_checkpoint")[0]
+
+    def export_hf(self, path: str | Path) -> Path:
+        """Hugging Face checkpoint (safetensors + config + tokenizer) at `path`."""
+        return Path(self._all(lambda w: w.export_hf.remote(str(path)), "export_hf")[0])
+
+    # ------------------------------------------------------------ shutdown
+
+    def shutdown(self) -> None:
+        """Destroy the process groups, then end the actors."""
+        import ray
+
+        try:
+            ray.get([w.shutdown.remote() for w in self.workers], timeout=60)
+        except Exception:
+            pass
+        self.kill()
+
+    def kill(self) -> None:
+        import ray
+
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:
+                pass

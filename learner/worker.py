@@ -1,0 +1,518 @@
+"""One learner rank: a DeepSpeed engine on the student, inside a Ray actor.
+
+`LearnerGroup` (learner/group.py) creates `world_size` of these, one per GPU
+(on CPU one per process), and calls every method on every rank in lockstep:
+train_step, save_checkpoint, load_checkpoint, export_hf and push_weights all
+run collectives (gradient all-reduce / reduce-scatter, ZeRO-3 parameter
+gathers, checkpoint barriers), so a rank that skips a call deadlocks the rest
+until `collective_timeout_s`, when the collective raises instead of hanging.
+
+The class is a plain Python class; the group wraps it with `ray.remote`.
+Tests: tests/e2e/test_learner.py (real DeepSpeed on gloo in Ray actors).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from learner import checkpoint as ckpt
+from learner.batching import collate
+from learner.losses import LossInputs, compute_loss
+from rollout.types import RolloutBatch
+from rollout.weight_sync import ParamSpec, dtype_name
+
+# Prefixes that wrappers (activation checkpointing, torch.compile, DDP-style
+# wrappers) put in front of the Hugging Face parameter names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
+# Model files the HF export copies from the source checkpoint (tokenizer,
+# generation config, chat template); weights and config.json are written anew.
+_SKIP_ON_EXPORT = (".safetensors", ".bin", ".pt", ".safetensors.index.json", "config.json")
+
+
+def hf_name(name: str) -> str:
+    """Strip wrapper prefixes so names match safetensors / vLLM load_weights."""
+    changed = True
+    while changed:
+        changed = False
+        for p in _WRAPPER_PREFIXES:
+            if name.startswith(p):
+                name, changed = name[len(p):], True
+        name = name.replace("._checkpoint_wrapped_module.", ".").replace("._orig_mod.", ".")
+    return name
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int | None, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear
+    warmup over `warmup_steps` (the first step uses lr/warmup), then constant,
+    cosine or linear decay to `min_lr_ratio` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if total_steps is None:
+        raise ValueError(f"learner.lr_schedule={schedule!r} decays over the run: pass total_steps "
+                         "(train.steps) to LearnerGroup.create")
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress)
+    raise ValueError(f"learner.lr_schedule={schedule!r} is not valid; use constant, cosine or linear")
+
+
+def build_ds_config(learner_cfg, world_size: int, overrides: dict | None = None) -> dict:
+    """The DeepSpeed config of a learner rank. Gradient accumulation is driven
+    by the worker (set_gradient_accumulation_boundary per micro-batch), so the
+    config says 1 micro-batch of 1 row per step."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": float(learner_cfg.grad_clip),
+        "zero_optimization": {"stage": int(learner_cfg.zero_stage)},
+        "bf16": {"enabled": learner_cfg.dtype == "bfloat16"},
+        # The client optimizer is torch AdamW (works on CPU and GPU).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+    def merge(a: dict, b: dict) -> dict:
+        for k, v in b.items():
+            a[k] = merge(dict(a.get(k, {})), v) if isinstance(v, dict) else v
+        return a
+
+    return merge(cfg, overrides or {})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_address() -> tuple[str, int]:
+    """This node's IP (as Ray sees it) and a free TCP port."""
+    try:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+    except Exception:  # outside Ray
+        ip = "127.0.0.1"
+    return ip, free_port()
+
+
+class LearnerWorker:
+    """Learner rank `rank` of `world_size`. Construction joins the torch
+    process group (all ranks must be constructed concurrently) and builds the
+    DeepSpeed engine."""
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+                 learner_cfg, loss_cfg, seed: int, *, use_gpu: bool = False, total_steps: int | None = None,
+                 ds_config_overrides: dict | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.model_path = str(model_path)
+        self.cfg, self.loss_cfg = learner_cfg, loss_cfg
+        self.seed = seed
+        os.environ.update(MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        if not use_gpu:
+            os.environ["DS_ACCELERATOR"] = "cpu"
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from transformers import AutoModelForCausalLM
+
+        self._deepspeed = deepspeed
+        random.seed(seed + rank)
+        torch.manual_seed(seed + rank)
+        timeout = datetime.timedelta(seconds=learner_cfg.collective_timeout_s)
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False,
+                                   timeout=timeout, rank=rank, world_size=world_size, verbose=False)
+        if use_gpu:
+            get_accelerator().set_device(0)  # Ray gives each rank one visible GPU
+        self.device = torch.device(get_accelerator().device_name(0) if use_gpu else "cpu")
+
+        self.ds_config = build_ds_config(learner_cfg, world_size, ds_config_overrides)
+        # Every rank loads the full checkpoint into CPU memory; under ZeRO-3
+        # deepspeed.initialize then partitions it (a parameter at a time onto
+        # the device). Loading straight into partitions would need
+        # transformers' HfDeepSpeedConfig, which requires `accelerate`.
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        if learner_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        self.hf_config = model.config
+        self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learner_cfg.lr, betas=tuple(learner_cfg.betas),
+                                      weight_decay=learner_cfg.weight_decay, eps=1e-8)
+        lr_factor(0, learner_cfg.warmup_steps, learner_cfg.lr_schedule, total_steps, learner_cfg.min_lr_ratio)
+
+        def scheduler(opt):
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(
+                s, learner_cfg.warmup_steps, learner_cfg.lr_schedule, total_steps, learner_cfg.min_lr_ratio))
+
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=self.ds_config)
+        self.zero3 = int(self.ds_config["zero_optimization"]["stage"]) == 3
+        self.steps_done = 0  # optimizer steps taken (saved in checkpoints)
+        self._sender = None
+        self._sync_dtype: torch.dtype | None = None
+
+    # ------------------------------------------------------------------ misc
+
+    def ready(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "device": str(self.device),
+                "zero_stage": self.ds_config["zero_optimization"]["stage"], "steps_done": self.steps_done}
+
+    def set_loss_config(self, loss_cfg) -> None:
+        self.loss_cfg = loss_cfg
+
+    def address(self) -> tuple[str, int]:
+        return node_address()
+
+    # ----------------------------------------------------------- training
+
+    def _logprobs(self, mb, temperature: float, loss_temperature: float | None = None):
+        """Forward pass; returns (logits, lp_sampling_B_T, lp_loss_B_T, lp_loss_top_B_T_K).
+
+        `lp_sampling_B_T` is the learner's log-prob of each completion token
+        under logits / `temperature`: the sampler's logprobs are of the
+        temperature-scaled distribution, so the importance ratio and the
+        sampler-vs-learner metrics use this one. Top-p / top-k truncation of
+        the sampler is NOT replicated (the ratio cap bounds that mismatch).
+        `lp_loss_*` is under logits / `loss_temperature` (the same tensor when
+        the temperatures agree); only it carries gradient when they differ."""
+        logits_B_L_V = self.engine(input_ids=mb.input_ids_B_L, attention_mask=mb.attention_mask_B_L,
+                                   use_cache=False).logits
+        rows_B_1 = torch.arange(logits_B_L_V.shape[0], device=logits_B_L_V.device)[:, None]
+        logits_B_T_V = logits_B_L_V[rows_B_1, mb.predict_pos_B_T].float()
+        ids_B_T_1 = mb.completion_ids_B_T[..., None]
+
+        def lp_at(temp):
+            t = temp if temp and temp > 0 else 1.0
+            return torch.log_softmax(logits_B_T_V / t if t != 1.0 else logits_B_T_V, dim=-1)
+
+        loss_temperature = temperature if loss_temperature is None else loss_temperature
+        lp_loss_B_T_V = lp_at(loss_temperature)
+        lp_loss_B_T = lp_loss_B_T_V.gather(-1, ids_B_T_1).squeeze(-1)
+        if (temperature or 1.0) == (loss_temperature or 1.0):
+            lp_sampling_B_T = lp_loss_B_T
+        else:
+            with torch.no_grad():
+                lp_sampling_B_T = lp_at(temperature).gather(-1, ids_B_T_1).squeeze(-1)
+        top_B_T_K = (None if mb.teacher_top_ids_B_T_K is None
+                     else lp_loss_B_T_V.gather(-1, mb.teacher_top_ids_B_T_K))
+        return logits_B_L_V, lp_sampling_B_T, lp_loss_B_T, top_B_T_K
+
+    def train_step(self, shard: RolloutBatch | None, micro_batches: list[list[int]], denominator: float,
+                   temperature: float = 1.0) -> dict:
+        """One optimizer step on this rank's `shard`, cut into `micro_batches`
+        (row indices into the shard; [] = zero-weight dummy pass). The loss of
+        each micro-batch is its share of the GLOBAL loss (`denominator` is the
+        global token or sequence count), scaled by world_size because DeepSpeed
+        averages gradients over ranks: the summed gradient is then exactly the
+        whole batch's. Returns sums and maxima that the group reduces."""
+        eng = self.engine
+        eng.train()
+        s = {k: 0.0 for k in ("loss", "tokens", "sequences", "padded_tokens", "real_tokens", "kl_sum", "kl_tokens",
+                              "teacher_lp_sum", "learner_lp_sum", "sampler_lp_sum", "ratio_sum",
+                              "truncated", "abs_lp_diff_sum")}
+        s["ratio_max"] = 0.0
+        t0 = time.perf_counter()
+        for m, rows in enumerate(micro_batches):
+            eng.set_gradient_accumulation_boundary(m == len(micro_batches) - 1)
+            if shard is None or not rows:
+                mb = collate(shard if shard is not None else _EMPTY, [], self.pad_id).to(self.device)
+            else:
+                mb = collate(shard, rows, self.pad_id).to(self.device)
+            # reverse_kl trains the sampled (tempered) distribution through the
+            # importance ratio; sft and the top-k divergences fit the model's
+            # own distribution (temperature 1) to the target.
+            logits, sampling_lp, loss_lp, top_lp = self._logprobs(
+                mb, temperature, temperature if self.loss_cfg.kind == "reverse_kl" else 1.0)
+            if mb.num_rows == 0:
+                # Dummy pass: same collectives as a real one, zero gradient.
+                loss = logits.float().sum() * 0.0
+            else:
+                inputs = LossInputs(mask_B_T=mb.mask_B_T, learner_lp_B_T=loss_lp, sampler_lp_B_T=mb.sampler_lp_B_T,
+                                    teacher_lp_B_T=mb.teacher_lp_B_T, student_top_lp_B_T_K=top_lp,
+                                    teacher_top_lp_B_T_K=mb.teacher_top_lp_B_T_K)
+                loss, _ = compute_loss(inputs, self.loss_cfg, denominator)
+                self._accumulate(s, mb, sampling_lp.detach(), float(loss.detach()))
+            eng.backward(loss * self.world_size, scale_wrt_gas=False)
+        t1 = time.perf_counter()
+        lr = float(eng.get_lr()[0])
+        own_norm = self._plain_grad_norm()
+        eng.step()
+        t2 = time.perf_counter()
+        self.steps_done += 1
+        gn = own_norm if own_norm is not None else eng.get_global_grad_norm()
+        gn = float(gn.item() if isinstance(gn, torch.Tensor) else gn) if gn is not None else float("nan")
+        s.update(grad_norm=gn, lr=lr, forward_backward_s=t1 - t0, optimizer_step_s=t2 - t1,
+                 steps_done=self.steps_done)
+        return s
+
+    def _plain_grad_norm(self) -> float | None:
+        """Global grad norm (before clipping) for plain fp32 data parallel
+        (ZeRO 0), where DeepSpeed does not report one; after the boundary
+        backward every rank holds the all-reduced gradient. None otherwise
+        (ZeRO 1-3 and bf16 optimizers report their own)."""
+        if self.ds_config["zero_optimization"]["stage"] != 0 or self.ds_config["bf16"]["enabled"]:
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _accumulate(self, s: dict, mb, learner_lp_B_T: torch.Tensor, loss: float) -> None:
+        mask = mb.mask_B_T.bool()
+        lp = learner_lp_B_T.double()[mask]
+        slp = mb.sampler_lp_B_T.double()[mask]
+        log_ratio = lp - slp
+        ratio = torch.exp(log_ratio)
+        s["loss"] += loss
+        s["tokens"] += float(mask.sum())
+        s["sequences"] += float(mb.num_rows)
+        s["padded_tokens"] += float(mb.input_ids_B_L.numel())
+        s["real_tokens"] += float(mb.attention_mask_B_L.sum())
+        s["learner_lp_sum"] += float(lp.sum())
+        s["sampler_lp_sum"] += float(slp.sum())
+        s["ratio_sum"] += float(ratio.sum())
+        s["ratio_max"] = max(s["ratio_max"], float(ratio.max()) if ratio.numel() else 0.0)
+        s["truncated"] += float((ratio > self.loss_cfg.ratio_cap).sum())
+        s["abs_lp_diff_sum"] += float(log_ratio.abs().sum())
+        if mb.teacher_lp_B_T is not None:
+            tlp = mb.teacher_lp_B_T.double()[mask]
+            s["teacher_lp_sum"] += float(tlp.sum())
+            s["kl_sum"] += float((slp - tlp).sum())
+            s["kl_tokens"] += float(mask.sum())
+
+    def logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> list[list[float]]:
+        """The learner's log-probs of each completion token (no grad). Every
+        rank must call it with the same batch under ZeRO-3 (forward gathers)."""
+        self.engine.eval()
+        out: list[list[float]] = []
+        with torch.no_grad():
+            for i in range(len(batch)):
+                mb = collate(batch, [i], self.pad_id).to(self.device)
+                _, lp, _, _ = self._logprobs(mb, temperature)
+                out.append(lp[0, : len(batch.completion_ids_B_T[i])].double().cpu().tolist())
+        return out
+
+    # ------------------------------------------------------- full weights
+
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(hf_name(n), p) for n, p in self.engine.module.named_parameters()]
+
+    def param_specs(self, dtype: str | None = None) -> list[ParamSpec]:
+        """Full-shape specs of every parameter, HF names, in iteration order."""
+        out = []
+        for n, p in self._named_parameters():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            out.append(ParamSpec(n, dtype or dtype_name(p.dtype), shape))
+        return out
+
+    def iter_full_params(self, bucket_bytes: int = 64 << 20,
+                         dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF name, full tensor) for every parameter, in `param_specs`
+        order. EVERY rank must run this iterator to the end in lockstep: under
+        ZeRO-3 each bucket of at most `bucket_bytes` is gathered with
+        `GatheredParameters`, a collective. Tensors are copies (safe to keep
+        after the gather is released); memory is bounded by one bucket."""
+        named = self._named_parameters()
+        if not self.zero3:
+            for n, p in named:
+                t = p.detach()
+                yield n, (t.to(dtype) if dtype is not None else t.clone())
+            return
+        bucket: list[tuple[str, torch.nn.Parameter]] = []
+        size = 0
+
+        def flush(items):
+            with self._deepspeed.zero.GatheredParameters([p for _, p in items], modifier_rank=None):
+                copies = [(n, p.detach().to(dtype) if dtype is not None else p.detach().clone()) for n, p in items]
+            yield from copies
+
+        for n, p in named:
+            nbytes = p.ds_numel * p.element_size()
+            if bucket and size + nbytes > bucket_bytes:
+                yield from flush(bucket)
+                bucket, size = [], 0
+            bucket.append((n, p))
+            size += nbytes
+        if bucket:
+            yield from flush(bucket)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full CPU state dict on rank 0 (None elsewhere); all ranks call it."""
+        out = {}
+        for n, t in self.iter_full_params():
+            if self.rank == 0:
+                out[n] = t.cpu()
+        return out if self.rank == 0 else None
+
+    def export_hf(self, path: str) -> str | None:
+        """Write a Hugging Face checkpoint (model.safetensors, config.json,
+        tokenizer and generation files copied from the source model) that
+        transformers and vLLM load directly. All ranks call it (gather);
+        rank 0 writes into a temp dir and renames it into place."""
+        from safetensors.torch import save_file
+
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            for f in Path(self.model_path).iterdir():
+                if f.is_file() and not f.name.endswith(_SKIP_ON_EXPORT):
+                    shutil.copy2(f, tmp / f.name)
+            if getattr(self.hf_config, "tie_word_embeddings", False):
+                state.pop("lm_head.weight", None)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
+                      metadata={"format": "pt"})
+            config = self.hf_config.to_dict()
+            config["dtype"] = dtype_name(next(iter(state.values())).dtype)
+            config["use_cache"] = True
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            ckpt.fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return str(final)
+
+    # --------------------------------------------------------- weight sync
+
+    def init_weight_sync(self, client, backend: str, bucket_bytes: int, timeout_s: float,
+                         dtype: str | None = None) -> None:
+        """Rank 0 builds the sender and rendezvouses with every sampler
+        (learner/weight_sender.py); other ranks only record the dtype."""
+        self._sync_dtype = None if dtype is None else getattr(torch, dtype)
+        self._sync_bucket_bytes = int(bucket_bytes)
+        if self.rank != 0:
+            return
+        from learner.weight_sender import GlooWeightSender, NcclWeightSender
+
+        addr, port = node_address()
+        cls = NcclWeightSender if backend == "nccl" else GlooWeightSender
+        self._sender = cls(client, addr, port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+        self._sender.connect()
+
+    def push_weights(self, version: int) -> dict:
+        """Send the current weights as `version`. Every rank calls it in
+        lockstep: all ranks run the gather iterator to the end (ZeRO-3
+        collectives), rank 0 streams what it yields to the samplers. If rank 0's
+        send fails part-way it still drains the iterator so the other ranks'
+        gathers complete, then raises."""
+        t0 = time.perf_counter()
+        dt = self._sync_dtype
+        specs = self.param_specs(dtype_name(dt) if dt is not None else None)
+        tensors = self.iter_full_params(getattr(self, "_sync_bucket_bytes", 64 << 20), dt)
+        if self.rank == 0:
+            if self._sender is None:
+                raise RuntimeError("push_weights before init_weight_sync: call LearnerGroup.init_weight_sync("
+                                   "client) once after the samplers are up")
+            try:
+                self._sender.send(version, specs, tensors)
+            finally:
+                for _ in tensors:
+                    pass
+            stats = dict(getattr(self._sender, "last_stats", {}) or {})
+        else:
+            for _ in tensors:
+                pass
+            stats = {}
+        stats["time/learner_push_weights_s"] = time.perf_counter() - t0
+        return stats
+
+    # --------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, staging_dir: str, client_state: dict | None = None) -> None:
+        """Write this rank's part of the training state into `staging_dir`
+        (DeepSpeed's model/optimizer/scheduler files under `engine/`, and this
+        rank's RNG state). All ranks call it; then rank 0 commit_checkpoint()s."""
+        staging = Path(staging_dir)
+        staging.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(staging), tag="engine", client_state={"steps_done": self.steps_done},
+                                    save_latest=False)
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        try:
+            import numpy as np
+
+            rng["numpy"] = np.random.get_state()
+        except ImportError:
+            pass
+        torch.save(rng, staging / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            (staging / "client_state.json").write_text(json.dumps(client_state or {}))
+
+    def commit_checkpoint(self, staging_dir: str, root: str, keep: int | None = None) -> str:
+        """Rank 0 only, after every rank's save_checkpoint returned."""
+        meta = {"steps_done": self.steps_done, "world_size": self.world_size,
+                "zero_stage": int(self.ds_config["zero_optimization"]["stage"]), "dtype": self.cfg.dtype,
+                "model_path": self.model_path, "saved_at": time.time()}
+        final = ckpt.commit(staging_dir, root, ckpt.step_name(self.steps_done), meta)
+        ckpt.cleanup(root, keep)
+        return str(final)
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore the full training state from a checkpoint directory or root
+        (its `latest`). All ranks call it. Returns {"steps_done", "client_state"}."""
+        d = ckpt.resolve(path)
+        meta = ckpt.read_meta(d)
+        stage = int(self.ds_config["zero_optimization"]["stage"])
+        if meta["world_size"] != self.world_size or meta["zero_stage"] != stage:
+            raise ckpt.CheckpointError(
+                f"checkpoint {d} was written by {meta['world_size']} learner ranks with ZeRO stage "
+                f"{meta['zero_stage']}; this group has {self.world_size} ranks with stage {stage}: resume with "
+                f"learner.world_size={meta['world_size']} learner.zero_stage={meta['zero_stage']}")
+        load_path, client = self.engine.load_checkpoint(str(d), tag="engine", load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed found no engine state in {d}/engine")
+        rng_file = d / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            rng = torch.load(rng_file, weights_only=False)
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"])
+            if "numpy" in rng:
+                import numpy as np
+
+                np.random.set_state(rng["numpy"])
+        self.steps_done = int(meta["steps_done"])
+        cs = d / "client_state.json"
+        return {"steps_done": self.steps_done, "path": str(d),
+                "client_state": json.loads(cs.read_text()) if cs.exists() else {}}
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if self._sender is not None:
+            self._sender.shutdown()
+            self._sender = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# A zero-row batch for ranks that received no samples (dummy passes only).
+_EMPTY = RolloutBatch(prompt_ids_B_T=[], completion_ids_B_T=[], sampler_logprobs_B_T=[], loss_mask_B_T=[],
+                      policy_versions_B=[], prompt_index_B=[], finish_reasons_B=[])
