@@ -408,6 +408,14 @@ class LearnerWorker:
             return
         from learner.weight_sender import GlooWeightSender, NcclWeightSender
 
+        # Called again after a sampler restart: tear the old group down first so
+        # its store port and gloo sockets are released.
+        if getattr(self, "_sender", None) is not None:
+            try:
+                self._sender.shutdown()
+            except Exception:  # noqa: BLE001 - the old group may already be broken (a peer died)
+                pass
+            self._sender = None
         addr, port = node_address()
         cls = NcclWeightSender if backend == "nccl" else GlooWeightSender
         self._sender = cls(client, addr, port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)

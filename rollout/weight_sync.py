@@ -21,6 +21,11 @@ Gloo wire format: the parameters of one update, in the order of
 the learner broadcasts one flat uint8 tensor holding the bucket's tensors
 back-to-back (each contiguous, in its own dtype, no padding), and the workers
 cut it up with `unpack_bucket`. The memory cost on either side is one bucket.
+Before the first bucket every rank joins one all-reduce of a reject flag (the
+workers validate names/shapes against their model first: any reject and all
+raise before a weight is touched), and each bucket is preceded by a
+broadcast int64 header [status, nbytes] (status HEADER_ABORT: the sender
+failed mid-stream, the workers raise instead of waiting).
 
 This module imports torch only (no vllm, no deepspeed): both sides use it.
 """
@@ -163,11 +168,20 @@ def pack_bucket(tensors: Iterable[torch.Tensor], out: torch.Tensor | None = None
 
 
 def unpack_bucket(flat: torch.Tensor, specs: Sequence[ParamSpec]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Views into `flat` (uint8) for each spec, in order (no copy)."""
+    """Views into `flat` (uint8) for each spec, in order (no copy, except
+    for a tensor whose offset is not a multiple of its dtype's size)."""
+    total = sum(s.nbytes for s in specs)
+    if total != flat.numel():
+        raise ValueError(f"weight bucket holds {flat.numel()} bytes, its specs describe {total}")
     off = 0
     for s in specs:
         n = s.nbytes
-        yield s.name, flat[off: off + n].view(s.torch_dtype).view(s.shape)
+        raw = flat[off: off + n]
+        if off % s.torch_dtype.itemsize:
+            # Buckets are unpadded: a tensor after one of a smaller dtype
+            # (e.g. fp32 after an odd-sized bf16) is misaligned for a view.
+            raw = raw.clone()
+        yield s.name, raw.view(s.torch_dtype).view(s.shape)
         off += n
     if off != flat.numel():
         raise ValueError(f"weight bucket holds {flat.numel()} bytes, its specs describe {off}")
@@ -190,9 +204,116 @@ class WeightSyncClient(Protocol):
 
 
 class WeightSender(Protocol):
-    """Learner side. `send(version)` is called on every learner rank in
-    lockstep (gathering ZeRO-3 parameters is a collective); rank 0 transmits."""
+    """Learner side, held by learner rank 0 (learner/weight_sender.py).
 
-    def send(self, version: int) -> None: ...
+    `specs` (names, dtypes, full shapes: known without gathering, e.g. from
+    ZeRO-3's `ds_shape`) are declared up front; `tensors` then yields the full
+    tensors (or `(name, tensor)` pairs) one by one in the same order. The
+    iterator is what gathers ZeRO-3 parameters, so every learner rank iterates
+    it in lockstep while only rank 0 transmits."""
+
+    def send(self, version: int, specs: Sequence[ParamSpec], tensors: Iterable) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+# --------------------------------------------------------------------------
+# Added by the sampler/weight-sync component (additive).
+# --------------------------------------------------------------------------
+
+class WeightSyncError(RuntimeError):
+    """A weight update failed. `stage` says where ("init", "validate",
+    "transfer", "finish", ...). Pickles (crosses Ray actor boundaries)."""
+
+    def __init__(self, message: str, stage: str = "transfer"):
+        self.message = message
+        self.stage = stage
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.stage))
+
+
+def check_update_specs(specs: Sequence[ParamSpec], expected: dict[str, tuple[int, ...]],
+                       required: Iterable[str] = ()) -> list[str]:
+    """Every problem of an update against the receiving model, one per line
+    (empty list = valid). `expected` maps each loadable checkpoint name to its
+    full shape; `required` names must all be present (a partial update would
+    leave layers half-loaded)."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            problems.append(f"parameter {s.name!r} appears twice in the update")
+        seen.add(s.name)
+        try:
+            dt = s.torch_dtype
+        except ValueError as e:
+            problems.append(str(e))
+            continue
+        if not dt.is_floating_point:
+            problems.append(f"parameter {s.name!r} has dtype {s.dtype}; weights must be floating point")
+        if s.name not in expected:
+            near = sorted(expected)[:3]
+            problems.append(f"unknown parameter {s.name!r}: the sampler's model has no such checkpoint "
+                            f"weight (send Hugging Face names, e.g. {near})")
+        elif tuple(s.shape) != tuple(expected[s.name]):
+            problems.append(f"parameter {s.name!r} has shape {list(s.shape)}, the sampler's model expects "
+                            f"{list(expected[s.name])}")
+    missing = [n for n in required if n not in seen]
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) missing from the update (a full update is required), "
+                        f"e.g. {missing[:3]}")
+    return problems
+
+
+def open_gloo_group(master_address: str, master_port: int, rank: int, world_size: int,
+                    timeout_s: float, group_name: str):
+    """Join (rank 0: host) a private gloo process group over a TCPStore at
+    `master_address:master_port`. It is NOT the default torch.distributed
+    group (vLLM's workers and DeepSpeed's ranks own theirs). Blocks until all
+    `world_size` ranks have joined, or raises after `timeout_s`.
+
+    Returns (store, group); keep both alive as long as the group is used."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=(rank == 0),
+                          timeout=timeout, wait_for_workers=False)
+    prefixed = dist.PrefixStore(group_name, store)
+    group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    return store, group
+
+
+def gloo_broadcast(group, tensor: torch.Tensor, what: str) -> None:
+    """Broadcast `tensor` from rank 0 of `group` (in place on the others);
+    raises WeightSyncError naming `what` on a failure or the group's timeout."""
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.rootTensor = 0
+    try:
+        group.broadcast([tensor], opts).wait()
+    except RuntimeError as e:
+        raise WeightSyncError(f"gloo broadcast of {what} failed: {e}", stage="transfer") from e
+
+
+def gloo_allreduce_sum(group, tensor: torch.Tensor, what: str) -> None:
+    import torch.distributed as dist
+
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.SUM
+    try:
+        group.allreduce([tensor], opts).wait()
+    except RuntimeError as e:
+        raise WeightSyncError(f"gloo all-reduce of {what} failed: {e}", stage="transfer") from e
+
+
+# Per-bucket header broadcast before each bucket's bytes: [status, nbytes].
+# status != 0 tells receivers the sender aborted (they raise instead of
+# waiting for bytes that never come).
+HEADER_OK = 0
+HEADER_ABORT = 1

@@ -1,0 +1,115 @@
+"""Benchmark: seconds to push a full set of student weights from the learner
+(this process, gloo rank 0) into 1 and 2 vLLM CPU samplers, next to the
+floor: one plain in-memory `Tensor.copy_` of the same bytes on this machine.
+
+    .venv/bin/python -m bench.weight_sync                       # all sizes
+    .venv/bin/python -m bench.weight_sync --models student --repeats 3
+
+Each push is the whole production path: start_weight_update on every sampler,
+the accept/reject vote, bucketed gloo broadcasts (rollout.weight_sync_bucket_mb),
+layerwise reload in each vLLM worker, finish_weight_update. The same samplers
+serve both rows of a model (they re-join a fresh group of 1 or 2 samplers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_floor_s(nbytes: int, repeats: int) -> float:
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8).random_(0, 255)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages once
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_model(name: str, repeats: int, bucket_mb: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cluster.config import RolloutConfig, StudentConfig
+    from cluster.tiny_models import build_model
+    from learner.weight_sender import GlooWeightSender, specs_from_named
+    from rollout.pool import SamplerPool
+
+    path = str(build_model(name))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    specs = specs_from_named(named)
+    nbytes = sum(s.nbytes for s in specs)
+    rollout = RolloutConfig(weight_sync_bucket_mb=bucket_mb, kv_cache_gib=1.0, max_new_tokens=8)
+    both = SamplerPool.create(path, rollout, StudentConfig(max_model_len=256), num_samplers=2)
+    rows = []
+    try:
+        floor = copy_floor_s(nbytes, max(5, repeats))
+        for k in (1, 2):
+            pool = SamplerPool(both.samplers[:k], timeout_s=600)
+            sender = GlooWeightSender(pool, "127.0.0.1", _port(), bucket_bytes=bucket_mb << 20, timeout_s=600)
+            sender.connect()
+            sender.send(1, specs, iter(named))  # warm-up (first reload builds the layout)
+            times, phases = [], []
+            for r in range(repeats):
+                t = time.perf_counter()
+                sender.send(2 + r, specs, iter(named))
+                times.append(time.perf_counter() - t)
+                phases.append(sender.last_stats)
+            assert pool.weight_versions() == [1 + repeats] * k
+            push = statistics.median(times)
+            rows.append(dict(model=name, params_m=sum(s.numel for s in specs) / 1e6, mib=nbytes / 2**20,
+                             samplers=k, push_s=push, floor_s=floor, ratio=push / floor,
+                             **{key.removeprefix("sync/"): statistics.median(p[key] for p in phases)
+                                for key in ("sync/start_vote_s", "sync/stream_s", "sync/drain_s", "sync/finish_s")}))
+            print(f"# {rows[-1]}", flush=True)
+            sender.shutdown()
+    finally:
+        both.shutdown()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["student", "student-25m", "teacher-100m"],
+                    help="cluster/tiny_models.SPECS names (any architecture can play the student here)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bucket-mb", type=int, default=64)
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import ray
+
+    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+    rows = []
+    try:
+        for name in args.models:
+            rows += bench_model(name, args.repeats, args.bucket_mb)
+    finally:
+        ray.shutdown()
+    print(f"\nweight sync push (median of {args.repeats}), bucket {args.bucket_mb} MiB, fp32, gloo over loopback")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine => noisy)")
+    print(f"{'model':<14}{'params':>9}{'MiB':>9}{'samplers':>10}{'push s':>10}{'copy floor s':>14}{'ratio':>8}"
+          f"   | start+vote  stream  drain  finish (s)")
+    for r in rows:
+        print(f"{r['model']:<14}{r['params_m']:>8.1f}M{r['mib']:>9.1f}{r['samplers']:>10}{r['push_s']:>10.3f}"
+              f"{r['floor_s']:>14.4f}{r['ratio']:>7.1f}x   | {r['start_vote_s']:>10.3f}{r['stream_s']:>8.3f}"
+              f"{r['drain_s']:>7.3f}{r['finish_s']:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Student sampler: a Ray actor that owns one vLLM engine of the student.
+
+`SamplerActor` generates `n` completions per prompt (token ids, text, or chat
+messages rendered with the tokenizer's chat template) and returns, for every
+completion, its token ids, the sampler's logprob of each sampled token under
+the distribution it was actually drawn from (vLLM `logprobs_mode=
+"processed_logprobs"`: temperature, top-k and top-p applied), the finish
+reason and the weight version that produced it. `score` gives current-policy
+logprobs of given tokens (prompt_logprobs).
+
+Weight updates arrive through vLLM's four control-plane calls
+(init_weight_transfer_engine / start_weight_update / update_weights /
+finish_weight_update), forwarded to the workers with `llm.collective_rpc`;
+the transport is vLLM's NCCL engine on GPU and `rollout/weight_receiver.py`'s
+gloo engine on CPU. Atomicity for callers:
+
+* the actor is threaded (`max_concurrency > 1`) so control calls and
+  `weight_version()` answer while another call is running, but generate/score
+  and a weight update are mutually exclusive (a condition variable): generate
+  waits while an update is open (start .. finish), and start waits for a
+  running generate to end;
+* the version advances only in `finish_weight_update`, after success;
+* a rejected update (unknown name, wrong shape) raises `WeightSyncError` and
+  modifies nothing; a transport failure after some weights were loaded marks
+  the sampler `needs_full_update`: generate/score then raise until a full
+  update succeeds (we never silently serve half-updated weights, and keeping a
+  whole-model backup to restore from would double the sampler's memory).
+
+`SamplerPool` (rollout/pool.py) spreads a batch over several actors and fans
+the weight-sync calls out to all of them.
+
+Created by `SamplerPool.create(...)`; directly:
+    actor = ray.remote(SamplerActor).options(max_concurrency=4).remote(path, rollout_cfg, student_cfg)
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Union
+
+from rollout.types import Completion
+from rollout.weight_sync import GLOO_BACKEND_NAME, WeightSyncError
+
+# A prompt: token ids, plain text, or chat messages [{"role", "content"}, ...].
+Prompt = Union[list[int], str, list[dict]]
+
+WORKER_EXTENSION = "rollout.weight_receiver.WeightSyncWorkerExtension"
+# Concurrent calls a sampler actor serves (one engine user at a time, the rest
+# are control-plane calls and waits).
+SAMPLER_MAX_CONCURRENCY = 8
+
+
+class SamplerNotReady(RuntimeError):
+    """generate/score refused: the weights are not in a servable state. Pickles."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
+
+def mix_seed(seed: int, index: int) -> int:
+    """Seed of prompt `index` of a request seeded `seed` (splitmix64 mix, so
+    neighbouring seeds/prompts give unrelated streams; vLLM adds 0..n-1 for
+    the n samples of one prompt)."""
+    x = (seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) & 0x3FFFFFFF
+
+
+def choose_backend(requested: str, has_gpu: bool) -> str:
+    if requested == "auto":
+        return "nccl" if has_gpu else GLOO_BACKEND_NAME
+    if requested == "gloo":
+        return GLOO_BACKEND_NAME
+    if requested == "nccl" and not has_gpu:
+        raise ValueError("rollout.weight_sync_backend=nccl needs GPU samplers; this sampler has no CUDA device "
+                         "(use gloo or auto)")
+    return requested
+
+
+class SamplerActor:
+    """One vLLM engine of the student. Use as a threaded Ray actor."""
+
+    def __init__(self, model: str, rollout_cfg, student_cfg, sampler_index: int = 0,
+                 initial_version: int = 0, require_update: bool = False) -> None:
+        """`require_update`: start refusing to sample until the first weight
+        update lands (a restarted sampler must not serve its checkpoint's
+        weights while the others serve the learner's)."""
+        import torch
+
+        self.cfg = rollout_cfg
+        self.index = sampler_index
+        has_gpu = torch.cuda.is_available()
+        if not has_gpu:
+            # vLLM parses this as an integer number of GiB.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(rollout_cfg.kv_cache_gib)))
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout_cfg.cpu_threads_bind
+        self.backend = choose_backend(rollout_cfg.weight_sync_backend, has_gpu)
+
+        import rollout.weight_receiver  # noqa: F401  (registers opd_gloo in this process too)
+        from vllm import LLM
+        from vllm.config import WeightTransferConfig
+
+        kwargs: dict[str, Any] = {}
+        if has_gpu:
+            kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
+        try:
+            self.llm = LLM(
+                model=model,
+                dtype=student_cfg.dtype,
+                max_model_len=student_cfg.max_model_len,
+                tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+                enforce_eager=rollout_cfg.enforce_eager or not has_gpu,
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls=WORKER_EXTENSION,
+                weight_transfer_config=WeightTransferConfig(backend=self.backend),
+                seed=rollout_cfg.seed + sampler_index,
+                **kwargs,
+            )
+        except Exception as e:
+            # vLLM's config errors (pydantic) do not pickle across Ray: re-raise as text.
+            raise RuntimeError(f"sampler {sampler_index}: vLLM engine for {model!r} failed to start: "
+                               f"{type(e).__name__}: {e}") from None
+        self.tokenizer = self.llm.get_tokenizer()
+        self._version = initial_version
+        self._cond = threading.Condition()
+        self._busy = False  # the engine is generating/scoring
+        self._update_open = False  # between start_weight_update and its end
+        self._needs_full_update: str | None = (  # reason, when weights are mixed or stale
+            "restarted: waiting for the learner's current weights" if require_update else None)
+
+    # -- status -------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return True
+
+    def weight_version(self) -> int:
+        return self._version
+
+    def num_workers(self) -> int:
+        """Worker processes of this engine (its ranks in the weight-sync group)."""
+        return len(self.llm.collective_rpc("opd_weight_state"))
+
+    def needs_full_update(self) -> str | None:
+        return self._needs_full_update
+
+    # -- engine use (mutually exclusive with weight updates) ----------------
+
+    def _acquire_engine(self) -> None:
+        timeout = self.cfg.weight_sync_timeout_s
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._busy and not self._update_open, timeout=timeout):
+                raise SamplerNotReady(f"sampler {self.index}: a weight update has been open for over "
+                                      f"{timeout:.0f}s (rollout.weight_sync_timeout_s); refusing to generate")
+            if self._needs_full_update:
+                raise SamplerNotReady(f"sampler {self.index} holds partially updated weights "
+                                      f"({self._needs_full_update}); push a full weight update first")
+            self._busy = True
+
+    def _release_engine(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+    def _prompt_ids(self, prompt: Prompt, i: int) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], dict)):
+            if not prompt:
+                raise ValueError(f"prompt {i} is an empty message list")
+            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            if not prompt:
+                raise ValueError(f"prompt {i} has no tokens")
+            return list(prompt)
+        raise TypeError(f"prompt {i} is a {type(prompt).__name__}: expected token ids (list[int]), text (str) "
+                        "or chat messages (list[dict] with role/content)")
+
+    def generate(self, prompts: list[Prompt], *, n: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, max_new_tokens: int | None = None,
+                 stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
+                 seed: int | None = None, prompt_index_offset: int = 0) -> list[list[Completion]]:
+        """`n` completions of each prompt: result[p][s] is sample s of
+        prompts[p], with `prompt_index = prompt_index_offset + p`. Unset
+        arguments take RolloutConfig's values. With `seed`, prompt p samples
+        with seed `mix_seed(seed, prompt_index)` (the result does not depend on
+        how a pool split the batch)."""
+        from vllm import SamplingParams
+
+        c = self.cfg
+        n = c.samples_per_prompt if n is None else n
+        ids_P = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
+        base = dict(
+            n=n,
+            temperature=c.temperature if temperature is None else temperature,
+            top_p=c.top_p if top_p is None else top_p,
+            top_k=(c.top_k if top_k is None else top_k) or 0,
+            max_tokens=c.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            stop=list(c.stop if stop is None else stop) or None,
+            stop_token_ids=list(c.stop_token_ids if stop_token_ids is None else stop_token_ids) or None,
+            logprobs=0,
+        )
+        params = [SamplingParams(**base, seed=None if seed is None else mix_seed(seed, prompt_index_offset + i))
+                  for i in range(len(ids_P))]
+        self._acquire_engine()
+        try:
+            version = self._version
+            outs = self.llm.generate([{"prompt_token_ids": ids} for ids in ids_P], params, use_tqdm=False)
+        finally:
+            self._release_engine()
+        result: list[list[Completion]] = []
+        for p, (ids, out) in enumerate(zip(ids_P, outs, strict=True)):
+            samples = []
+            for s, o in enumerate(sorted(out.outputs, key=lambda o: o.index)):
+                tokens = list(o.token_ids)
+                lps = [float(pos[t].logprob) for pos, t in zip(o.logprobs, tokens, strict=True)]
+                samples.append(Completion(prompt_index=prompt_index_offset + p, sample_index=s, prompt_ids=ids,
+                                          completion_ids=tokens, sampler_logprobs=lps,
+                                          finish_reason=str(o.finish_reason), policy_version=version))
+            result.append(samples)
+        return result
+
+    def score(self, sequences: list[list[int]], start: int | list[int] = 1) -> list[list[float]]:
+        """log p(seq[t] | seq[:t]) under the current weights (raw model
+        distribution, temperature 1) for t in [start, len(seq)) of each
+        sequence (`start` per sequence or one for all; >= 1)."""
+        from vllm import SamplingParams
+
+        starts = [start] * len(sequences) if isinstance(start, int) else list(start)
+        if len(starts) != len(sequences):
+            raise ValueError(f"score: {len(starts)} start offsets for {len(sequences)} sequences")
+        for i, (seq, st) in enumerate(zip(sequences, starts, strict=True)):
+            if not 1 <= st <= len(seq):
+                raise ValueError(f"score: start {st} of sequence {i} (length {len(seq)}) must be in [1, len]")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        self._acquire_engine()
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+        finally:
+            self._release_engine()
+        return [[float(out.prompt_logprobs[t][seq[t]].logprob) for t in range(st, len(seq))]
+                for seq, st, out in zip(sequences, starts, outs, strict=True)]
+
+    # -- weight updates (vLLM's control plane) ------------------------------
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """Join the learner's transfer group (blocks until the learner joins)."""
+        try:
+            self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
+        except Exception as e:
+            raise WeightSyncError(f"sampler {self.index}: init_weight_transfer_engine failed: {e}", "init") from None
+
+    def start_weight_update(self) -> None:
+        timeout = self.cfg.weight_sync_timeout_s
+        with self._cond:
+            if self._update_open:
+                raise WeightSyncError(f"sampler {self.index}: start_weight_update while an update is open",
+                                      "start")
+            if not self._cond.wait_for(lambda: not self._busy, timeout=timeout):
+                raise WeightSyncError(f"sampler {self.index}: generate still running after {timeout:.0f}s",
+                                      "start")
+            self._update_open = True
+        try:
+            self.llm.collective_rpc("start_weight_update")
+        except Exception as e:
+            self._close_update()
+            raise WeightSyncError(f"sampler {self.index}: start_weight_update failed: {e}", "start") from None
+
+    def update_weights(self, update_info: dict) -> None:
+        """Receive one whole update (blocks in the transfer: the sender
+        broadcasts concurrently)."""
+        if not self._update_open:
+            raise WeightSyncError(f"sampler {self.index}: update_weights without start_weight_update", "transfer")
+        try:
+            self.llm.collective_rpc("update_weights", args=(update_info,))
+        except Exception as e:
+            self._after_failed_update()
+            raise WeightSyncError(f"sampler {self.index}: update_weights failed "
+                                  f"(still serving version {self._version}"
+                                  f"{'; weights mixed, needs a full update' if self._needs_full_update else ''}): {e}",
+                                  "transfer") from None
+
+    def finish_weight_update(self, weight_version: str | int | None = None) -> None:
+        """Commit: the new weights serve from here on, with `weight_version`
+        (None = the previous version + 1)."""
+        if not self._update_open:
+            raise WeightSyncError(f"sampler {self.index}: finish_weight_update without an open update", "finish")
+        try:
+            self.llm.collective_rpc("finish_weight_update")
+        except Exception as e:
+            self._after_failed_update()
+            raise WeightSyncError(f"sampler {self.index}: finish_weight_update failed: {e}", "finish") from None
+        with self._cond:
+            self._version = self._version + 1 if weight_version is None else int(weight_version)
+            self._needs_full_update = None
+            self._update_open = False
+            self._cond.notify_all()
+
+    def abort_weight_update(self) -> None:
+        """Close an update a dead sender left open (weights then count as mixed
+        if any had been received). No-op when no update is open."""
+        if not self._update_open:
+            return
+        self.llm.collective_rpc("opd_abort_weight_update")
+        self._after_failed_update()
+
+    def validate_update(self, update_info: dict) -> list[str]:
+        """Problems of an update against this sampler's model (touches nothing)."""
+        return self.llm.collective_rpc("opd_check_update", args=(update_info,))[0]
+
+    def _after_failed_update(self) -> None:
+        try:
+            states = self.llm.collective_rpc("opd_weight_state")
+            dirty = [s for s in states if s["dirty"]]
+            reason = dirty[0]["last_error"] if dirty else None
+        except Exception as e:  # cannot tell: assume the worst
+            reason = f"weight state unknown after a failed update ({e})"
+        with self._cond:
+            if reason:
+                self._needs_full_update = reason
+            self._update_open = False
+            self._cond.notify_all()
+
+    def _close_update(self) -> None:
+        with self._cond:
+            self._update_open = False
+            self._cond.notify_all()
+
+    def shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+            self.llm = None
+        # Give vLLM's engine process a moment to exit before Ray kills us.
+        time.sleep(0.1)
+
+
+# Re-exported so callers can take both from one place.
+from rollout.pool import SamplerPool  # noqa: E402,F401

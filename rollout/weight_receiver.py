@@ -1,0 +1,235 @@
+"""Receiving side of weight sync inside each vLLM sampler worker (CPU transport).
+
+`GlooWeightTransferEngine` is a vLLM `WeightTransferEngine` (the same
+lifecycle as vLLM's own `NCCLWeightTransferEngine`) that receives over a
+private gloo process group: rank 0 = learner rank 0, ranks 1.. = every sampler
+worker. Importing this module registers it in vLLM's
+`WeightTransferEngineFactory` under `GLOO_BACKEND_NAME` ("opd_gloo"). The
+sampler passes `worker_extension_cls="rollout.weight_receiver.WeightSyncWorkerExtension"`
+to `LLM(...)`: vLLM imports this module in every worker process before
+`load_model` creates the engine, so the registration takes effect there.
+
+One update, as the worker sees it (the sampler actor drives it through
+`llm.collective_rpc` with vLLM's method names):
+
+1. `start_weight_update()`: only opens the session; no weight is touched.
+2. `update_weights(GlooUpdateInfo as dict)`:
+   a. validate names / shapes / dtypes against the model's checkpoint layout
+      (from its HF config, built on the meta device);
+   b. all-reduce a reject flag over the group: if ANY participant rejects,
+      everyone raises before a single weight is touched (and the sender does
+      not hang waiting for a receiver that gave up);
+   c. `initialize_layerwise_reload(model)`, then per bucket: receive the
+      [status, nbytes] header, the bucket's bytes, `unpack_bucket`,
+      `model.load_weights` (layers are processed as soon as they are complete).
+3. `finish_weight_update()`: `finalize_layerwise_reload`.
+
+Failure after (b): the layerwise state is finalized so the model is usable
+again, but if any bucket was already loaded the weights are a mix of old and
+new: the engine reports `dirty=True` (`WeightSyncWorkerExtension.opd_weight_state`)
+and the sampler actor refuses to generate until a full update succeeds. A
+failure before any bucket was loaded restores the old weights exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rollout.weight_sync import (
+    GLOO_BACKEND_NAME,
+    HEADER_OK,
+    GlooInitInfo,
+    GlooUpdateInfo,
+    WeightSyncError,
+    check_update_specs,
+    gloo_allreduce_sum,
+    gloo_broadcast,
+    open_gloo_group,
+    unpack_bucket,
+)
+from vllm.distributed.weight_transfer.base import WeightTransferEngine
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_layout(hf_config) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+    """(name -> full shape of every loadable HF checkpoint weight, names a full
+    update must contain) for a model config, without allocating weights
+    (the model is built on the meta device). Tied weights: both names are
+    loadable, only the owning one is required (what `named_parameters` gives)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()
+                if t.is_floating_point() and name in dict(model.named_parameters(remove_duplicate=False))}
+    required = [name for name, _ in model.named_parameters()]
+    return expected, required
+
+
+class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
+    """vLLM weight-transfer engine receiving bucketed broadcasts over gloo (CPU)."""
+
+    init_info_cls = GlooInitInfo
+    update_info_cls = GlooUpdateInfo
+    supports_draft_weight_update = False
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self._store = None
+        self._group = None
+        self._layout: tuple[dict[str, tuple[int, ...]], list[str]] | None = None
+        self._reload_open = False
+        # True when a failed update loaded some buckets: weights are mixed.
+        self.dirty = False
+        self.last_error: str | None = None
+
+    # -- helpers ------------------------------------------------------------
+
+    def layout(self) -> tuple[dict[str, tuple[int, ...]], list[str]]:
+        if self._layout is None:
+            self._layout = checkpoint_layout(self.model_config.hf_config)
+        return self._layout
+
+    def check(self, info: GlooUpdateInfo) -> list[str]:
+        try:
+            info.validate()
+        except ValueError as e:
+            return [str(e)]
+        expected, required = self.layout()
+        return check_update_specs(info.specs(), expected, required)
+
+    def _group_rank(self, rank_offset: int) -> int:
+        pc = self.parallel_config
+        return pc.data_parallel_index * pc.world_size + pc.rank + rank_offset
+
+    # -- vLLM lifecycle -----------------------------------------------------
+
+    def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        self.shutdown()
+        rank = self._group_rank(init_info.rank_offset)
+        if not 0 < rank < init_info.world_size:
+            raise WeightSyncError(f"worker rank {rank} (rank_offset {init_info.rank_offset}) is outside the "
+                                  f"weight-sync group of size {init_info.world_size}; world_size must be 1 + "
+                                  f"the number of sampler workers", stage="init")
+        self._store, self._group = open_gloo_group(
+            init_info.master_address, init_info.master_port, rank, init_info.world_size,
+            init_info.timeout_s, init_info.group_name)
+        logger.info("opd_gloo weight receiver joined %s:%s as rank %d/%d", init_info.master_address,
+                    init_info.master_port, rank, init_info.world_size)
+
+    def start_weight_update(self) -> None:
+        # Nothing is touched until update_weights has validated the update
+        # (initialize_layerwise_reload puts every layer on the meta device).
+        if self._reload_open:
+            self._abort_reload()
+
+    def receive_weights(self, update_info: GlooUpdateInfo) -> None:
+        if self._group is None:
+            raise WeightSyncError("opd_gloo weight transfer is not initialized: call "
+                                  "init_weight_transfer_engine first", stage="init")
+        problems = self.check(update_info)
+        flag = torch.tensor([1 if problems else 0], dtype=torch.int64)
+        gloo_allreduce_sum(self._group, flag, "the update's accept/reject vote")
+        if problems:
+            self.last_error = "; ".join(problems)
+            raise WeightSyncError(f"weight update v{update_info.version} rejected, nothing was modified: "
+                                  + "; ".join(problems), stage="validate")
+        if flag.item() != 0:
+            raise WeightSyncError(f"weight update v{update_info.version} was rejected by another participant "
+                                  "(see its error); nothing was modified", stage="validate")
+
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+        self._reload_open = True
+        loaded_any = False
+        try:
+            header = torch.zeros(2, dtype=torch.int64)
+            for b, specs in enumerate(update_info.buckets()):
+                nbytes = sum(s.nbytes for s in specs)
+                gloo_broadcast(self._group, header, f"the header of bucket {b}")
+                status, sent = int(header[0]), int(header[1])
+                if status != HEADER_OK:
+                    raise WeightSyncError(f"the sender aborted weight update v{update_info.version} at bucket {b} "
+                                          f"of {len(update_info.bucket_ends)}", stage="transfer")
+                if sent != nbytes:
+                    raise WeightSyncError(f"bucket {b} header says {sent} bytes, the update info describes {nbytes}",
+                                          stage="transfer")
+                # A fresh buffer per bucket: layerwise reload keeps views of it
+                # until every weight of the layer has arrived.
+                flat = torch.empty(nbytes, dtype=torch.uint8)
+                gloo_broadcast(self._group, flat, f"bucket {b} ({nbytes} bytes)")
+                self.model.load_weights(list(unpack_bucket(flat, specs)))
+                loaded_any = True
+        except BaseException as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            self._abort_reload(dirty=loaded_any)
+            raise
+
+    def finish_weight_update(self) -> None:
+        if not self._reload_open:
+            raise WeightSyncError("finish_weight_update without a received update (update_weights failed or "
+                                  "was never called)", stage="finish")
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+        self._reload_open = False
+        self.dirty = False
+        self.last_error = None
+
+    def _abort_reload(self, dirty: bool = True) -> None:
+        """Leave the layerwise-reload state (layers that received nothing get
+        their old tensors back) and record whether weights are now mixed."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        try:
+            finalize_layerwise_reload(self.model, self.model_config)
+        finally:
+            self._reload_open = False
+            self.dirty = self.dirty or dirty
+
+    def shutdown(self) -> None:
+        self._group = None
+        self._store = None
+
+
+class WeightSyncWorkerExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`); called by the
+    sampler actor through `llm.collective_rpc("opd_...")`."""
+
+    def opd_weight_state(self) -> dict:
+        """{"dirty": weights mixed by a failed update, "last_error": str|None}."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        return {"dirty": bool(getattr(engine, "dirty", False)), "last_error": getattr(engine, "last_error", None)}
+
+    def opd_check_update(self, update_info: dict) -> list[str]:
+        """Problems of an update against this worker's model (empty = valid);
+        touches nothing. Used to pre-validate before an NCCL transfer."""
+        try:
+            info = GlooUpdateInfo(**update_info)
+        except TypeError as e:
+            return [f"malformed update info: {e}"]
+        if getattr(self, "_opd_layout", None) is None:
+            self._opd_layout = checkpoint_layout(self.model_runner.model_config.hf_config)
+        expected, required = self._opd_layout
+        try:
+            info.validate()
+        except ValueError as e:
+            return [str(e)]
+        return check_update_specs(info.specs(), expected, required)
+
+    def opd_abort_weight_update(self) -> None:
+        """Close a session left open by a sender that died between start and
+        finish (vLLM's worker would otherwise refuse the next start)."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        if engine is not None and getattr(engine, "_reload_open", False):
+            engine._abort_reload(dirty=True)
+        self._weight_update_active = False
+
+
+if GLOO_BACKEND_NAME not in WeightTransferEngineFactory._registry:
+    WeightTransferEngineFactory.register_engine(GLOO_BACKEND_NAME, GlooWeightTransferEngine)

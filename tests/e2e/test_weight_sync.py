@@ -1,0 +1,216 @@
+"""Weight sync end to end: this pytest process is learner rank 0 and pushes
+weights over a real gloo group into two real vLLM CPU samplers (rollout/pool.py,
+rollout/weight_receiver.py, learner/weight_sender.py).
+
+    .venv/bin/python -m pytest tests/e2e/test_weight_sync.py -q
+"""
+
+import copy
+import threading
+
+import pytest
+import ray
+import torch
+
+from learner.weight_sender import specs_from_named
+from rollout.weight_sync import ParamSpec, WeightSyncError
+from tests.fixtures.sampler import reference_logprobs
+
+SEQS = [[5, 40, 41, 42, 43, 44, 45, 46], [1, 80, 81, 82, 83, 2, 90]]
+
+
+def perturbed(hf, seed: int, scale: float = 0.05):
+    model = copy.deepcopy(hf)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def push(sender, version, model):
+    named = [(n, p.detach()) for n, p in model.named_parameters()]
+    sender.send(version, specs_from_named(named), iter(named))
+
+
+def max_score_diff(pool, model) -> float:
+    """Worst |logprob| difference between every sampler and `model`."""
+    worst = 0.0
+    for sampler in pool.samplers:
+        got = ray.get(sampler.score.remote(SEQS, 1))
+        for seq, row in zip(SEQS, got, strict=True):
+            want = reference_logprobs(model, seq)
+            worst = max(worst, max(abs(a - b) for a, b in zip(row, want, strict=True)))
+    return worst
+
+
+def test_pool_generates_in_prompt_order_like_one_sampler(sampler_pair, student_sampler):
+    """Before any push: the pool splits 5 prompts over 2 samplers and returns
+    them in prompt order; seeds follow the prompt, not the split."""
+    pool, _ = sampler_pair
+    prompts = [[5, 40 + i, 41, 42] for i in range(5)]
+    got = pool.generate(prompts, n=2, seed=9)
+    want = ray.get(student_sampler.generate.remote(prompts, n=2, seed=9))
+    assert [[c.prompt_index for c in g] for g in got] == [[i, i] for i in range(5)]
+    assert [[c.prompt_ids for c in g] for g in got] == [[p, p] for p in prompts]
+    assert [[c.completion_ids for c in g] for g in got] == [[c.completion_ids for c in g] for g in want]
+
+
+def test_push_makes_every_sampler_serve_the_new_weights(sampler_pair, student_hf):
+    pool, sender = sampler_pair
+    assert pool.weight_versions() == [0, 0]
+    new = perturbed(student_hf, seed=1)
+    assert max_score_diff(pool, new) > 1e-2  # the samplers do not serve it yet
+    push(sender, 1, new)
+    assert pool.weight_versions() == [1, 1]
+    assert sender.last_stats["sync/buckets"] > 1  # it really went in several buckets
+    assert max_score_diff(pool, new) < 1e-4
+    # Sampled-token logprobs and versions come from the new policy too.
+    groups = pool.generate([[5, 40, 41], [7, 50]], n=2, temperature=1.0, seed=2)
+    for g in groups:
+        for c in g:
+            assert c.policy_version == 1
+            ref = reference_logprobs(new, c.prompt_ids + c.completion_ids)[len(c.prompt_ids) - 1:]
+            assert max(abs(a - b) for a, b in zip(c.sampler_logprobs, ref, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("bad", ["shape", "unknown_name", "missing"])
+def test_rejected_update_changes_nothing(sampler_pair, student_hf, bad):
+    pool, sender = sampler_pair
+    before = pool.weight_versions()
+    current = perturbed(student_hf, seed=1)  # what test_push... left serving
+    named = [(n, p.detach()) for n, p in perturbed(student_hf, seed=99).named_parameters()]
+    specs = specs_from_named(named)
+    if bad == "shape":
+        named[3] = (named[3][0], torch.zeros(7, 7))
+        specs[3] = ParamSpec(specs[3].name, "float32", (7, 7))
+        match = r"has shape \[7, 7\], the sampler's model expects"
+    elif bad == "unknown_name":
+        named[0] = ("model.not_a_layer.weight", named[0][1])
+        specs[0] = ParamSpec("model.not_a_layer.weight", specs[0].dtype, specs[0].shape)
+        match = r"unknown parameter 'model.not_a_layer.weight'"
+    else:
+        named, specs = named[:-1], specs[:-1]
+        match = r"missing from the update"
+    with pytest.raises(WeightSyncError, match=match):
+        sender.send(before[0] + 1, specs, iter(named))
+    assert pool.weight_versions() == before
+    assert max_score_diff(pool, current) < 1e-4
+
+
+def test_sender_failure_mid_stream_blocks_sampling_until_a_full_update(sampler_pair, student_hf):
+    """The learner dies half-way through (its iterator raises after several
+    buckets were loaded): the samplers refuse to sample from mixed weights,
+    keep their version, and recover with the next full update."""
+    pool, sender = sampler_pair
+    before = pool.weight_versions()
+    named = [(n, p.detach()) for n, p in perturbed(student_hf, seed=5).named_parameters()]
+
+    def dying():
+        for i, item in enumerate(named):
+            if i == len(named) - 2:
+                raise RuntimeError("simulated gather failure on the learner")
+            yield item
+
+    with pytest.raises(RuntimeError, match="simulated gather failure"):
+        sender.send(before[0] + 1, specs_from_named(named), dying())
+    assert pool.weight_versions() == before
+    for sampler in pool.samplers:
+        assert "aborted" in ray.get(sampler.needs_full_update.remote())
+        with pytest.raises(Exception, match="partially updated weights"):
+            ray.get(sampler.generate.remote([[5, 6, 7]]))
+    fresh = perturbed(student_hf, seed=6)
+    push(sender, before[0] + 2, fresh)
+    assert pool.weight_versions() == [before[0] + 2] * 2
+    assert max_score_diff(pool, fresh) < 1e-4
+
+
+def test_generate_waits_while_an_update_is_open(sampler_pair, student_hf):
+    pool, sender = sampler_pair
+    version = pool.weight_versions()[0] + 1
+    new = perturbed(student_hf, seed=7)
+    named = [(n, p.detach()) for n, p in new.named_parameters()]
+    started, release = threading.Event(), threading.Event()
+
+    def slow():
+        started.set()  # start_weight_update has returned on every sampler
+        release.wait(60)
+        yield from named
+
+    errors = []
+    t = threading.Thread(target=lambda: _run(errors, sender.send, version, specs_from_named(named), slow()))
+    t.start()
+    assert started.wait(60)
+    ref = pool.samplers[0].generate.remote([[5, 40, 41]], n=1, seed=1)
+    ready, _ = ray.wait([ref], timeout=2.0)
+    assert not ready, "generate ran while a weight update was open"
+    release.set()
+    t.join(120)
+    assert not errors, errors
+    (c,), = ray.get(ref)
+    assert c.policy_version == version
+    ref_lp = reference_logprobs(new, c.prompt_ids + c.completion_ids)[len(c.prompt_ids) - 1:]
+    assert max(abs(a - b) for a, b in zip(c.sampler_logprobs, ref_lp, strict=True)) < 1e-4
+
+
+def test_failed_start_is_rolled_back_on_every_sampler(sampler_pair, student_hf):
+    """Sampler 0 already has an update open (a stale sender): the new push
+    fails at start, the sender closes the update on every sampler, both keep
+    serving their weights, and the next push goes through."""
+    pool, sender = sampler_pair
+    before = pool.weight_versions()
+    current = perturbed(student_hf, seed=1)
+    ray.get(pool.samplers[0].start_weight_update.remote())
+    with pytest.raises(WeightSyncError, match="start_weight_update failed on 1 of 2 samplers: sampler 0"):
+        push(sender, before[0] + 1, current)
+    assert pool.weight_versions() == before
+    groups = pool.generate([[5, 6, 7], [8, 9]], n=1)
+    assert [c.policy_version for g in groups for c in g] == before
+    push(sender, before[0] + 1, current)
+    assert pool.weight_versions() == [before[0] + 1] * 2
+    assert max_score_diff(pool, current) < 1e-4
+
+
+def test_restarted_sampler_serves_only_after_receiving_current_weights(sampler_pair, student_hf):
+    """A killed sampler is replaced; it refuses to sample from its checkpoint
+    weights until the sender re-forms the group and pushes the current ones."""
+    from tests.fixtures.sampler import free_port
+
+    pool, sender = sampler_pair
+    version = pool.weight_versions()[0] + 1
+    pool.restart(1)
+    with pytest.raises(Exception, match="restarted: waiting for the learner's current weights"):
+        ray.get(pool.samplers[1].generate.remote([[5, 6, 7]]))
+    sender.reconnect(free_port())
+    current = perturbed(student_hf, seed=8)
+    push(sender, version, current)
+    assert pool.weight_versions() == [version, version]
+    assert max_score_diff(pool, current) < 1e-4
+    assert [c.policy_version for g in pool.generate([[5, 6], [7, 8]], n=1) for c in g] == [version, version]
+
+
+def _run(errors, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001  (reported by the test)
+        errors.append(e)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL weight transfer needs CUDA")
+def test_nccl_push_serves_new_weights(ray_session, student_path, student_hf):
+    """Same contract over vLLM's official NCCL engine (GPU only)."""
+    from learner.weight_sender import NcclWeightSender
+    from rollout.pool import SamplerPool
+    from tests.fixtures.sampler import free_port, sampler_configs
+
+    rollout_cfg, student_cfg = sampler_configs(weight_sync_backend="nccl", gpu_memory_utilization=0.3)
+    pool = SamplerPool.create(student_path, rollout_cfg, student_cfg, num_samplers=1)
+    try:
+        sender = NcclWeightSender(pool, "127.0.0.1", free_port(), bucket_bytes=1 << 20)
+        new = perturbed(student_hf, seed=3)
+        push(sender, 1, new)
+        assert pool.weight_versions() == [1]
+        assert max_score_diff(pool, new) < 1e-4
+    finally:
+        pool.shutdown()
