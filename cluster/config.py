@@ -73,7 +73,7 @@ class TeacherConfig:
     # never logged). For a self-started server the same key is configured on it.
     api_key_file: str | None = None
     # Teacher weight dtype for a self-started server.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     # Max sequence length of a self-started server.
     max_model_len: int = 512
     # Tensor parallel size of a self-started server (GPUs it takes).

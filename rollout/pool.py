@@ -68,13 +68,12 @@ class SamplerPool:
         PlacementGroupSchedulingStrategy per sampler), and wait until ready."""
         import ray
 
-        from cluster.tiny_models import resolve_model
         from rollout.sampler import SAMPLER_MAX_CONCURRENCY, SamplerActor
 
         num = rollout_cfg.num_samplers if num_samplers is None else num_samplers
         if scheduling_strategies is not None and len(scheduling_strategies) != num:
             raise ValueError(f"{len(scheduling_strategies)} scheduling strategies for {num} samplers")
-        path = resolve_model(model)
+        path = model  # a local directory or hub id; the driver resolves `tiny:` names (cluster/tiny_models.py)
         import torch
 
         gpus = rollout_cfg.tensor_parallel_size if torch.cuda.is_available() else 0

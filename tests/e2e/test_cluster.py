@@ -172,14 +172,23 @@ def test_ray_job_submit_two_nodes(teacher_server, tmp_path):
     learners to the other."""
     from ray.cluster_utils import Cluster
 
+    # Token auth (on by default in Ray 2.60, token in ~/.ray/auth_token): the
+    # CLI needs RAY_AUTH_MODE=token to send it. Only the subprocess gets it:
+    # this process's Ray client read its auth mode at import.
     env = dict(os.environ, RAY_AUTH_MODE="token")
-    os.environ["RAY_AUTH_MODE"] = "token"
-    dash_port = 8265 + (os.getpid() % 500)
+    from tests.fixtures.teacher import free_port
+
+    # Free ports everywhere: the session's own Ray cluster already holds the
+    # defaults (a dashboard agent that cannot bind leaves the job server with
+    # "No available agent to submit job").
+    dash_port = free_port()
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 8, "resources": {"sampler_node": 1}, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": dash_port})
+        "dashboard_host": "127.0.0.1", "dashboard_port": dash_port,
+        "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port()})
     try:
-        cluster.add_node(num_cpus=8, resources={"learner_node": 1})
+        cluster.add_node(num_cpus=8, resources={"learner_node": 1}, dashboard_agent_listen_port=free_port(),
+                         metrics_export_port=free_port())
         run_dir = tmp_path / "job"
         ov = base_overrides(run_dir, teacher_server, steps=1) + [
             "eval.every_steps=0", "placement.sampler_resource=sampler_node",
@@ -189,7 +198,16 @@ def test_ray_job_submit_two_nodes(teacher_server, tmp_path):
                "--runtime-env-json", json.dumps({"excludes": [".venv", ".cache", "runs", ".git"]}),
                "--", sys.executable, "-m", "cluster.train", "--config", "configs/demo.yaml", *ov]
         ray_bin = str(Path(sys.executable).parent / "ray")
-        out = subprocess.run([ray_bin, *cmd[1:]], env=env, capture_output=True, text=True, timeout=900)
+        # The head's dashboard agent takes a while to come up after the
+        # cluster starts; until then the job server answers "No available
+        # agent to submit job" (HTTP 500), which is Ray asking to retry.
+        deadline = time.monotonic() + 180
+        while True:
+            out = subprocess.run([ray_bin, *cmd[1:]], env=env, capture_output=True, text=True, timeout=900)
+            if out.returncode == 0 or "No available agent" not in out.stderr + out.stdout \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(3)
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
         assert "SUCCEEDED" in out.stdout + out.stderr
         placement = json.loads((run_dir / "placement.json").read_text())
@@ -200,5 +218,4 @@ def test_ray_job_submit_two_nodes(teacher_server, tmp_path):
         rows = read_metrics(run_dir)
         assert [r["step"] for r in rows if "learner/loss" in r] == [1]
     finally:
-        os.environ.pop("RAY_AUTH_MODE", None)
         cluster.shutdown()
