@@ -1,0 +1,149 @@
+"""teacher_server under load (issue 9, item 5): 64 concurrent clients mixing valid
+and invalid /v1/logprobs requests against a REAL `python -m teacher_server`
+process, every answer checked.
+
+    .venv/bin/python -m pytest tests/e2e/test_teacher_load.py -x -q
+
+The server is this module's own (`launch_teacher_server` from
+tests/fixtures/teacher.py) because the session server's --max-queue 256 never
+pushes back at 64 clients: here --max-queue 8 makes 429 + Retry-After actually
+happen, --max-request-bytes 64 KiB makes oversized bodies cheap to send, and an
+API key makes bad-auth requests meaningful. The load runs LOAD_S seconds in CI;
+the 60 s soak is `python -m bench.teacher_load` (see its docstring).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from bench.teacher_load import (LoadOptions, ProbeFactory, build_pool, fetch_model_info, format_report, run_load,
+                                run_probes)
+from tests.fixtures.teacher import launch_teacher_server
+
+CLIENTS = 64
+LOAD_S = 15.0
+MAX_QUEUE = 8
+MAX_REQUEST_BYTES = 64 * 1024
+# RSS margins over the pre-load baseline (sampled every 0.25 s with psutil).
+# Front-end (aiohttp + msgspec): at most MAX_QUEUE requests are admitted, each
+# <= 64 KiB of body plus ~1 MB of decoded full-vocab answer (4 seqs x 96 positions
+# x 320 floats at T != 1), so < 10 MB is live at once; measured growth on this
+# machine is +11..+21 MiB (15 s and 60 s runs). 64 MiB is ~3x that: it catches
+# growth with the number of admitted requests (no queue bound, or retained
+# full-vocab arrays), not a leak of a few bytes per request (that is what the 60 s
+# soak's peak RSS is for). Engine core (vLLM): the KV cache is preallocated
+# (VLLM_CPU_KVCACHE_SPACE=1 GiB); measured growth is +135 MiB in 15 s (+420 MiB
+# over a first 60 s soak, +140 MiB over a second one: allocator growth that slows
+# down, see bench/teacher_load.py's report); 512 MiB bounds a 15 s run.
+FRONTEND_MARGIN_BYTES = 64 * 2**20
+ENGINE_MARGIN_BYTES = 512 * 2**20
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(teacher_path):
+    with launch_teacher_server(teacher_path, "--max-queue", str(MAX_QUEUE), "--max-request-bytes",
+                               str(MAX_REQUEST_BYTES), api_key="load-key-" + os.urandom(8).hex()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def load_setup(small_queue_server, teacher_path):
+    opts = LoadOptions(url=small_queue_server.url, clients=CLIENTS, duration_s=LOAD_S, invalid_frac=0.3,
+                       api_key=small_queue_server.api_key, max_request_bytes=MAX_REQUEST_BYTES,
+                       server_pid=small_queue_server.proc.pid, model_path=teacher_path, pool_size=48, seed=1)
+    info = fetch_model_info(opts.url, opts.api_key)
+    pool = build_pool(teacher_path, info, opts.pool_size, opts.max_seq_len, opts.seed)
+    return opts, info, pool
+
+
+def _assert_no_failures(report, server):
+    msg = f"{format_report(report)}\nserver log tail:\n{server.log_tail()}"
+    assert report.server_errors == 0, msg
+    assert report.backpressure_without_retry_after == 0, msg
+    assert not report.transport_errors, msg
+    assert report.valid_wrong == 0, msg
+    assert report.invalid_unexpected == 0, msg
+    return msg
+
+
+def test_every_error_kind_alone(load_setup, small_queue_server):
+    """Without contention, each invalid kind gets exactly its status, error type and
+    field (the load below then only has to show this holds under pressure)."""
+    opts, info, pool = load_setup
+    factory = ProbeFactory(pool, info, opts)
+    rng = np.random.default_rng(7)
+    probes = [p for _ in range(3) for p in factory.one_of_each(rng)]
+    report = run_probes(opts, probes, pool)
+    msg = _assert_no_failures(report, small_queue_server)
+    assert report.backpressure == 0, msg
+    assert report.valid_correct == 3 and report.invalid_as_expected == len(probes) - 3, msg
+    kinds = {k for k in report.by_kind_status}
+    assert {"bad_auth", "oversized", "malformed", "bad_token_id", "unknown_field", "valid"} <= kinds, msg
+    for kind, per in report.by_kind_status.items():
+        assert len(per) == 1 and next(iter(per)) < 500, (kind, per)
+
+
+def test_64_clients_mixed_load(load_setup, small_queue_server):
+    opts, info, pool = load_setup
+    report = run_load(opts, pool=pool, info=info)
+    msg = _assert_no_failures(report, small_queue_server)
+    print(msg.split("server log tail")[0])
+    statuses = report.status_counts
+    # Only deliberate backpressure may be 5xx-like: every 5xx is a 503 with Retry-After.
+    assert all(s < 500 or s == 503 for s in statuses), msg
+    # The queue bound was actually hit (the point of --max-queue 8 at 64 clients) ...
+    assert report.backpressure > 0 and statuses[429] > 0, msg
+    # ... and the server still did real work under it: valid answers, all correct.
+    assert report.valid_correct >= 20, msg
+    assert report.invalid_as_expected >= 10, msg
+    assert report.requests_sent >= CLIENTS, msg
+    # Memory bounded (margins justified at the top of the file).
+    assert report.rss_samples >= 10, msg
+    assert report.rss_peak_bytes < report.rss_baseline_bytes + FRONTEND_MARGIN_BYTES, msg
+    assert report.rss_children_peak_bytes < report.rss_children_baseline_bytes + ENGINE_MARGIN_BYTES, msg
+    assert small_queue_server.proc.poll() is None, "the server died under load"
+
+    # Afterwards: the queue drained, and the server answers correctly again.
+    rng = np.random.default_rng(11)
+    factory = ProbeFactory(pool, info, opts)
+    after = run_probes(opts, [factory.valid(rng) for _ in range(5)], pool)
+    assert after.valid_correct == 5 and after.backpressure == 0, format_report(after)
+
+
+@pytest.mark.xfail(strict=True, reason="teacher_server bug (reported): admission (--max-queue) is taken BEFORE the "
+                   "body is read and there is no body-read timeout, so MAX_QUEUE clients that stall mid-upload "
+                   "hold every slot and all other clients get 429 for as long as those connections stay open")
+def test_stalled_uploads_do_not_starve_other_clients(small_queue_server, load_setup):
+    """MAX_QUEUE connections send headers and 1 byte of a 1000-byte body, then stall
+    (a slow or hung client, a half-open connection behind a proxy). A well-formed
+    request from another client must still be answered within 10 s."""
+    import socket
+    import time
+    import urllib.parse
+
+    opts, info, pool = load_setup
+    u = urllib.parse.urlparse(small_queue_server.url)
+    head = (f"POST /v1/logprobs HTTP/1.1\r\nHost: {u.netloc}\r\nAuthorization: Bearer {opts.api_key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{").encode()
+    stalled = []
+    try:
+        for _ in range(MAX_QUEUE):
+            s = socket.create_connection((u.hostname, u.port), timeout=10)
+            s.sendall(head)
+            stalled.append(s)
+        time.sleep(1.0)  # let the server admit them
+        factory = ProbeFactory(pool, info, opts)
+        rng = np.random.default_rng(5)
+        deadline = time.monotonic() + 10
+        while True:
+            report = run_probes(opts, [factory.valid(rng)], pool)
+            if report.valid_correct == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)  # the Retry-After the server sends
+        assert report.valid_correct == 1, format_report(report)
+    finally:
+        for s in stalled:
+            s.close()
