@@ -45,7 +45,7 @@ Errors
 Every non-2xx reply has the body `ErrorBody`: {"error": {"type", "message", "field"}}.
 `field` is a JSONPath-like location of the bad input (e.g. "sequences[2].start") or
 null. Status codes: 400 invalid_request, 401 unauthorized, 404 not_found,
-405 method_not_allowed, 413 request_too_large, 415 unsupported_media_type,
+405 method_not_allowed, 408 request_timeout (body not received in time), 413 request_too_large, 415 unsupported_media_type,
 429 overloaded (with a Retry-After header), 503 loading / shutting_down / engine_dead
 (Retry-After),
 500 internal.
@@ -73,6 +73,8 @@ CONTENT_TYPES = (CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK)
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 100.0
 DEFAULT_MAX_TOP_K = 20
+# vLLM's SamplingParams refuses sampling temperatures above 2.0 (scoring has no such limit).
+MAX_GENERATE_TEMPERATURE = 2.0
 
 # --------------------------------------------------------------------------- /v1/logprobs
 
@@ -320,6 +322,9 @@ def validate_generate_request(req: GenerateRequest, vocab_size: int, max_model_l
     if req.max_new_tokens < 1:
         raise invalid("max_new_tokens", f"max_new_tokens {req.max_new_tokens} must be >= 1")
     _check_temperature(req.temperature)
+    if req.temperature > MAX_GENERATE_TEMPERATURE:
+        raise invalid("temperature", f"temperature {req.temperature} is out of range for sampling: valid is "
+                      f"{MIN_TEMPERATURE} .. {MAX_GENERATE_TEMPERATURE} (vLLM's sampler limit)")
     if not (math.isfinite(req.top_p) and 0.0 < req.top_p <= 1.0):
         raise invalid("top_p", f"top_p {req.top_p} is out of range: valid is (0, 1]")
     if req.seed is not None and not 0 <= req.seed < 2**63:

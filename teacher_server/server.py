@@ -11,9 +11,12 @@ Lifecycle (`TeacherServer.serve`, run by `python -m teacher_server`):
 
 Safety: bodies are only ever decoded by msgspec into the typed structs of
 `protocol.py` (JSON or MessagePack; nothing is unpickled or evaluated); a body
-over `max_request_bytes` is refused with 413 before it is decoded; at most
-`max_queue` requests are admitted at once, the rest get 429 + Retry-After, so
-memory is bounded by max_queue x max_request_bytes; the API key is compared with
+over `max_request_bytes` is refused with 413 before it is decoded. A body is
+read BEFORE the request is admitted to the queue, under a timeout (408), with at
+most `max_reading` bodies being read at once (429 beyond): clients that stall
+mid-upload cannot hold the queue's slots. At most `max_queue` requests are
+admitted to scoring at once, the rest get 429 + Retry-After, so memory is
+bounded by (max_queue + max_reading) x max_request_bytes; the API key is compared with
 `hmac.compare_digest` and never logged or echoed.
 """
 
@@ -52,6 +55,8 @@ class ServerOptions:
     max_request_bytes: int = 64 * 1024 * 1024
     retry_after_s: int = 1  # Retry-After sent with 429/503
     shutdown_timeout_s: float = 120.0  # how long SIGTERM waits for admitted requests
+    body_read_timeout_s: float = 30.0  # a request body not fully received by then gets 408
+    max_reading: int | None = None  # bodies being received at once (429 beyond); None = 4 x max_queue
 
 
 class TeacherServer:
@@ -63,6 +68,7 @@ class TeacherServer:
         self._api_key = opts.api_key.encode() if opts.api_key else None
         self._draining = False
         self._inflight = 0
+        self._reading = 0
         self._inflight_tokens = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -224,7 +230,19 @@ class TeacherServer:
         if request.content_length is not None and request.content_length > self.opts.max_request_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.opts.max_request_bytes,
                                                 actual_size=request.content_length)
-        return await request.read(), ct
+        limit = self.opts.max_reading if self.opts.max_reading is not None else 4 * self.opts.max_queue
+        if self._reading >= limit:
+            self.metrics.rejected.labels("reading_full").inc()
+            raise ProtocolError(429, "overloaded", f"{self._reading} request bodies are being received; retry "
+                                "after the Retry-After delay", None, self.opts.retry_after_s)
+        self._reading += 1
+        try:
+            return await asyncio.wait_for(request.read(), timeout=self.opts.body_read_timeout_s), ct
+        except asyncio.TimeoutError as e:
+            raise ProtocolError(408, "request_timeout", f"the request body did not arrive within "
+                                f"{self.opts.body_read_timeout_s:g}s; send the whole body promptly", None) from e
+        finally:
+            self._reading -= 1
 
     def _reply(self, request: web.Request, obj) -> web.Response:
         ct = _reply_type(request)
@@ -252,8 +270,9 @@ class TeacherServer:
 
     async def _logprobs(self, request: web.Request) -> web.Response:
         engine = self._ready_engine()
+        # Read (bounded, timed) before admission: a stalled upload holds no queue slot.
+        body, ct = await self._read(request)
         async with self._admit("/v1/logprobs"):
-            body, ct = await self._read(request)
             req = decode(body, LogprobsRequest, ct)
             info = engine.info
             validate_logprobs_request(req, info.vocab_size, info.max_model_len, info.max_top_k)
@@ -272,8 +291,8 @@ class TeacherServer:
 
     async def _generate(self, request: web.Request) -> web.Response:
         engine = self._ready_engine()
+        body, ct = await self._read(request)
         async with self._admit("/v1/generate"):
-            body, ct = await self._read(request)
             req = decode(body, GenerateRequest, ct)
             info = engine.info
             validate_generate_request(req, info.vocab_size, info.max_model_len)
