@@ -51,7 +51,9 @@ def connect(pcfg: PlacementConfig, env_vars: dict[str, str] | None = None) -> Ra
         kwargs = {}
         if pcfg.local_num_cpus is not None:
             kwargs["num_cpus"] = pcfg.local_num_cpus
-        ray.init(include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        # address="local": always a new cluster, never silently joining another
+        # Ray cluster that happens to run on this machine.
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, **kwargs)
         started = True
     res = ray.cluster_resources()
     return RayInfo(address=address, started_local=started, cluster_gpus=float(res.get("GPU", 0)),

@@ -4,6 +4,12 @@
 prompts such as "23+58=" with the answer "81". Records are JSONL lines
 `{"prompt": ..., "answer": ...}`; the train and held-out sets are disjoint.
 
+`tiny:arithmetic-fixed`: the same problems (same train/held-out split) written
+at fixed width, operands zero-padded to 2 digits and the answer to 3:
+"07+58=" -> "065". Every answer digit then sits at the same offset from the
+operand digits it depends on, which a tiny transformer learns in a few hundred
+SFT steps instead of thousands (recipes/ uses it for the demo).
+
     python -m cluster.tiny_data            # write the files, print their paths
 """
 
@@ -18,11 +24,20 @@ from pathlib import Path
 from cluster.tiny_models import cache_dir
 
 TINY_DATA_PREFIX = "tiny:"
-TASKS = ("arithmetic",)
+TASKS = ("arithmetic", "arithmetic-fixed")
 
 
-def arithmetic_records(n: int, seed: int, max_digits: int = 2) -> list[dict]:
-    """`n` distinct addition problems of up to `max_digits` digits per operand."""
+def format_problem(a: int, b: int, max_digits: int = 2, fixed_width: bool = False) -> dict:
+    """One record; fixed width zero-pads operands to `max_digits` digits and
+    the answer to `max_digits + 1`."""
+    if fixed_width:
+        return {"prompt": f"{a:0{max_digits}d}+{b:0{max_digits}d}=", "answer": f"{a + b:0{max_digits + 1}d}"}
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+
+
+def arithmetic_records(n: int, seed: int, max_digits: int = 2, fixed_width: bool = False) -> list[dict]:
+    """`n` distinct addition problems of up to `max_digits` digits per operand
+    (the same problems, in the same order, for either format)."""
     rng = random.Random(seed)
     seen, out = set(), []
     hi = 10 ** max_digits - 1
@@ -31,7 +46,7 @@ def arithmetic_records(n: int, seed: int, max_digits: int = 2) -> list[dict]:
         if (a, b) in seen:
             continue
         seen.add((a, b))
-        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+        out.append(format_problem(a, b, max_digits, fixed_width))
     return out
 
 
@@ -52,7 +67,7 @@ def build_task(name: str, n_train: int = 4000, n_eval: int = 200, seed: int = 12
     train, evalp = d / "train.jsonl", d / "eval.jsonl"
     if train.exists() and evalp.exists():
         return train, evalp
-    recs = arithmetic_records(n_train + n_eval, seed)
+    recs = arithmetic_records(n_train + n_eval, seed, fixed_width=name == "arithmetic-fixed")
     _write_jsonl_atomic(evalp, recs[n_train:])
     _write_jsonl_atomic(train, recs[:n_train])
     return train, evalp

@@ -81,8 +81,10 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
     return run_dir
 
 
-def build(cfg: Config, run_dir: Path, resume_state: dict | None):
-    """Start everything the loop needs; returns (ctx, teardown callbacks)."""
+def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list):
+    """Start everything the loop needs; returns the RunContext parts. Every
+    started resource appends its stop function to `teardown` as soon as it
+    exists, so a failure half-way still stops what was started."""
     from transformers import AutoTokenizer
 
     from cluster.placement import connect, make_placement
@@ -92,7 +94,6 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None):
     from rollout.pool import SamplerPool
     from rollout.teacher_client import TeacherClient
 
-    teardown = []
     student_path = resolve_model(cfg.student.model)
     teacher_path = resolve_model(cfg.teacher.model) if cfg.teacher.url is None else None
     train_path, eval_path = resolve_data(cfg.data.train, cfg.data.eval)
@@ -134,7 +135,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None):
                        timeout_s=cfg.rollout.weight_sync_timeout_s, dtype=cfg.student.dtype)
     learners.init_weight_sync(pool, **sync_kwargs)
     return dict(pool=pool, learners=learners, teacher=teacher, stream=stream, eval_records=eval_records,
-                tokenizer=tokenizer, sync_kwargs=sync_kwargs), teardown
+                tokenizer=tokenizer, sync_kwargs=sync_kwargs)
 
 
 def run(cfg: Config, resume: bool = False) -> int:
@@ -148,7 +149,7 @@ def run(cfg: Config, resume: bool = False) -> int:
     teardown: list = []
     logger = None
     try:
-        parts, teardown = build(cfg, run_dir, state)
+        parts = build(cfg, run_dir, state, teardown)
         logger = MetricsLogger(run_dir, cfg.log.wandb, to_dict(cfg),
                                run_id=state.get("wandb_run_id") if state else None,
                                resume_from_step=state["step"] if state else None)

@@ -38,7 +38,11 @@ from rollout.weight_sync import ParamSpec, dtype_name
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
 # Model files the HF export copies from the source checkpoint (tokenizer,
 # generation config, chat template); weights and config.json are written anew.
-_SKIP_ON_EXPORT = (".safetensors", ".bin", ".pt", ".safetensors.index.json", "config.json")
+# (Matched by suffix, except config.json, which must match exactly: a suffix
+# match would also drop tokenizer_config.json and generation_config.json and
+# leave an export whose tokenizer has the wrong EOS.)
+_SKIP_ON_EXPORT = (".safetensors", ".bin", ".pt", ".safetensors.index.json")
+_SKIP_NAMES_ON_EXPORT = ("config.json",)
 
 
 def hf_name(name: str) -> str:
@@ -377,7 +381,7 @@ class LearnerWorker:
         tmp.mkdir()
         try:
             for f in Path(self.model_path).iterdir():
-                if f.is_file() and not f.name.endswith(_SKIP_ON_EXPORT):
+                if f.is_file() and not f.name.endswith(_SKIP_ON_EXPORT) and f.name not in _SKIP_NAMES_ON_EXPORT:
                     shutil.copy2(f, tmp / f.name)
             if getattr(self.hf_config, "tie_word_embeddings", False):
                 state.pop("lm_head.weight", None)

@@ -90,9 +90,15 @@ def test_sync_run_logs_everything_and_kl_falls(ray_session, teacher_server, tmp_
     assert evals[6] < 0.9 * evals[0], evals
     assert_offline_wandb(run_dir)
     # Final Hugging Face export loads in transformers.
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    exported = AutoTokenizer.from_pretrained(run_dir / "final")
+    from cluster.tiny_models import resolve_model
+
+    original = AutoTokenizer.from_pretrained(resolve_model("tiny:student"))
+    assert exported.eos_token_id == original.eos_token_id  # the tokenizer files travel with the export
+    assert exported("12+34=").input_ids == original("12+34=").input_ids
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 

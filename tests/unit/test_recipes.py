@@ -1,0 +1,296 @@
+"""The recipes' pure pieces: the task grader and SFT data encoding, the FLOP
+counts, and the report tables built from a run's metrics.jsonl. Plus one small
+real SFT (a few seconds): the completion-only loop memorises a handful of
+problems, so the teacher/student builder trains what it claims to.
+
+    python -m pytest tests/unit/test_recipes.py -q
+"""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from cluster.tiny_data import grade
+from cluster.tiny_models import SPECS, VOCAB_SIZE, build_tokenizer
+from recipes.report import (FlopCounts, cumulative_flops, demo_summary, demo_table, flops_to_reach, format_table,
+                            gap_closed, read_metrics, series, step_flops)
+from recipes.sft import SFTRecipe, STUDENT_RECIPE, TEACHER_RECIPE, collate, encode_example, lr_at
+
+
+# ----------------------------------------------------------------- task + data
+
+@pytest.mark.parametrize("text,answer,expected", [
+    ("81", "81", 1.0),
+    (" 81 \nand more", "81", 1.0),   # first line, stripped
+    ("81", 81, 1.0),                 # answers may be ints
+    ("810", "81", 0.0),
+    ("18", "81", 0.0),
+    ("", "0", 0.0),
+])
+def test_grade(text, answer, expected):
+    assert grade(text, answer) == expected
+
+
+def test_encode_example_masks_answer_and_eos_only():
+    tok = build_tokenizer()
+    ids, mask = encode_example(tok, "23+58=", "81")
+    # One token per character, no BOS; the answer then <|im_end|>.
+    assert tok.decode(ids[:6]) == "23+58="
+    assert tok.decode(ids[6:8]) == "81"
+    assert ids[-1] == tok.eos_token_id
+    assert mask == [0] * 6 + [1, 1, 1]
+
+
+def test_collate_right_pads_and_keeps_masks():
+    ex = [([5, 6, 7], [0, 1, 1]), ([8, 9], [0, 1])]
+    ids, attn, m = collate(ex, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert attn.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert m.tolist() == [[0, 1, 1], [0, 1, 0]]
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    r = SFTRecipe(name="x", spec="student", steps=100, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, r) == pytest.approx(1e-4)
+    assert lr_at(9, r) == pytest.approx(1e-3)
+    assert lr_at(10, r) == pytest.approx(1e-3)
+    assert lr_at(55, r) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert lr_at(100, r) == pytest.approx(1e-4)
+    assert all(lr_at(s, r) >= lr_at(s + 1, r) for s in range(10, 100))
+
+
+def test_sft_problems_exclude_the_heldout_set():
+    from recipes.sft import heldout_records, train_problems
+
+    held = {r["prompt"] for r in heldout_records()}
+    train = train_problems(STUDENT_RECIPE)
+    assert STUDENT_RECIPE.task == TEACHER_RECIPE.task == "arithmetic-fixed"
+    assert len(held) == 200
+    assert len(train) == 100 * 100 - 200
+    assert not held & {r["prompt"] for r in train}
+    assert all(int(r["answer"]) == sum(map(int, r["prompt"][:-1].split("+"))) for r in train[:500])
+    assert all(len(r["prompt"]) == 6 and len(r["answer"]) == 3 for r in train)
+    sub = train_problems(dataclasses.replace(STUDENT_RECIPE, num_train_problems=50))
+    assert len(sub) == 50
+
+
+def test_heldout_records_reject_unknown_tasks():
+    from recipes.sft import heldout_records
+
+    with pytest.raises(ValueError, match="task='mult' is not a built-in task; valid: arithmetic, arithmetic-fixed"):
+        heldout_records("mult")
+
+
+def test_fixed_width_task_has_the_same_problems_and_split():
+    from cluster.tiny_data import arithmetic_records, build_task
+
+    plain, fixed = arithmetic_records(50, 7), arithmetic_records(50, 7, fixed_width=True)
+    for p, f in zip(plain, fixed, strict=True):
+        assert len(f["prompt"]) == 6 and len(f["answer"]) == 3
+        a, b = (int(x) for x in f["prompt"][:-1].split("+"))
+        assert p["prompt"] == f"{a}+{b}=" and int(f["answer"]) == int(p["answer"]) == a + b
+    def problems(path):
+        return [tuple(int(x) for x in json.loads(ln)["prompt"][:-1].split("+")) for ln in path.read_text().splitlines()]
+
+    for i in (0, 1):  # train and held-out files hold the same (a, b) pairs in both formats
+        assert problems(build_task("arithmetic")[i]) == problems(build_task("arithmetic-fixed")[i])
+
+
+def test_recipe_key_is_stable_and_covers_every_field():
+    assert TEACHER_RECIPE.key() == dataclasses.replace(TEACHER_RECIPE).key()
+    assert TEACHER_RECIPE.key() != STUDENT_RECIPE.key()
+    for f in dataclasses.fields(SFTRecipe):
+        v = getattr(STUDENT_RECIPE, f.name)
+        changed = {"name": "other", "spec": "teacher"}.get(f.name, v + 1 if isinstance(v, int) else v * 2)
+        assert dataclasses.replace(STUDENT_RECIPE, **{f.name: changed}).key() != STUDENT_RECIPE.key(), f.name
+
+
+def test_teacher_is_the_larger_model():
+    t, s = SPECS[TEACHER_RECIPE.spec], SPECS[STUDENT_RECIPE.spec]
+    assert t.hidden_size * t.num_layers > s.hidden_size * s.num_layers
+
+
+# ----------------------------------------------------------------- FLOPs
+
+def _qwen2_matmul_params(spec) -> int:
+    """Independent count for the Qwen2 layout (q/k/v with bias, o without,
+    gated MLP, two RMSNorms per layer, final norm, untied LM head)."""
+    h, kv = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * spec.intermediate_size + 2 * h
+    return spec.num_layers * layer + h + VOCAB_SIZE * h
+
+
+def test_flop_params_counts_all_but_the_input_embedding():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cluster.tiny_models import build_model
+    from recipes.sft import flop_params
+
+    model = AutoModelForCausalLM.from_pretrained(build_model("student"), dtype=torch.float32)
+    assert flop_params(model) == _qwen2_matmul_params(SPECS["student"])
+    total = sum(p.numel() for p in model.parameters())
+    assert flop_params(model) == total - VOCAB_SIZE * SPECS["student"].hidden_size
+
+
+def test_step_flops_per_method():
+    kw = dict(n_student=10, n_teacher=100, prompt_tokens=6, completion_tokens=4)
+    assert step_flops(method="on_policy", **kw) == FlopCounts(student=2 * 10 * 10 + 6 * 10 * 10, teacher=2 * 100 * 10)
+    assert step_flops(method="seq_kd", **kw) == FlopCounts(student=6 * 10 * 10, teacher=2 * 100 * 10)
+    assert step_flops(method="student_sft", **kw) == FlopCounts(student=8 * 10 * 10, teacher=0.0)
+    assert step_flops(method="sft", **kw) == FlopCounts(student=6 * 10 * 10, teacher=0.0)
+    with pytest.raises(ValueError, match="method='rl' is not valid; use one of on_policy, seq_kd"):
+        step_flops(method="rl", **kw)
+    with pytest.raises(ValueError, match="completion_tokens=-1"):
+        step_flops(method="sft", n_student=1, n_teacher=1, prompt_tokens=1, completion_tokens=-1)
+
+
+def test_cumulative_flops_accumulates_per_step():
+    rows = [{"step": 0, "eval/accuracy": 0.1},
+            {"step": 1, "rollout/completions": 8, "rollout/completion_tokens": 24},
+            {"step": 2, "rollout/completions": 8, "rollout/completion_tokens": 16, "eval/accuracy": 0.5}]
+    f = cumulative_flops(rows, method="on_policy", n_student=10, n_teacher=100, prompt_tokens_per_completion=6.0)
+    tok1, tok2 = 8 * 6 + 24, 8 * 6 + 16
+    assert f[0] == FlopCounts(0.0, 0.0)
+    assert f[1] == FlopCounts(8 * 10 * tok1, 2 * 100 * tok1)
+    assert f[2].student == pytest.approx(8 * 10 * (tok1 + tok2))
+    assert f[2].teacher == pytest.approx(2 * 100 * (tok1 + tok2))
+    assert f[2].total == pytest.approx(f[2].student + f[2].teacher)
+
+
+def test_flops_to_reach_interpolates_the_first_crossing():
+    curve = [(0.0, 0.2), (10.0, 0.4), (20.0, 0.8), (30.0, 0.7)]
+    assert flops_to_reach(curve, 0.6) == pytest.approx(15.0)
+    assert flops_to_reach(curve, 0.4) == pytest.approx(10.0)
+    assert flops_to_reach(curve, 0.1) == 0.0          # already there at the start
+    assert flops_to_reach(curve, 0.9) is None         # never reached
+    assert flops_to_reach([], 0.5) is None
+
+
+# ----------------------------------------------------------------- metrics + tables
+
+def _write_metrics(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+DEMO_ROWS = [
+    {"step": 0, "eval/accuracy": 0.30, "eval/reverse_kl": 0.50},
+    {"step": 1, "teacher/reverse_kl": 0.45, "learner/loss": 0.4},
+    {"step": 2, "teacher/reverse_kl": 0.30, "eval/accuracy": 0.60, "eval/reverse_kl": 0.20},
+    {"step": 3, "teacher/reverse_kl": 0.10},
+    {"step": 4, "teacher/reverse_kl": 0.05, "eval/accuracy": 0.75, "eval/reverse_kl": 0.04},
+]
+
+
+def test_read_metrics_orders_by_step_and_merges_repeats(tmp_path):
+    p = _write_metrics(tmp_path / "metrics.jsonl", [DEMO_ROWS[2], DEMO_ROWS[0], {"step": 2, "eval/accuracy": 0.61}])
+    rows = read_metrics(tmp_path)  # a run directory works too
+    assert [r["step"] for r in rows] == [0, 2]
+    assert rows[1]["eval/accuracy"] == 0.61 and rows[1]["eval/reverse_kl"] == 0.20
+    p.write_text('{"step": 0}\n{"loss": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: row has no 'step' field"):
+        read_metrics(p)
+    with pytest.raises(FileNotFoundError, match="the run wrote no metrics"):
+        read_metrics(tmp_path / "nope")
+
+
+def test_series_skips_missing_and_non_finite():
+    rows = [{"step": 0, "a": 1.0}, {"step": 1}, {"step": 2, "a": None}, {"step": 3, "a": math.nan},
+            {"step": 4, "a": 2}]
+    assert series(rows, "a") == [(0, 1.0), (4, 2.0)]
+
+
+def test_demo_summary_and_table(tmp_path):
+    rows = read_metrics(_write_metrics(tmp_path / "metrics.jsonl", DEMO_ROWS))
+    s = demo_summary(rows, teacher_accuracy=0.90, teacher_greedy=0.95, greedy_before=0.40, greedy_after=0.85)
+    assert s["steps"] == 4
+    assert (s["accuracy_before"], s["accuracy_after"]) == (0.30, 0.75)
+    assert (s["reverse_kl_before"], s["reverse_kl_after"]) == (0.50, 0.04)
+    assert s["gap_closed"] == pytest.approx(0.45 / 0.60)
+    assert s["greedy_gap_closed"] == pytest.approx(0.45 / 0.55)
+    t = demo_table(s)
+    assert "| student (SFT init)" in t and "0.300" in t and "0.750" in t and "0.040" in t
+    assert "closed (sampled): 0.75; greedy: 0.82" in t
+    with pytest.raises(ValueError, match="eval.every_steps > 0"):
+        demo_summary([{"step": 1, "teacher/reverse_kl": 0.1}], 0.9)
+
+
+def test_gap_closed_edge_cases():
+    assert gap_closed(0.2, 0.6, 1.0) == pytest.approx(0.5)
+    assert gap_closed(0.5, 0.4, 0.9) == pytest.approx(-0.25)  # regressions show as negative
+    assert gap_closed(0.9, 0.9, 0.9) is None
+
+
+def test_format_table_is_markdown():
+    t = format_table(["a", "bb"], [["x", 0.5], ["yy", 1.5e20], ["z", None]])
+    lines = t.splitlines()
+    assert lines[0] == "| a  | bb       |"
+    assert lines[1] == "|----|----------|"
+    assert lines[3] == "| yy | 1.50e+20 |"
+    assert lines[4] == "| z  | -        |"
+
+
+def test_comparison_tables_ratio_against_sft():
+    from recipes.compare import comparison_tables
+
+    def run(accs, flops_per_step):
+        rows = [{"step": i, "eval/accuracy": a} for i, a in enumerate(accs)]
+        return {"rows": rows, "flops": {i: FlopCounts(flops_per_step * i, 0.0) for i in range(len(accs))}}
+
+    # sft reaches 0.5 at step 2 (200 FLOPs); reverse_kl at step 1 (10 FLOPs): 20x.
+    results = {"reverse_kl": run([0.2, 0.5, 0.8], 10.0), "sft": run([0.2, 0.35, 0.5], 100.0)}
+    t = comparison_tables(results, {"accuracy": 0.2, "flops": 1000.0}, 0.9, [0.5, 0.8])
+    def cells(prefix, table_index):
+        table = t.split("\n\n")[table_index]
+        row = next(ln for ln in table.splitlines() if ln.startswith("| " + prefix))
+        return [c.strip() for c in row.strip("|").split("|")]
+
+    # second table: FLOPs to reach 0.5 / 0.8, then the ratios vs ground-truth SFT
+    assert cells("on-policy distillation", 1)[1:] == ["10.000", "20.000", "20.0x", "-"]
+    assert cells("more SFT", 1)[1:] == ["200.000", "-", "1.0x", "-"]
+    # seed-style first table: final accuracy, teacher FLOPs, student FLOPs incl. the init's 1000
+    assert cells("initialisation: student SFT", 0)[1:] == ["0.200", "0.000", "1000.000"]
+    assert cells("on-policy distillation", 0)[1:] == ["0.800", "0.000", "1020.000"]
+    assert cells("more SFT", 0)[1:] == ["0.500", "0.000", "1200.000"]
+    assert cells("teacher", 0)[1:] == ["0.900", "-", "-"]
+
+
+def test_self_distill_table_aligns_steps():
+    from recipes.self_distill import self_distill_table
+
+    res = {"sft_own_samples": [{"step": 0, "eval/reverse_kl": 0.0, "eval/accuracy": 0.3},
+                               {"step": 5, "eval/reverse_kl": 0.2, "eval/accuracy": 0.35}],
+           "on_policy_self": [{"step": 0, "eval/reverse_kl": 0.0, "eval/accuracy": 0.3},
+                              {"step": 5, "eval/reverse_kl": 0.001, "eval/accuracy": 0.31}]}
+    lines = self_distill_table(res).splitlines()
+    assert len(lines) == 4
+    assert lines[3].replace(" ", "") == "|5|0.200|0.350|0.001|0.310|"
+
+
+# ----------------------------------------------------------------- a real (small) SFT
+
+def test_sft_loop_memorises_a_few_problems():
+    """The completion-only SFT loop really trains: 6 problems, student arch,
+    fresh init, ~80 steps -> greedy answers exact."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.tiny_models import build_model
+    from recipes.common import model_accuracy
+    from recipes.sft import sft_loop
+
+    recs = [{"prompt": p, "answer": a} for p, a in
+            [("12+30=", "42"), ("7+8=", "15"), ("55+45=", "100"), ("9+0=", "9"), ("31+31=", "62"), ("80+19=", "99")]]
+    path = build_model("student")
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert model_accuracy(model, tok, recs) == 0.0  # random init
+    losses = []
+    sft_loop(model, tok, recs, steps=80, batch_size=6, lr_fn=lambda s: 3e-3, seed=0, log=lambda *_: None,
+             callback=lambda step, tokens: losses.append(tokens))
+    assert losses[-1] == 80 * sum(len(r["prompt"]) + len(r["answer"]) + 1 for r in recs)  # tokens counted
+    assert model_accuracy(model, tok, recs) == 1.0
