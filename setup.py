@@ -38,7 +38,8 @@ setup(
         "gpu": ["vllm==0.32.0"],
         "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6.100",
                  "datasets==5.2.0"],  # tests/unit/test_prompts.py: save_to_disk sources
-        "bench": ["trl", "datasets"],
+        # bench/e2e.py: TRL GKDTrainer baseline (trl 1.16 accepts transformers 5.19; it pulls accelerate).
+        "bench": ["trl==1.16.0", "accelerate==1.15.0", "datasets==5.2.0"],
     },
     entry_points={
         "console_scripts": [

@@ -1,7 +1,7 @@
 """The training loops: one function per mode, each about a page.
 
     do_sync_training   sample (current weights) -> score -> train -> sync
-    do_async_training  sampling for step k+1 overlaps scoring + training of
+    do_async_training  sampling + scoring of step k+1 overlap training of
                        step k; the batch trained at step k was sampled by the
                        policy one version behind, which the importance ratio
                        corrects; `train.max_policy_lag` bounds the lag
@@ -227,14 +227,21 @@ def do_async_training(ctx: RunContext) -> None:
     cfg = ctx.cfg
     if ctx.step == 0:
         log_baseline_eval(ctx)
-    # One background thread samples the next batch while this one scores and trains.
-    ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-sampling")
+    # One background thread samples AND scores the next batch while this one
+    # trains: the critical path is max(sample + score, train) + sync. Dead
+    # samplers are recovered here on the main thread (recovery drives the
+    # learners, which must not be called from two threads at once).
+    ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-rollout")
+
+    def sample_and_score(records: list, seed: int):
+        comps, m = sample_completions(ctx.pool, ctx.teacher, records, cfg.rollout, seed, cfg.train.sample_from)
+        batch, m2 = score_completions(ctx.teacher, comps, records, cfg.teacher, cfg.loss)
+        return batch, {**m, **m2}
 
     def submit(step: int):
         ctx.uncommitted_stream_state = ctx.stream.state_dict()
         records = ctx.stream.next_batch(cfg.train.prompts_per_step)
-        return records, ex.submit(sample_completions, ctx.pool, ctx.teacher, records, cfg.rollout,
-                                  sampling_seed(ctx, step), cfg.train.sample_from)
+        return records, ex.submit(sample_and_score, records, sampling_seed(ctx, step))
 
     pending = None
     try:
@@ -244,25 +251,25 @@ def do_async_training(ctx: RunContext) -> None:
             records, fut = pending
             t_wait = time.monotonic()
             try:
-                comps, metrics = fut.result()
-            except Exception as e:  # noqa: BLE001 - a dead sampler: restart, then sample the same prompts again
+                batch, metrics = fut.result()
+            except Exception as e:  # noqa: BLE001 - a dead sampler: restart, then redo the same prompts
                 if not _actor_died(e):
                     raise
                 rec = recover_samplers(ctx, e)
-                (comps, metrics), rec2 = with_sampler_recovery(
-                    ctx, sample_completions, ctx.pool, ctx.teacher, records, cfg.rollout,
-                    sampling_seed(ctx, ctx.step), cfg.train.sample_from)
+                (batch, metrics), rec2 = with_sampler_recovery(ctx, sample_and_score, records,
+                                                               sampling_seed(ctx, ctx.step))
                 metrics.update({k: rec.get(k, 0) + rec2.get(k, 0) for k in set(rec) | set(rec2)})
-            metrics["time/wait_sampling_s"] = time.monotonic() - t_wait
+            metrics["time/wait_rollout_s"] = time.monotonic() - t_wait
             metrics["progress/prompts_digest"] = prompts_digest(records)
             nxt = submit(ctx.step + 1) if ctx.step + 1 < cfg.train.steps else None
-            # Drop samples older than the lag bound (the learner is at ctx.version).
-            fresh = [c for c in comps if ctx.version - c.policy_version <= cfg.train.max_policy_lag]
-            metrics["rollout/stale_dropped"] = len(comps) - len(fresh)
-            metrics["rollout/policy_lag_max"] = max((ctx.version - c.policy_version for c in comps), default=0)
-            metrics["rollout/policy_lag_mean"] = sum(ctx.version - c.policy_version for c in comps) / max(1, len(comps))
-            batch, m2 = score_completions(ctx.teacher, fresh, records, cfg.teacher, cfg.loss)
-            metrics.update(m2)
+            if batch is not None:
+                # Drop samples older than the lag bound (the learner is at ctx.version).
+                lags = [ctx.version - v for v in batch.policy_versions_B]
+                keep = [i for i, lag in enumerate(lags) if lag <= cfg.train.max_policy_lag]
+                metrics["rollout/stale_dropped"] = len(lags) - len(keep)
+                metrics["rollout/policy_lag_max"] = max(lags, default=0)
+                metrics["rollout/policy_lag_mean"] = sum(lags) / max(1, len(lags))
+                batch = batch.select(keep) if keep else None
             if batch is not None:
                 metrics.update(train_on(ctx, batch))
                 if nxt is not None:  # the samplers must finish step k+1 before weights change under them

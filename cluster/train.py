@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -162,7 +163,11 @@ def run(cfg: Config, resume: bool = False) -> int:
             ctx.version = state["version"]
             # Samplers start from the base checkpoint: give them the restored policy.
             ctx.learners.push_weights(ctx.pool, ctx.version)
-        signal.signal(signal.SIGTERM, lambda *_: ctx.stop_requested.set())
+        if threading.current_thread() is threading.main_thread():
+            # Python only lets the main thread install handlers; an embedding
+            # program that runs `run()` in a thread stops it by setting
+            # ctx.stop_requested itself.
+            signal.signal(signal.SIGTERM, lambda *_: ctx.stop_requested.set())
         try:
             (do_async_training if cfg.train.mode == "async" else do_sync_training)(ctx)
         except Exception as e:

@@ -27,13 +27,16 @@ import psutil
 import pytest
 
 from tests.e2e.test_cluster import REPO, base_overrides, read_metrics
-from tests.fixtures.teacher import _health_status
+from cluster.teacher_proc import wait_healthy
 
 
-def wait_for_step(run_dir: Path, step: int, timeout_s: float = 600) -> None:
+def wait_for_step(run_dir: Path, step: int, thread: threading.Thread, box: dict, timeout_s: float = 600) -> None:
+    """Wait until `step` is logged; fail at once if the driver thread ended first."""
     deadline = time.monotonic() + timeout_s
     path = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
+        if not thread.is_alive():
+            raise AssertionError(f"the driver ended before step {step}: {box!r}")
         if path.exists() and any(json.loads(ln).get("step") == step and "learner/loss" in json.loads(ln)
                                  for ln in path.read_text().splitlines() if ln.strip()):
             return
@@ -81,12 +84,12 @@ def test_sampler_killed_is_restarted_then_learner_death_fails_loudly(ray_session
         "eval.every_steps=0", "run.save_every_steps=1", "learner.lr=2e-3", "learner.collective_timeout_s=120"]
     t, box = run_main_in_thread(["--config", str(REPO / "configs/demo.yaml"), *ov])
 
-    wait_for_step(run_dir, 1)
+    wait_for_step(run_dir, 1, t, box)
     pids = actor_pids("SamplerActor")
     assert len(pids) == 1, pids
     os.kill(pids[0], signal.SIGKILL)
 
-    wait_for_step(run_dir, 3)
+    wait_for_step(run_dir, 3, t, box)
     lpids = actor_pids("LearnerWorker")
     assert len(lpids) == 1, lpids
     os.kill(lpids[0], signal.SIGKILL)
@@ -118,11 +121,7 @@ def _launch_teacher(model_path: str, port: int, api_key_file: str, log: Path) ->
                              "--port", str(port), "--dtype", "float32", "--api-key-file", api_key_file],
                             cwd=REPO, env=env, start_new_session=True, stdout=open(log, "ab"),
                             stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while _health_status(f"http://127.0.0.1:{port}") != 200:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "teacher_server did not start"
-        time.sleep(0.5)
+    wait_healthy(f"http://127.0.0.1:{port}", timeout_s=300, proc=proc, log_path=log)
     return proc
 
 
@@ -142,13 +141,13 @@ def test_teacher_killed_restarted_then_down_for_good(ray_session, teacher_path, 
           "teacher.unavailable_timeout_s=240", "teacher.request_timeout_s=20"]
     try:
         t, box = run_main_in_thread(["--config", str(REPO / "configs/demo.yaml"), *ov])
-        wait_for_step(run_dir, 1)
+        wait_for_step(run_dir, 1, t, box)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         time.sleep(3)  # the driver is now retrying against a dead port
         proc = _launch_teacher(teacher_path, port, str(key), log)
 
-        wait_for_step(run_dir, 2)
+        wait_for_step(run_dir, 2, t, box)
         os.killpg(proc.pid, signal.SIGKILL)  # down for good; shorten the patience for this part
         proc.wait()
         t.join(timeout=900)
