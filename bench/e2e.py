@@ -283,11 +283,12 @@ def summarize_opd(rows: list[dict], mode: str) -> dict:
         slowest = max(phases, key=phases.get)
         res["slowest_phase"] = slowest
         res["step_over_slowest"] = step / phases[slowest]
-        res["wait_sampling_s"] = mean("time/wait_sampling_s")
+        res["wait_rollout_s"] = mean("time/wait_rollout_s")
         res["wait_before_sync_s"] = mean("time/wait_before_sync_s")
-        # The critical path of an async step: waiting for sampling, scoring,
-        # training, waiting for the next batch's sampling, sync.
-        res["other_s"] = step - (res["wait_sampling_s"] + phases["teacher"] + phases["train"]
+        # The critical path of an async step (sampling and scoring of the next
+        # batch run in the background): waiting for the rollout, training,
+        # waiting for the next batch's rollout, sync.
+        res["other_s"] = step - (res["wait_rollout_s"] + phases["train"]
                                  + res["wait_before_sync_s"] + phases["sync"])
         res["other_frac"] = res["other_s"] / step
     return res
@@ -443,7 +444,7 @@ def print_table(results: list[dict]) -> None:
     for row in lines:
         print("  ".join(str(c).rjust(wd) for c, wd in zip(row, widths, strict=True)))
     print("times: mean seconds per step after warmup; other = step - (sample+teacher+train+sync) in sync, "
-          "step - (wait_sampling+teacher+train+wait_before_sync+sync) in async; rss_*: peak summed RSS (MiB) "
+          "step - (wait_rollout+train+wait_before_sync+sync) in async; rss_*: peak summed RSS (MiB) "
           "per role; startup_s: wall - measured steps (Ray/teacher/vLLM/DeepSpeed start, warmup, teardown); "
           "trl: sample = transformers generate, train = the rest of its step (teacher + student forward, "
           "full-vocab KL, backward, AdamW)")
