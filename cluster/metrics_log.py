@@ -61,11 +61,19 @@ class MetricsLogger:
         if self.mode != "disabled":
             import wandb
 
-            self.run = wandb.init(
-                project=wcfg.project, entity=wcfg.entity, name=wcfg.name or self.run_dir.name,
-                dir=str(self.run_dir), config=config_dict, mode=self.mode, id=run_id,
-                resume="allow" if run_id else None, reinit="finish_previous",
-            )
+            kwargs = dict(project=wcfg.project, entity=wcfg.entity, name=wcfg.name or self.run_dir.name,
+                          dir=str(self.run_dir), config=config_dict, mode=self.mode, reinit="finish_previous")
+            try:
+                self.run = wandb.init(id=run_id, resume="allow" if run_id else None, **kwargs)
+            except Exception as e:  # noqa: BLE001 - wandb raises its own server errors
+                if not run_id or "in use" not in str(e):
+                    raise
+                # The killed driver's wandb service still holds the id (it can
+                # outlive a SIGKILLed driver): continue in a new wandb run;
+                # metrics.jsonl stays continuous either way.
+                print(f"[opd] wandb run {run_id} is still held by a previous process; logging this resumed "
+                      f"run as a new wandb run", flush=True)
+                self.run = wandb.init(**kwargs)
         self.run_id = self.run.id if self.run is not None else run_id
 
     @property
