@@ -20,30 +20,15 @@ import shutil
 import time
 from pathlib import Path
 
+from learner.checkpoint import _fsync_path as _fsync_dir  # one fsync/atomic-write implementation
+from learner.checkpoint import write_atomic
+
 DRIVER_STATE = "driver_state.json"
 LATEST = "latest"
 
 
 def ckpt_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def clean_partial(run_dir: Path) -> list[str]:
@@ -82,7 +67,7 @@ def save_checkpoint(run_dir: Path, step: int, save_learner, driver_state: dict, 
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    write_text_atomic(root / LATEST, name)
+    write_atomic(root / LATEST, name.encode())
     complete = sorted(p for p in root.iterdir() if p.name.startswith("step_") and (p / DRIVER_STATE).exists())
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
