@@ -205,10 +205,20 @@ class RssMonitor:
 
 # ------------------------------------------------------------------ opd
 
+def parse_mode(mode: str) -> tuple[str, int]:
+    """"sync" | "async", optionally ":cN" for train.rollout_chunks=N (e.g. "async:c2")."""
+    base, _, chunks = mode.partition(":")
+    if base not in ("sync", "async") or (chunks and not (chunks.startswith("c") and chunks[1:].isdigit()
+                                                         and int(chunks[1:]) > 0)):
+        raise ValueError(f"mode {mode!r}: use sync or async, optionally with :cN (N rollout chunks), e.g. async:c2")
+    return base, int(chunks[1:]) if chunks else 1
+
+
 def opd_overrides(w: Workload, mode: str, run_dir: Path, extra: list[str]) -> list[str]:
+    base, chunks = parse_mode(mode)
     return [
         f"student.model={w.student}", f"teacher.model={w.teacher}",
-        f"train.steps={w.warmup + w.steps}", f"train.mode={mode}",
+        f"train.steps={w.warmup + w.steps}", f"train.mode={base}", f"train.rollout_chunks={chunks}",
         f"train.prompts_per_step={w.prompts_per_step}",
         f"rollout.samples_per_prompt={w.samples_per_prompt}", f"rollout.max_new_tokens={w.max_new_tokens}",
         "rollout.temperature=1.0", f"learner.lr={w.lr}", "learner.warmup_steps=0",
@@ -218,7 +228,7 @@ def opd_overrides(w: Workload, mode: str, run_dir: Path, extra: list[str]) -> li
 
 
 def run_opd(w: Workload, mode: str, out: Path, extra: list[str], env_extra: dict[str, str]) -> dict:
-    run_dir = out / f"opd-{w.pair}-{mode}"
+    run_dir = out / f"opd-{w.pair}-{mode.replace(':', '-')}"
     if run_dir.exists():
         import shutil
 
@@ -259,7 +269,7 @@ def run_opd(w: Workload, mode: str, out: Path, extra: list[str], env_extra: dict
     rows = [r for r in rows if r.get("step", 0) > w.warmup and "time/step_s" in r]
     if not rows:
         raise RuntimeError(f"{run_dir}/metrics.jsonl holds no step past the {w.warmup} warmup step(s)")
-    res = summarize_opd(rows, mode)
+    res = summarize_opd(rows, parse_mode(mode)[0])
     first_step_at = wall - sum(r["time/step_s"] for r in rows)  # startup + warmup steps + teardown
     res.update(system="opd", pair=w.pair, mode=mode, wall_s=wall, overhead_s=first_step_at,
                peak_rss_mib={k: v / 2**20 for k, v in mon.peak_bytes.items()}, run_dir=str(run_dir))
@@ -276,8 +286,13 @@ def summarize_opd(rows: list[dict], mode: str) -> dict:
     res = {"steps": len(rows), "step_s": step, **{f"{p}_s": v for p, v in phases.items()},
            "tokens_per_s": tokens / total, "tokens_per_step": tokens / len(rows),
            "step_s_median": statistics.median(r["time/step_s"] for r in rows)}
+    res["rollout_s"] = mean("time/rollout_s")  # wall of sample + score (they overlap with train.rollout_chunks > 1)
     if mode == "sync":
-        res["other_s"] = step - sum(phases.values())
+        # The critical path of a sync step: the rollout (sampling, then or
+        # overlapped with scoring), training, sync.
+        critical = (res["rollout_s"] if all("time/rollout_s" in r for r in rows)
+                    else phases["sample"] + phases["teacher"]) + phases["train"] + phases["sync"]
+        res["other_s"] = step - critical
         res["other_frac"] = res["other_s"] / step
     else:
         slowest = max(phases, key=phases.get)
@@ -423,7 +438,7 @@ def fmt(x, spec=".2f") -> str:
 
 def print_table(results: list[dict]) -> None:
     trl = {r["pair"]: r for r in results if r["system"] == "trl"}
-    head = ["system", "pair", "mode", "step_s", "sample", "teacher", "train", "sync", "other", "other%",
+    head = ["system", "pair", "mode", "step_s", "sample", "teacher", "rollout", "train", "sync", "other", "other%",
             "step/slowest", "tok/s", "trl_tok/s", "opd/trl", "startup_s",
             *[f"rss_{r}" for r in ROLES]]
     lines = [head]
@@ -432,7 +447,8 @@ def print_table(results: list[dict]) -> None:
         rss = r.get("peak_rss_mib", {})
         lines.append([
             r["system"], r["pair"], r["mode"], fmt(r["step_s"]),
-            *[fmt(r.get(f"{p}_s")) for p in PHASES],
+            *[fmt(r.get(f"{p}_s")) for p in PHASES[:2]], fmt(r.get("rollout_s")),
+            *[fmt(r.get(f"{p}_s")) for p in PHASES[2:]],
             fmt(r.get("other_s")), fmt(100 * r["other_frac"], ".1f") if "other_frac" in r else "-",
             fmt(r.get("step_over_slowest")) + (f" ({r['slowest_phase']})" if "slowest_phase" in r else ""),
             fmt(r["tokens_per_s"], ".0f"), fmt(t["tokens_per_s"], ".0f") if t else "-",
@@ -456,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="measured steps per configuration")
     ap.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
     ap.add_argument("--pairs", default="small,large", help=f"comma list of {sorted(PAIRS)}")
-    ap.add_argument("--modes", default="sync,async", help="comma list of sync, async")
+    ap.add_argument("--modes", default="sync,async,async:c2",
+                    help="comma list of sync, async, each optionally :cN = train.rollout_chunks=N (score chunk i "
+                         "while sampling chunk i+1), e.g. sync:c2")
     ap.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True, help="run TRL GKD too")
     ap.add_argument("--samples-per-prompt", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -479,9 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     pairs = [p for p in args.pairs.split(",") if p]
     modes = [m for m in args.modes.split(",") if m]
-    bad = [p for p in pairs if p not in PAIRS] + [m for m in modes if m not in ("sync", "async")]
+    bad = [p for p in pairs if p not in PAIRS]
+    for m in modes:
+        try:
+            parse_mode(m)
+        except ValueError as e:
+            bad.append(str(e))
     if bad:
-        ap.error(f"unknown pair/mode {bad}: pairs are {sorted(PAIRS)}, modes sync, async")
+        ap.error(f"unknown pair/mode {bad}: pairs are {sorted(PAIRS)}, modes sync, async[:cN]")
     env_extra = dict(e.split("=", 1) for e in args.env)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -283,9 +283,19 @@ class TrainConfig:
     # Who writes the completions: "student" (on-policy, the samplers) or
     # "teacher" (off-policy, teacher_server /v1/generate: sequence-level KD).
     sample_from: Literal["student", "teacher"] = "student"
+    # Split each step's prompts into this many chunks and score chunk i on the
+    # teacher while the samplers generate chunk i+1 (sampling and scoring run
+    # on different machines/processes, so they overlap). 1 = sample everything,
+    # then score everything. More chunks overlap more but give each vLLM
+    # generate call a smaller batch.
+    rollout_chunks: int = 1
 
     def problems(self) -> list[str]:
-        return _positive(self, "steps", "prompts_per_step", "max_policy_lag")
+        out = _positive(self, "steps", "prompts_per_step", "max_policy_lag", "rollout_chunks")
+        if self.rollout_chunks > self.prompts_per_step:
+            out.append(f"train.rollout_chunks: {self.rollout_chunks} chunks of {self.prompts_per_step} prompts per "
+                       f"step would leave chunks empty; use at most train.prompts_per_step")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

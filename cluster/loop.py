@@ -6,6 +6,10 @@
                        policy one version behind, which the importance ratio
                        corrects; `train.max_policy_lag` bounds the lag
 
+In both modes `train.rollout_chunks` > 1 pipelines the rollout itself: the
+teacher scores chunk i while the samplers generate chunk i+1
+(`rollout_and_score`).
+
 Every stage is a named helper (cluster/stages.py); one metrics dict per step
 is logged once (metrics.jsonl + wandb) by `finish_step`.
 """
@@ -22,6 +26,7 @@ from typing import Any
 from cluster.checkpoint import save_checkpoint
 from cluster.config import Config
 from cluster.stages import completion_table, evaluate, sample_completions, score_completions
+from rollout.types import RolloutBatch
 
 
 @dataclasses.dataclass
@@ -193,14 +198,101 @@ def prompts_digest(records: list) -> str:
     return hashlib.sha256(",".join(str(r.index) for r in records).encode()).hexdigest()[:12]
 
 
-def rollout_and_score(ctx: RunContext, records: list, seed: int) -> tuple[Any, dict]:
+def chunk_seed(seed: int, i: int) -> int:
+    """Sampling seed of chunk i of a step (chunk 0 keeps the step's seed, so
+    `train.rollout_chunks=1` samples exactly as before)."""
+    return seed if i == 0 else (seed + i * 1_000_000_007) % (2**31 - 1)
+
+
+# Per-chunk metrics that are averages: merged weighted by (key of the weight).
+_WEIGHTED = {"rollout/finished_frac": "rollout/completions", "teacher/reverse_kl": "teacher/tokens_scored",
+             "teacher/mean_logprob": "teacher/tokens_scored"}
+# Rates: recomputed from merged totals as numerator / seconds.
+_RATES = {"rollout/tokens_per_s": ("rollout/completion_tokens", "time/sample_s"),
+          "teacher/tokens_per_s": ("teacher/tokens_scored", "time/teacher_s")}
+
+
+def merge_chunk_metrics(parts: list[dict]) -> dict:
+    """One step's metrics from its chunks' metrics: counts and seconds add up
+    (time/sample_s and time/teacher_s are then busy times, which overlap),
+    averages are weighted, rates recomputed."""
+    out: dict = {}
+    for m in parts:
+        for k, v in m.items():
+            if k in _WEIGHTED or k in _RATES or k == "rollout/mean_completion_len":
+                continue
+            out[k] = out.get(k, 0) + v
+    for k, w in _WEIGHTED.items():
+        pairs = [(m[k], m.get(w, 0)) for m in parts if k in m]
+        if pairs:
+            tot = sum(x for _, x in pairs)
+            out[k] = sum(v * x for v, x in pairs) / tot if tot else sum(v for v, _ in pairs) / len(pairs)
+    for k, (num, den) in _RATES.items():
+        if any(k in m for m in parts):
+            out[k] = out.get(num, 0) / max(out.get(den, 0), 1e-9)
+    if "rollout/completions" in out:
+        out["rollout/mean_completion_len"] = out.get("rollout/completion_tokens", 0) / max(1, out["rollout/completions"])
+    return out
+
+
+def split_records(records: list, chunks: int) -> list[list]:
+    """`records` in `chunks` contiguous, near-equal, non-empty parts."""
+    chunks = max(1, min(chunks, len(records)))
+    q, r = divmod(len(records), chunks)
+    out, i = [], 0
+    for c in range(chunks):
+        n = q + (1 if c < r else 0)
+        out.append(records[i: i + n])
+        i += n
+    return out
+
+
+def rollout_and_score(ctx: RunContext, records: list, seed: int, recover: bool = True) -> tuple[Any, dict]:
+    """Sample the step's completions and score them on the teacher; returns
+    (RolloutBatch or None, metrics). With `train.rollout_chunks` = C > 1 the
+    prompts are split in C chunks and chunk i is scored (on a side thread)
+    while the samplers generate chunk i+1: the rollout then takes about
+    max(sample, score) + one chunk's score instead of sample + score, and
+    `time/rollout_s` is that wall time. `recover` restarts dead samplers
+    (main thread only: recovery drives the learners); without it an actor
+    death propagates to the caller."""
     cfg = ctx.cfg
-    (comps, m), rec = with_sampler_recovery(ctx, sample_completions, ctx.pool, ctx.teacher, records, cfg.rollout,
-                                            seed, cfg.train.sample_from)
-    m.update(rec)
     scorer = ctx.pool.score if cfg.train.sample_from == "teacher" else None
-    batch, m2 = score_completions(ctx.teacher, comps, records, cfg.teacher, cfg.loss, student_scorer=scorer)
-    return batch, {**m, **m2}
+    t0 = time.monotonic()
+
+    def sample(part: list, s: int):
+        args = (ctx.pool, ctx.teacher, part, cfg.rollout, s, cfg.train.sample_from)
+        if recover:
+            (comps, m), rec = with_sampler_recovery(ctx, sample_completions, *args)
+            return comps, {**m, **rec}
+        return sample_completions(*args)
+
+    def score(comps: list, part: list):
+        return score_completions(ctx.teacher, comps, part, cfg.teacher, cfg.loss, student_scorer=scorer)
+
+    parts = split_records(records, cfg.train.rollout_chunks)
+    if len(parts) == 1:
+        comps, m = sample(records, seed)
+        batch, m2 = score(comps, records)
+        return batch, {**m, **m2, "time/rollout_s": time.monotonic() - t0}
+    ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-score")
+    futs, sample_metrics = [], []
+    try:
+        for i, part in enumerate(parts):
+            comps, m = sample(part, chunk_seed(seed, i))
+            sample_metrics.append(m)
+            futs.append(ex.submit(score, comps, part))
+        t_sampled = time.monotonic()
+        scored = [f.result() for f in futs]
+    finally:
+        # Scoring threads never outlive the step (a failure above cancels the
+        # chunks not yet started and waits for the one running).
+        ex.shutdown(wait=True, cancel_futures=True)
+    batches = [b for b, _ in scored if b is not None]
+    metrics = merge_chunk_metrics(sample_metrics + [m for _, m in scored])
+    metrics.update({"time/rollout_s": time.monotonic() - t0, "time/score_tail_s": time.monotonic() - t_sampled,
+                    "rollout/chunks": len(parts)})
+    return (RolloutBatch.concat(batches) if batches else None), metrics
 
 
 # ----------------------------------------------------------------- loops
@@ -233,15 +325,10 @@ def do_async_training(ctx: RunContext) -> None:
     # learners, which must not be called from two threads at once).
     ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-rollout")
 
-    def sample_and_score(records: list, seed: int):
-        comps, m = sample_completions(ctx.pool, ctx.teacher, records, cfg.rollout, seed, cfg.train.sample_from)
-        batch, m2 = score_completions(ctx.teacher, comps, records, cfg.teacher, cfg.loss)
-        return batch, {**m, **m2}
-
     def submit(step: int):
         ctx.uncommitted_stream_state = ctx.stream.state_dict()
         records = ctx.stream.next_batch(cfg.train.prompts_per_step)
-        return records, ex.submit(sample_and_score, records, sampling_seed(ctx, step))
+        return records, ex.submit(rollout_and_score, ctx, records, sampling_seed(ctx, step), False)
 
     pending = None
     try:
@@ -256,9 +343,9 @@ def do_async_training(ctx: RunContext) -> None:
                 if not _actor_died(e):
                     raise
                 rec = recover_samplers(ctx, e)
-                (batch, metrics), rec2 = with_sampler_recovery(ctx, sample_and_score, records,
-                                                               sampling_seed(ctx, ctx.step))
-                metrics.update({k: rec.get(k, 0) + rec2.get(k, 0) for k in set(rec) | set(rec2)})
+                batch, metrics = rollout_and_score(ctx, records, sampling_seed(ctx, ctx.step), recover=True)
+                for k, v in rec.items():
+                    metrics[k] = metrics.get(k, 0) + v
             metrics["time/wait_rollout_s"] = time.monotonic() - t_wait
             metrics["progress/prompts_digest"] = prompts_digest(records)
             nxt = submit(ctx.step + 1) if ctx.step + 1 < cfg.train.steps else None

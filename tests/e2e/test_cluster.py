@@ -5,7 +5,8 @@ wandb offline.
 - a sync run: every metric namespace in metrics.jsonl and an offline wandb
   run, eval/reverse_kl falls (the method works, not only the plumbing), the
   final export loads in transformers;
-- an async run: the same namespaces, policy lag within the bound;
+- an async run with a 2-chunk pipelined rollout: the same namespaces, policy lag
+  within the bound, the chunks adding up to the whole step;
 - SIGKILL while a checkpoint is being written, then --resume: the previous
   checkpoint is intact, the run continues at the right step with the same
   prompts as an uninterrupted stream, metrics continuous;
@@ -106,12 +107,20 @@ def test_sync_run_logs_everything_and_kl_falls(ray_session, teacher_server, tmp_
 def test_async_run(ray_session, teacher_server, tmp_path):
     run_dir = tmp_path / "async"
     rc = run_in_process(base_overrides(run_dir, teacher_server, steps=3)
-                        + ["train.mode=async", "eval.every_steps=3", "train.max_policy_lag=1"])
+                        + ["train.mode=async", "eval.every_steps=3", "train.max_policy_lag=1",
+                           "train.rollout_chunks=2"])
     assert rc == 0
     rows = read_metrics(run_dir)
     assert_namespaces(rows)
     trained = [r for r in rows if "learner/loss" in r]
     assert [r["step"] for r in trained] == [1, 2, 3]
+    # The rollout was pipelined in 2 chunks (chunk 1 sampled while chunk 0 was
+    # scored) and the chunks together are the whole step: 8 prompts x 4.
+    for r in trained:
+        assert r["rollout/chunks"] == 2
+        assert r["rollout/completions"] == 32
+        assert r["teacher/scored_sequences"] + r["teacher/empty_completions"] + r["teacher/failed_sequences"] == 32
+        assert r["time/rollout_s"] > 0
     assert all(r["rollout/policy_lag_max"] <= 1 for r in trained)
     # From the second step on the batch was sampled while the previous step
     # trained: one version behind.

@@ -101,10 +101,17 @@ def test_fixed_width_task_has_the_same_problems_and_split():
 def test_recipe_key_is_stable_and_covers_every_field():
     assert TEACHER_RECIPE.key() == dataclasses.replace(TEACHER_RECIPE).key()
     assert TEACHER_RECIPE.key() != STUDENT_RECIPE.key()
+    # Every field is in the key (the early-stop check interval only matters,
+    # and only counts, when an early stop is set).
+    base = dataclasses.replace(STUDENT_RECIPE, stop_at_accuracy=0.5)
     for f in dataclasses.fields(SFTRecipe):
-        v = getattr(STUDENT_RECIPE, f.name)
+        v = getattr(base, f.name)
         changed = {"name": "other", "spec": "teacher"}.get(f.name, v + 1 if isinstance(v, int) else v * 2)
-        assert dataclasses.replace(STUDENT_RECIPE, **{f.name: changed}).key() != STUDENT_RECIPE.key(), f.name
+        assert dataclasses.replace(base, **{f.name: changed}).key() != base.key(), f.name
+    # Without an early stop, recipes keep the key they had before early stops
+    # existed (cached SFT models stay valid).
+    no_stop = dataclasses.replace(TEACHER_RECIPE, stop_at_accuracy=0.0)
+    assert no_stop.key() == dataclasses.replace(no_stop, stop_check_every=7).key()
 
 
 def test_teacher_is_the_larger_model():
@@ -294,3 +301,23 @@ def test_sft_loop_memorises_a_few_problems():
              callback=lambda step, tokens: losses.append(tokens))
     assert losses[-1] == 80 * sum(len(r["prompt"]) + len(r["answer"]) + 1 for r in recs)  # tokens counted
     assert model_accuracy(model, tok, recs) == 1.0
+
+
+def test_sft_loop_stops_when_the_callback_says_so():
+    """Early stop (SFTRecipe.stop_at_accuracy uses it): a callback returning
+    True ends training after that step, and the tokens count stops there."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.tiny_models import build_model
+    from recipes.sft import sft_loop
+
+    recs = [{"prompt": "12+30=", "answer": "42"}, {"prompt": "7+8=", "answer": "15"}]
+    path = build_model("student")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seen = []
+    tokens = sft_loop(model, tok, recs, steps=50, batch_size=2, lr_fn=lambda s: 1e-3, seed=0, log=lambda *_: None,
+                      callback=lambda step, tokens: seen.append(step) or step == 3)
+    assert seen == [1, 2, 3]
+    assert tokens == 3 * sum(len(r["prompt"]) + len(r["answer"]) + 1 for r in recs)
