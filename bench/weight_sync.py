@@ -1,14 +1,21 @@
 """Benchmark: seconds to push a full set of student weights from the learner
-(this process, gloo rank 0) into 1 and 2 vLLM CPU samplers, next to the
-floor: one plain in-memory `Tensor.copy_` of the same bytes on this machine.
+(this process, rank 0 of the transfer group) into 1 and 2 vLLM CPU samplers,
+over each CPU transport (gloo, shm), next to the floor: one plain in-memory
+`Tensor.copy_` of the same bytes on this machine.
 
-    .venv/bin/python -m bench.weight_sync                       # all sizes
-    .venv/bin/python -m bench.weight_sync --models student --repeats 3
+    .venv/bin/python -m bench.weight_sync                       # all sizes, both transports
+    .venv/bin/python -m bench.weight_sync --models student-25m --backends shm --repeats 5
 
 Each push is the whole production path: start_weight_update on every sampler,
-the accept/reject vote, bucketed gloo broadcasts (rollout.weight_sync_bucket_mb),
-layerwise reload in each vLLM worker, finish_weight_update. The same samplers
-serve both rows of a model (they re-join a fresh group of 1 or 2 samplers).
+the accept/reject vote, the buckets (rollout.weight_sync_bucket_mb; gloo:
+broadcast over loopback TCP; shm: packed into the /dev/shm region, only a
+header broadcast), layerwise reload in each vLLM worker, finish_weight_update.
+The same samplers (default "auto" config: the "opd_shm" engine, which takes
+both transports) serve every row of a model; they re-join a fresh group for
+each (transport, sampler count). Phases (from the sender's last_stats):
+start+vote = start RPC and the accept vote, stream = packing + shipping all
+buckets, drain = waiting for the samplers' loads after the last bucket,
+finish = the finish RPC.
 """
 
 from __future__ import annotations
@@ -40,13 +47,13 @@ def copy_floor_s(nbytes: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, repeats: int, bucket_mb: int) -> list[dict]:
+def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str]) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
     from cluster.config import RolloutConfig, StudentConfig
     from cluster.tiny_models import build_model
-    from learner.weight_sender import GlooWeightSender, specs_from_named
+    from learner.weight_sender import GlooWeightSender, ShmWeightSender, specs_from_named
     from rollout.pool import SamplerPool
 
     path = str(build_model(name))
@@ -59,25 +66,28 @@ def bench_model(name: str, repeats: int, bucket_mb: int) -> list[dict]:
     rows = []
     try:
         floor = copy_floor_s(nbytes, max(5, repeats))
-        for k in (1, 2):
-            pool = SamplerPool(both.samplers[:k], timeout_s=600)
-            sender = GlooWeightSender(pool, "127.0.0.1", _port(), bucket_bytes=bucket_mb << 20, timeout_s=600)
-            sender.connect()
-            sender.send(1, specs, iter(named))  # warm-up (first reload builds the layout)
-            times, phases = [], []
-            for r in range(repeats):
-                t = time.perf_counter()
-                sender.send(2 + r, specs, iter(named))
-                times.append(time.perf_counter() - t)
-                phases.append(sender.last_stats)
-            assert pool.weight_versions() == [1 + repeats] * k
-            push = statistics.median(times)
-            rows.append(dict(model=name, params_m=sum(s.numel for s in specs) / 1e6, mib=nbytes / 2**20,
-                             samplers=k, push_s=push, floor_s=floor, ratio=push / floor,
-                             **{key.removeprefix("sync/"): statistics.median(p[key] for p in phases)
-                                for key in ("sync/start_vote_s", "sync/stream_s", "sync/drain_s", "sync/finish_s")}))
-            print(f"# {rows[-1]}", flush=True)
-            sender.shutdown()
+        for backend in backends:
+            cls = {"gloo": GlooWeightSender, "shm": ShmWeightSender}[backend]
+            for k in (1, 2):
+                pool = SamplerPool(both.samplers[:k], timeout_s=600)
+                sender = cls(pool, "127.0.0.1", _port(), bucket_bytes=bucket_mb << 20, timeout_s=600)
+                sender.connect()
+                sender.send(1, specs, iter(named))  # warm-up (first reload builds the layout, maps the region)
+                times, phases = [], []
+                for r in range(repeats):
+                    t = time.perf_counter()
+                    sender.send(2 + r, specs, iter(named))
+                    times.append(time.perf_counter() - t)
+                    phases.append(sender.last_stats)
+                assert pool.weight_versions() == [1 + repeats] * k
+                push = statistics.median(times)
+                rows.append(dict(model=name, backend=backend, params_m=sum(s.numel for s in specs) / 1e6,
+                                 mib=nbytes / 2**20, samplers=k, push_s=push, floor_s=floor, ratio=push / floor,
+                                 **{key.removeprefix("sync/"): statistics.median(p[key] for p in phases)
+                                    for key in ("sync/start_vote_s", "sync/stream_s", "sync/drain_s",
+                                                "sync/finish_s")}))
+                print(f"# {rows[-1]}", flush=True)
+                sender.shutdown()
     finally:
         both.shutdown()
     return rows
@@ -89,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="cluster/tiny_models.SPECS names (any architecture can play the student here)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=64)
+    ap.add_argument("--backends", nargs="+", default=["gloo", "shm"], choices=["gloo", "shm"])
     args = ap.parse_args(argv)
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -98,17 +109,18 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     try:
         for name in args.models:
-            rows += bench_model(name, args.repeats, args.bucket_mb)
+            rows += bench_model(name, args.repeats, args.bucket_mb, args.backends)
     finally:
         ray.shutdown()
-    print(f"\nweight sync push (median of {args.repeats}), bucket {args.bucket_mb} MiB, fp32, gloo over loopback")
+    print(f"\nweight sync push (median of {args.repeats}), bucket {args.bucket_mb} MiB, fp32; gloo = loopback TCP, "
+          f"shm = /dev/shm region + gloo headers")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine => noisy)")
-    print(f"{'model':<14}{'params':>9}{'MiB':>9}{'samplers':>10}{'push s':>10}{'copy floor s':>14}{'ratio':>8}"
-          f"   | start+vote  stream  drain  finish (s)")
+    print(f"{'model':<14}{'params':>9}{'MiB':>9}{'transport':>10}{'samplers':>9}{'push s':>9}{'copy floor s':>13}"
+          f"{'ratio':>8}   | start+vote  stream  drain  finish (s)")
     for r in rows:
-        print(f"{r['model']:<14}{r['params_m']:>8.1f}M{r['mib']:>9.1f}{r['samplers']:>10}{r['push_s']:>10.3f}"
-              f"{r['floor_s']:>14.4f}{r['ratio']:>7.1f}x   | {r['start_vote_s']:>10.3f}{r['stream_s']:>8.3f}"
-              f"{r['drain_s']:>7.3f}{r['finish_s']:>8.3f}")
+        print(f"{r['model']:<14}{r['params_m']:>8.1f}M{r['mib']:>9.1f}{r['backend']:>10}{r['samplers']:>9}"
+              f"{r['push_s']:>9.3f}{r['floor_s']:>13.4f}{r['ratio']:>7.1f}x   | {r['start_vote_s']:>10.3f}"
+              f"{r['stream_s']:>8.3f}{r['drain_s']:>7.3f}{r['finish_s']:>8.3f}")
 
 
 if __name__ == "__main__":

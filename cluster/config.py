@@ -164,10 +164,17 @@ class RolloutConfig:
     cpu_threads_bind: str = "auto"
     # Run vLLM without CUDA graphs / compilation (always on for CPU).
     enforce_eager: bool = True
-    # Weight transport: "auto" (nccl when the samplers have GPUs, else gloo),
-    # "nccl" (vLLM's official NCCL weight-transfer engine) or "gloo" (CPU).
-    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
-    # Bucket size of one weight-sync transfer (MiB): bounds the extra memory.
+    # Weight transport learner rank 0 -> samplers: "nccl" (vLLM's official NCCL
+    # weight-transfer engine, GPU), "shm" (CPU: bytes through one /dev/shm
+    # region, control over gloo; every sampler on learner rank 0's node, and
+    # /dev/shm must hold the whole update), "gloo" (CPU, any node: loopback or
+    # network TCP, several times slower than shm), or "auto": nccl when the
+    # samplers have GPUs, else shm when every sampler shares learner rank 0's
+    # Ray node (learner rank 0 checks the samplers' node ids when it connects),
+    # else gloo.
+    weight_sync_backend: Literal["auto", "nccl", "gloo", "shm"] = "auto"
+    # Bucket size of one weight-sync transfer (MiB): bounds the extra memory
+    # (gloo); with shm the unit of pipelining (the region holds the whole update).
     weight_sync_bucket_mb: int = 64
     # Timeout of one weight update, and of a sampler RPC (seconds).
     weight_sync_timeout_s: float = 600.0

@@ -129,12 +129,16 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
                                    scheduling_strategies=plan.learner_strategies,
                                    num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps)
     teardown.append(learners.shutdown)
+    # On CPU "auto" stays "auto": learner rank 0 picks shm when every sampler
+    # is on its Ray node, else gloo (the samplers' "opd_shm" engine takes both).
     backend = cfg.rollout.weight_sync_backend
-    if backend == "auto":
-        backend = "nccl" if plan.uses_gpus else "gloo"
+    if backend == "auto" and plan.uses_gpus:
+        backend = "nccl"
     sync_kwargs = dict(backend=backend, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
                        timeout_s=cfg.rollout.weight_sync_timeout_s, dtype=cfg.student.dtype)
-    learners.init_weight_sync(pool, **sync_kwargs)
+    chosen = learners.init_weight_sync(pool, **sync_kwargs)
+    print(f"[opd] weight sync over {chosen} (rollout.weight_sync_backend={cfg.rollout.weight_sync_backend})",
+          flush=True)
     return dict(pool=pool, learners=learners, teacher=teacher, stream=stream, eval_records=eval_records,
                 tokenizer=tokenizer, sync_kwargs=sync_kwargs)
 

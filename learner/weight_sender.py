@@ -1,5 +1,9 @@
 """Sending side of weight sync: learner rank 0 pushes full weights to every sampler.
 
+`make_sender(client, backend, ...)` resolves `rollout.weight_sync_backend`
+("auto": nccl with GPUs, else shm when every sampler runs on this process's
+Ray node, else gloo; see rollout.weight_sync.choose_backend) and builds one of:
+
 `GlooWeightSender` (CPU) is the counterpart of rollout/weight_receiver.py:
 it hosts the TCPStore and is rank 0 of a private gloo group with every
 sampler worker, and drives one update through the samplers' control plane
@@ -20,6 +24,18 @@ that does not match its spec, a failing gather) broadcasts an abort header so
 the receivers raise instead of waiting; transport failures raise after the
 group's timeout, never hang forever.
 
+`ShmWeightSender` (CPU, samplers on this node) runs the same protocol over the
+same gloo group, but packs each bucket straight into a shared-memory region
+(a file under /dev/shm, sized to the whole update, mapped by every sampler
+worker) and broadcasts only the header: one copy of each byte on this side,
+none over TCP, and the samplers load bucket b while it packs bucket b+1. The
+region is created (after checking /dev/shm has room) at the first send,
+unlinked as soon as every worker has mapped it (the accept vote), so it
+disappears with the last mapping even if a process is killed, and replaced
+by a new one on `connect`/`reconnect` (a restarted sampler maps the new
+one). It is rewritten only by the next update, after every sampler finished
+this one (vLLM's layerwise reload keeps views of it until then).
+
 `NcclWeightSender` (GPU) wraps vLLM's official `NCCLTrainerWeightTransferEngine`
 behind the same `send(version, specs, tensors)`; it imports vllm lazily (the
 learner never imports vllm otherwise) and was not run on this CPU machine.
@@ -30,7 +46,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
+import uuid
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,14 +58,19 @@ import torch
 from rollout.weight_sync import (
     HEADER_ABORT,
     HEADER_OK,
+    SHM_DIR,
     GlooUpdateInfo,
     ParamSpec,
     WeightSyncClient,
     WeightSyncError,
+    choose_backend,
     dtype_name,
     gloo_allreduce_sum,
     gloo_broadcast,
+    map_region,
     open_gloo_group,
+    plan_region,
+    region_header,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,6 +112,8 @@ def _checked(specs: Sequence[ParamSpec], tensors: Iterable) -> Iterator[torch.Te
 class GlooWeightSender:
     """Learner rank 0's gloo sender (CPU). Call `connect()` once (or let the
     first `send` do it), then `send(version, specs, tensors)` per update."""
+
+    backend = "gloo"
 
     def __init__(self, client: WeightSyncClient, master_address: str, master_port: int,
                  world_size: int | None = None, bucket_bytes: int = 64 << 20, timeout_s: float = 600.0,
@@ -142,11 +168,8 @@ class GlooWeightSender:
         if self._group is None:
             self.connect()
         t0 = time.perf_counter()
-        info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
+        info = self._plan(version, specs)
         buckets = info.buckets()
-        cap = max((sum(s.nbytes for s in b) for b in buckets), default=0)
-        if self._buffer is None or self._buffer.numel() < cap:
-            self._buffer = torch.empty(cap, dtype=torch.uint8)
 
         try:
             self.client.start_weight_update()
@@ -169,8 +192,9 @@ class GlooWeightSender:
             if vote.item() != 0:
                 fut.result(timeout=self.timeout_s)  # raises the samplers' reason
                 raise WeightSyncError(f"weight update v{version} was rejected by a sampler", "validate")
+            self._accepted(info)
             try:
-                self._stream(buckets, _checked(specs, tensors))
+                self._stream(info, buckets, _checked(specs, tensors))
                 t_stream = time.perf_counter()
             except BaseException:
                 # We told the receivers to abort: let them record it (their
@@ -190,14 +214,34 @@ class GlooWeightSender:
                            "sync/drain_s": t1 - t_stream, "sync/finish_s": t2 - t1, "sync/total_s": t2 - t0,
                            "sync/bytes": float(sum(s.nbytes for s in specs)), "sync/buckets": float(len(buckets))}
 
-    def _stream(self, buckets: list[list[ParamSpec]], tensors: Iterator[torch.Tensor]) -> None:
+    def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
+        """The update info of one send; makes sure the packing memory fits it."""
+        info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
+        cap = max(info.bucket_nbytes(), default=0)
+        if self._buffer is None or self._buffer.numel() < cap:
+            self._buffer = torch.empty(cap, dtype=torch.uint8)
+        return info
+
+    def _accepted(self, info: GlooUpdateInfo) -> None:
+        """Every receiver voted to accept `info` (nothing is loaded yet)."""
+
+    def _bucket_memory(self, info: GlooUpdateInfo, b: int) -> torch.Tensor:
+        """Where bucket b is packed."""
+        return self._buffer
+
+    def _ship(self, b: int, packed: torch.Tensor) -> None:
+        """After bucket b's header: move its packed bytes to the receivers."""
+        gloo_broadcast(self._group, packed, f"bucket {b} ({packed.numel()} bytes)")
+
+    def _stream(self, info: GlooUpdateInfo, buckets: list[list[ParamSpec]], tensors: Iterator[torch.Tensor]) -> None:
         header = torch.zeros(2, dtype=torch.int64)
         for b, bucket in enumerate(buckets):
             try:
+                dest = self._bucket_memory(info, b)
                 off = 0
                 for _spec in bucket:
                     flat = next(tensors).detach().contiguous().reshape(-1).view(torch.uint8)
-                    self._buffer[off: off + flat.numel()].copy_(flat)
+                    dest[off: off + flat.numel()].copy_(flat)
                     off += flat.numel()
                 if b == len(buckets) - 1:
                     next(tensors, None)  # run the iterator's end check before the last bucket ships
@@ -207,12 +251,114 @@ class GlooWeightSender:
                 raise
             header[0], header[1] = HEADER_OK, off
             gloo_broadcast(self._group, header, f"the header of bucket {b}")
-            gloo_broadcast(self._group, self._buffer[:off], f"bucket {b} ({off} bytes)")
+            self._ship(b, dest[:off])
 
     def shutdown(self) -> None:
         self._group = None
         self._store = None
         self._buffer = None
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class ShmWeightSender(GlooWeightSender):
+    """Learner rank 0's shared-memory sender (CPU, every sampler on this
+    node; their engines must be "opd_shm"). Same calls as GlooWeightSender."""
+
+    backend = "shm"
+
+    def __init__(self, client: WeightSyncClient, master_address: str, master_port: int,
+                 world_size: int | None = None, bucket_bytes: int = 64 << 20, timeout_s: float = 600.0,
+                 group_name: str = "opd_weight_sync", shm_dir: str = SHM_DIR):
+        super().__init__(client, master_address, master_port, world_size=world_size, bucket_bytes=bucket_bytes,
+                         timeout_s=timeout_s, group_name=group_name)
+        self.shm_dir = shm_dir
+        self._mmap = None
+        self._region: torch.Tensor | None = None
+        self._path: str | None = None
+        self._token: str | None = None
+        self._unlink = None  # weakref.finalize that unlinks the file (until the vote did it)
+
+    def connect(self) -> None:
+        # A new group means fresh receiver engines that have mapped nothing:
+        # give them a new region (the old file may be unlinked already).
+        self._release_region()
+        super().connect()
+
+    def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
+        info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
+        offsets, nbytes = plan_region(info.bucket_nbytes())
+        if self._region is None or self._region.numel() < nbytes:
+            self._create_region(nbytes)
+        return dataclasses.replace(info, shm_path=self._path, shm_token=self._token, shm_bytes=self._region.numel(),
+                                   bucket_offsets=offsets)
+
+    def _create_region(self, nbytes: int) -> None:
+        self._release_region()
+        st = os.statvfs(self.shm_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < nbytes:
+            raise self._no_room(nbytes, free)
+        path = os.path.join(self.shm_dir, f"opd-weights-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # Unlinked at the first accepted vote, or when this sender goes away.
+        self._unlink = weakref.finalize(self, _unlink_quietly, path)
+        try:
+            try:
+                # Reserve every page now: a full tmpfs then fails here, not as a
+                # SIGBUS in the middle of packing.
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                self._unlink()
+                raise self._no_room(nbytes, free, e) from e
+            self._mmap, self._region = map_region(fd, nbytes)
+        finally:
+            os.close(fd)
+        self._path, self._token = path, uuid.uuid4().hex
+        header = region_header(self._token)
+        self._region[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        logger.info("weight sync: shared-memory region %s (%.1f MiB)", path, nbytes / 2**20)
+
+    def _no_room(self, nbytes: int, free: int, err: OSError | None = None) -> WeightSyncError:
+        return WeightSyncError(
+            f"{self.shm_dir} has {free / 2**20:.0f} MiB free, the shared-memory weight-sync region needs "
+            f"{nbytes / 2**20:.0f} MiB (the whole update){f' ({err})' if err else ''}: set "
+            f"rollout.weight_sync_backend=gloo, or give {self.shm_dir} more room (e.g. docker run --shm-size, "
+            f"or `mount -o remount,size=... {self.shm_dir}`)", "init")
+
+    def _accepted(self, info: GlooUpdateInfo) -> None:
+        # Every worker has mapped the region (mapping is part of its vote):
+        # drop the name, so the memory goes away with the last mapping.
+        if self._unlink is not None and self._unlink.alive:
+            self._unlink()
+
+    def _bucket_memory(self, info: GlooUpdateInfo, b: int) -> torch.Tensor:
+        return self._region[info.bucket_offsets[b]:]
+
+    def _ship(self, b: int, packed: torch.Tensor) -> None:
+        pass  # the header told the workers: they read bucket b in place
+
+    def _release_region(self) -> None:
+        if self._unlink is not None:
+            self._unlink()
+            self._unlink = None
+        self._region = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a view is still alive somewhere: it unmaps when that goes
+                pass
+            self._mmap = None
+        self._path = self._token = None
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._release_region()
 
 
 class _VersionedClient:
@@ -241,6 +387,8 @@ class NcclWeightSender:
     `WeightTransferConfig(backend="nccl")`). Same `send` as GlooWeightSender.
     Tensors are moved to the current CUDA device as they stream. Not run on
     the CPU machine (tests/e2e/test_weight_sync.py::test_nccl_* is gpu-marked)."""
+
+    backend = "nccl"
 
     def __init__(self, client: WeightSyncClient, master_address: str, master_port: int,
                  world_size: int | None = None, bucket_bytes: int = 64 << 20, timeout_s: float = 600.0):
@@ -301,4 +449,33 @@ class NcclWeightSender:
             self._engine = None
 
 
-__all__ = ["GlooWeightSender", "NcclWeightSender", "specs_from_named"]
+def samplers_on_this_node(client) -> bool | None:
+    """True when every sampler of `client` runs on this process's Ray node;
+    None when that cannot be told (no Ray, or a client without `node_ids`)."""
+    node_ids = getattr(client, "node_ids", None)
+    if node_ids is None:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    mine = ray.get_runtime_context().get_node_id()
+    return all(n == mine for n in node_ids())
+
+
+def make_sender(client: WeightSyncClient, backend: str, master_address: str, master_port: int,
+                bucket_bytes: int = 64 << 20, timeout_s: float = 600.0):
+    """The sender for `rollout.weight_sync_backend=backend` ("auto", "gloo",
+    "shm", "nccl"); "auto" is resolved here, on learner rank 0, where the
+    samplers' and our own node are known. Not connected yet."""
+    if backend == "auto":
+        has_gpu = torch.cuda.is_available()
+        backend = choose_backend("auto", has_gpu, None if has_gpu else samplers_on_this_node(client))
+    else:
+        choose_backend(backend, has_gpu=True)  # validates the name
+    cls = {"gloo": GlooWeightSender, "shm": ShmWeightSender, "nccl": NcclWeightSender}[backend]
+    return cls(client, master_address, master_port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+
+
+__all__ = ["GlooWeightSender", "NcclWeightSender", "ShmWeightSender", "make_sender", "samplers_on_this_node",
+           "specs_from_named"]

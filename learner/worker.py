@@ -403,17 +403,20 @@ class LearnerWorker:
     # --------------------------------------------------------- weight sync
 
     def init_weight_sync(self, client, backend: str, bucket_bytes: int, timeout_s: float,
-                         dtype: str | None = None) -> None:
-        """Rank 0 builds the sender and rendezvouses with every sampler
-        (learner/weight_sender.py); other ranks only record the dtype."""
+                         dtype: str | None = None) -> str | None:
+        """Rank 0 builds the sender for `backend` ("auto", "gloo", "shm",
+        "nccl"; "auto" resolved here: shm when every sampler shares this
+        actor's Ray node, see learner/weight_sender.make_sender) and
+        rendezvouses with every sampler; returns the transport it chose. Other
+        ranks only record the dtype (and return None)."""
         self._sync_dtype = None if dtype is None else getattr(torch, dtype)
         self._sync_bucket_bytes = int(bucket_bytes)
         if self.rank != 0:
-            return
-        from learner.weight_sender import GlooWeightSender, NcclWeightSender
+            return None
+        from learner.weight_sender import make_sender
 
         # Called again after a sampler restart: tear the old group down first so
-        # its store port and gloo sockets are released.
+        # its store port, gloo sockets and shared-memory region are released.
         if getattr(self, "_sender", None) is not None:
             try:
                 self._sender.shutdown()
@@ -421,9 +424,9 @@ class LearnerWorker:
                 pass
             self._sender = None
         addr, port = node_address()
-        cls = NcclWeightSender if backend == "nccl" else GlooWeightSender
-        self._sender = cls(client, addr, port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+        self._sender = make_sender(client, backend, addr, port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
         self._sender.connect()
+        return self._sender.backend
 
     def push_weights(self, version: int) -> dict:
         """Send the current weights as `version`. Every rank calls it in

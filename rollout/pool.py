@@ -7,7 +7,8 @@ prompt order (result[p][s], as `SamplerActor.generate`). The pool is also the
 out to every sampler and raises `WeightSyncError` naming the samplers that
 failed. `init_weight_transfer_engine` assigns each sampler its rank offset in
 the transfer group (learner = rank 0, then every sampler's workers in pool
-order), for the gloo and the NCCL transport alike.
+order), for the gloo, shm and NCCL transports alike; `node_ids` tells the
+sender where the samplers run.
 
     pool = SamplerPool.create(model_path, cfg.rollout, cfg.student)   # inside ray.init()
     completions_P_G = pool.generate(prompts)
@@ -168,6 +169,11 @@ class SamplerPool:
 
     def total_workers(self) -> int:
         return sum(self.num_workers())
+
+    def node_ids(self) -> list[str]:
+        """The Ray node id of every sampler (the weight sender compares them
+        with its own to choose the shared-memory transport)."""
+        return self._fanout("node_id", [(s.node_id, ()) for s in self.samplers])
 
     # -- WeightSyncClient ---------------------------------------------------
 

@@ -11,8 +11,12 @@ logprobs of given tokens (prompt_logprobs).
 Weight updates arrive through vLLM's four control-plane calls
 (init_weight_transfer_engine / start_weight_update / update_weights /
 finish_weight_update), forwarded to the workers with `llm.collective_rpc`;
-the transport is vLLM's NCCL engine on GPU and `rollout/weight_receiver.py`'s
-gloo engine on CPU. Atomicity for callers:
+the transport is vLLM's NCCL engine on GPU and one of `rollout/weight_receiver.py`'s
+engines on CPU ("opd_shm", which also takes plain gloo updates, unless
+`rollout.weight_sync_backend=gloo` asks for "opd_gloo"; `engine_backend`).
+`node_id()` tells learner rank 0 where the sampler runs, so "auto" can pick
+the shared-memory transport when everything is on its node. Atomicity for
+callers:
 
 * the actor is threaded (`max_concurrency > 1`) so control calls and
   `weight_version()` answer while another call is running, but generate/score
@@ -41,7 +45,7 @@ import time
 from typing import Any, Union
 
 from rollout.types import Completion
-from rollout.weight_sync import GLOO_BACKEND_NAME, WeightSyncError
+from rollout.weight_sync import WeightSyncError, choose_backend, engine_backend  # noqa: F401 (re-exported)
 
 # A prompt: token ids, plain text, or chat messages [{"role", "content"}, ...].
 Prompt = Union[list[int], str, list[dict]]
@@ -73,17 +77,6 @@ def mix_seed(seed: int, index: int) -> int:
     return (x ^ (x >> 31)) & 0x3FFFFFFF
 
 
-def choose_backend(requested: str, has_gpu: bool) -> str:
-    if requested == "auto":
-        return "nccl" if has_gpu else GLOO_BACKEND_NAME
-    if requested == "gloo":
-        return GLOO_BACKEND_NAME
-    if requested == "nccl" and not has_gpu:
-        raise ValueError("rollout.weight_sync_backend=nccl needs GPU samplers; this sampler has no CUDA device "
-                         "(use gloo or auto)")
-    return requested
-
-
 class SamplerActor:
     """One vLLM engine of the student. Use as a threaded Ray actor."""
 
@@ -101,9 +94,9 @@ class SamplerActor:
             # vLLM parses this as an integer number of GiB.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(rollout_cfg.kv_cache_gib)))
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout_cfg.cpu_threads_bind
-        self.backend = choose_backend(rollout_cfg.weight_sync_backend, has_gpu)
+        self.backend = engine_backend(rollout_cfg.weight_sync_backend, has_gpu)
 
-        import rollout.weight_receiver  # noqa: F401  (registers opd_gloo in this process too)
+        import rollout.weight_receiver  # noqa: F401  (registers opd_gloo/opd_shm in this process too)
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
@@ -142,6 +135,12 @@ class SamplerActor:
 
     def weight_version(self) -> int:
         return self._version
+
+    def node_id(self) -> str:
+        """The Ray node this sampler (and its vLLM workers) runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def num_workers(self) -> int:
         """Worker processes of this engine (its ranks in the weight-sync group)."""

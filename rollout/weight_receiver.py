@@ -1,11 +1,19 @@
-"""Receiving side of weight sync inside each vLLM sampler worker (CPU transport).
+"""Receiving side of weight sync inside each vLLM sampler worker (CPU transports).
 
-`GlooWeightTransferEngine` is a vLLM `WeightTransferEngine` (the same
-lifecycle as vLLM's own `NCCLWeightTransferEngine`) that receives over a
-private gloo process group: rank 0 = learner rank 0, ranks 1.. = every sampler
-worker. Importing this module registers it in vLLM's
-`WeightTransferEngineFactory` under `GLOO_BACKEND_NAME` ("opd_gloo"). The
-sampler passes `worker_extension_cls="rollout.weight_receiver.WeightSyncWorkerExtension"`
+Two vLLM `WeightTransferEngine`s (the same lifecycle as vLLM's own
+`NCCLWeightTransferEngine`), registered in vLLM's `WeightTransferEngineFactory`
+when this module is imported:
+
+* `GlooWeightTransferEngine` ("opd_gloo"): receives over a private gloo
+  process group (rank 0 = learner rank 0, ranks 1.. = every sampler worker):
+  control messages and the buckets' bytes.
+* `ShmWeightTransferEngine` ("opd_shm"): the same group carries only the
+  control messages; a bucket's bytes are read in place from the learner's
+  shared-memory region (a /dev/shm file named by the update, mapped once and
+  kept while its name stays the same). Updates that name no region come over
+  gloo as above, so one sampler serves either sender.
+
+The sampler passes `worker_extension_cls="rollout.weight_receiver.WeightSyncWorkerExtension"`
 to `LLM(...)`: vLLM imports this module in every worker process before
 `load_model` creates the engine, so the registration takes effect there.
 
@@ -15,13 +23,18 @@ One update, as the worker sees it (the sampler actor drives it through
 1. `start_weight_update()`: only opens the session; no weight is touched.
 2. `update_weights(GlooUpdateInfo as dict)`:
    a. validate names / shapes / dtypes against the model's checkpoint layout
-      (from its HF config, built on the meta device);
+      (from its HF config, built on the meta device); shm: map the region
+      and check its token (a sampler on another node, or behind another
+      /dev/shm, rejects here with the fix in the message);
    b. all-reduce a reject flag over the group: if ANY participant rejects,
       everyone raises before a single weight is touched (and the sender does
       not hang waiting for a receiver that gave up);
    c. `initialize_layerwise_reload(model)`, then per bucket: receive the
-      [status, nbytes] header, the bucket's bytes, `unpack_bucket`,
-      `model.load_weights` (layers are processed as soon as they are complete).
+      [status, nbytes] header, then the bucket's bytes (gloo: a broadcast into
+      a fresh buffer; shm: a view of the region), `unpack_bucket`,
+      `model.load_weights` (layers are processed as soon as they are complete;
+      until then vLLM keeps the views, which is why the region is never
+      rewritten before this update finished everywhere).
 3. `finish_weight_update()`: `finalize_layerwise_reload`.
 
 Failure after (b): the layerwise state is finalized so the model is usable
@@ -33,6 +46,7 @@ failure before any bucket was loaded restores the old weights exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -40,6 +54,7 @@ import torch
 from rollout.weight_sync import (
     GLOO_BACKEND_NAME,
     HEADER_OK,
+    SHM_BACKEND_NAME,
     GlooInitInfo,
     GlooUpdateInfo,
     WeightSyncError,
@@ -47,6 +62,7 @@ from rollout.weight_sync import (
     gloo_allreduce_sum,
     gloo_broadcast,
     open_gloo_group,
+    open_region,
     unpack_bucket,
 )
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
@@ -100,7 +116,20 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         except ValueError as e:
             return [str(e)]
         expected, required = self.layout()
-        return check_update_specs(info.specs(), expected, required)
+        problems = check_update_specs(info.specs(), expected, required)
+        if info.shm_path is not None:
+            problems.append(f"the learner sends through shared memory ({info.shm_path}) but this sampler's "
+                            f"weight-transfer engine is {GLOO_BACKEND_NAME}: start the samplers with "
+                            "rollout.weight_sync_backend=shm or auto, or send with gloo")
+        return problems
+
+    def bucket_bytes(self, info: GlooUpdateInfo, b: int, nbytes: int) -> torch.Tensor:
+        """Bucket b's bytes (uint8, `nbytes`), after its header said it is ready."""
+        # A fresh buffer per bucket: layerwise reload keeps views of it
+        # until every weight of the layer has arrived.
+        flat = torch.empty(nbytes, dtype=torch.uint8)
+        gloo_broadcast(self._group, flat, f"bucket {b} ({nbytes} bytes)")
+        return flat
 
     def _group_rank(self, rank_offset: int) -> int:
         pc = self.parallel_config
@@ -159,11 +188,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                 if sent != nbytes:
                     raise WeightSyncError(f"bucket {b} header says {sent} bytes, the update info describes {nbytes}",
                                           stage="transfer")
-                # A fresh buffer per bucket: layerwise reload keeps views of it
-                # until every weight of the layer has arrived.
-                flat = torch.empty(nbytes, dtype=torch.uint8)
-                gloo_broadcast(self._group, flat, f"bucket {b} ({nbytes} bytes)")
+                flat = self.bucket_bytes(update_info, b, nbytes)
                 self.model.load_weights(list(unpack_bucket(flat, specs)))
+                del flat
                 loaded_any = True
         except BaseException as e:
             self.last_error = f"{type(e).__name__}: {e}"
@@ -195,6 +222,50 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def shutdown(self) -> None:
         self._group = None
         self._store = None
+
+
+class ShmWeightTransferEngine(GlooWeightTransferEngine):
+    """vLLM weight-transfer engine reading the buckets in place from the
+    learner's shared-memory region; control messages (vote, headers) over
+    the gloo group. Accepts plain gloo updates too (no region named)."""
+
+    def __init__(self, config, vllm_config, device, model) -> None:
+        super().__init__(config, vllm_config, device, model)
+        self._region_key: tuple[str, str, int] | None = None
+        self._region = None  # uint8 tensor over the mapping (it keeps the mmap alive)
+
+    def check(self, info: GlooUpdateInfo) -> list[str]:
+        shm_path = info.shm_path
+        if shm_path is None:
+            return super().check(info)
+        problems = super().check(dataclasses.replace(info, shm_path=None))
+        try:
+            info.validate()
+            self._map(shm_path, info.shm_token, info.shm_bytes)
+        except (ValueError, WeightSyncError) as e:
+            problems.append(str(e))
+        return problems
+
+    def _map(self, path: str, token: str, nbytes: int) -> None:
+        key = (path, token, nbytes)
+        if key == self._region_key:
+            return
+        # Drop the old region: its mmap is unmapped once no view of it is left
+        # (model loaders may still hold some until their layer completes).
+        self._region = self._region_key = None
+        _, self._region = open_region(path, token, nbytes)
+        self._region_key = key
+        logger.info("opd_shm weight receiver mapped %s (%.1f MiB)", path, nbytes / 2**20)
+
+    def bucket_bytes(self, info: GlooUpdateInfo, b: int, nbytes: int) -> torch.Tensor:
+        if info.shm_path is None:
+            return super().bucket_bytes(info, b, nbytes)
+        off = info.bucket_offsets[b]
+        return self._region[off: off + nbytes]
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._region = self._region_key = None
 
 
 class WeightSyncWorkerExtension:
@@ -231,5 +302,6 @@ class WeightSyncWorkerExtension:
         self._weight_update_active = False
 
 
-if GLOO_BACKEND_NAME not in WeightTransferEngineFactory._registry:
-    WeightTransferEngineFactory.register_engine(GLOO_BACKEND_NAME, GlooWeightTransferEngine)
+for _name, _cls in ((GLOO_BACKEND_NAME, GlooWeightTransferEngine), (SHM_BACKEND_NAME, ShmWeightTransferEngine)):
+    if _name not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(_name, _cls)

@@ -2,30 +2,42 @@
 (receivers), in the manner of vLLM's weight-transfer API
 (`vllm/distributed/weight_transfer/base.py`).
 
-Two transports share this contract:
+Three transports share this contract (`rollout.weight_sync_backend`; see
+`choose_backend`):
 
 * `nccl` (GPU): vLLM's official `NCCLWeightTransferEngine` on the sampler
   workers and `NCCLTrainerWeightTransferEngine` on learner rank 0.
-* `gloo` (CPU): `rollout/weight_receiver.py` registers `GlooWeightTransferEngine`
-  in vLLM's `WeightTransferEngineFactory` under the name "opd_gloo"; learner
-  rank 0 broadcasts over a gloo process group of (rank 0 = learner, ranks
-  1.. = every sampler worker).
+* `gloo` (CPU, any node): `rollout/weight_receiver.py` registers
+  `GlooWeightTransferEngine` in vLLM's `WeightTransferEngineFactory` under
+  "opd_gloo"; learner rank 0 broadcasts over a gloo process group of
+  (rank 0 = learner, ranks 1.. = every sampler worker).
+* `shm` (CPU, every sampler on learner rank 0's node): `ShmWeightTransferEngine`
+  ("opd_shm"). The same gloo group carries only the control messages (vote,
+  per-bucket headers); the bulk bytes go through one shared-memory region
+  (a file under /dev/shm) that the sender packs each bucket into and every
+  worker maps, so a byte is copied once by the sender and read in place by
+  each receiver. An "opd_shm" engine also accepts plain gloo updates (no
+  region named), so samplers built for "auto" serve either sender.
 
 The sampler side is always driven through vLLM's four control-plane calls
 (init_weight_transfer_engine / start_weight_update / update_weights /
 finish_weight_update), exposed by each sampler actor; `WeightSyncClient` is
 what the sender holds to call them on all samplers at once.
 
-Gloo wire format: the parameters of one update, in the order of
-`GlooUpdateInfo.names`, are cut into buckets at `bucket_ends`; for each bucket
-the learner broadcasts one flat uint8 tensor holding the bucket's tensors
-back-to-back (each contiguous, in its own dtype, no padding), and the workers
-cut it up with `unpack_bucket`. The memory cost on either side is one bucket.
-Before the first bucket every rank joins one all-reduce of a reject flag (the
-workers validate names/shapes against their model first: any reject and all
-raise before a weight is touched), and each bucket is preceded by a
-broadcast int64 header [status, nbytes] (status HEADER_ABORT: the sender
-failed mid-stream, the workers raise instead of waiting).
+Wire format: the parameters of one update, in the order of
+`GlooUpdateInfo.names`, are cut into buckets at `bucket_ends`; a bucket is its
+tensors back-to-back (each contiguous, in its own dtype, no padding), cut up
+on the workers with `unpack_bucket`. Before the first bucket every rank joins
+one all-reduce of a reject flag (the workers validate names/shapes against
+their model, and for shm map the region, first: any reject and all raise
+before a weight is touched), and each bucket is preceded by a broadcast int64
+header [status, nbytes] (status HEADER_ABORT: the sender failed mid-stream,
+the workers raise instead of waiting). Over gloo the bucket's bytes follow as
+one broadcast uint8 tensor (memory: one bucket on either side); over shm the
+header means "bucket b is in the region at `bucket_offsets[b]`" (memory: the
+region holds the whole update, because vLLM's layerwise reload keeps views of
+a bucket until the layer they belong to is complete; the sender rewrites it
+only in the next update, after every worker finished this one).
 
 This module imports torch only (no vllm, no deepspeed): both sides use it.
 """
@@ -39,6 +51,9 @@ from typing import Protocol, runtime_checkable
 import torch
 
 GLOO_BACKEND_NAME = "opd_gloo"
+SHM_BACKEND_NAME = "opd_shm"
+# Values of rollout.weight_sync_backend.
+BACKENDS = ("auto", "nccl", "gloo", "shm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +115,11 @@ class GlooUpdateInfo:
     shapes: list[list[int]]
     # bucket b holds params [bucket_ends[b-1], bucket_ends[b]) (bucket_ends[-1] == len(names))
     bucket_ends: list[int]
+    # Shared-memory transport only (None/empty: the bytes come over gloo).
+    shm_path: str | None = None  # the region's file (under /dev/shm) on the learner's node
+    shm_token: str | None = None  # written at the region's start: proves the mapped file is the sender's
+    shm_bytes: int = 0  # the region's size
+    bucket_offsets: list[int] | None = None  # where bucket b starts in the region
 
     def specs(self) -> list[ParamSpec]:
         return [ParamSpec(n, d, tuple(s)) for n, d, s in zip(self.names, self.dtype_names, self.shapes, strict=True)]
@@ -122,6 +142,20 @@ class GlooUpdateInfo:
             raise ValueError(f"weight update: bad bucket_ends {self.bucket_ends} for {n} parameters")
         for d in self.dtype_names:
             dtype_from_name(d)
+        if self.shm_path is not None:
+            offsets = self.bucket_offsets or []
+            if len(offsets) != len(self.bucket_ends) or not self.shm_token:
+                raise ValueError(f"weight update: shared-memory region {self.shm_path} with {len(offsets)} bucket "
+                                 f"offsets for {len(self.bucket_ends)} buckets (or no token)")
+            end = SHM_DATA_OFFSET
+            for b, (off, specs) in enumerate(zip(offsets, self.buckets(), strict=True)):
+                if off < end:
+                    raise ValueError(f"weight update: bucket {b} starts at {off} in the shared-memory region, "
+                                     f"overlapping what comes before it (which ends at {end})")
+                end = off + sum(s.nbytes for s in specs)
+            if end > self.shm_bytes:
+                raise ValueError(f"weight update: the buckets end at byte {end}, past the shared-memory region's "
+                                 f"{self.shm_bytes} bytes")
 
     @staticmethod
     def build(version: int, specs: Sequence[ParamSpec], bucket_bytes: int) -> "GlooUpdateInfo":
@@ -132,6 +166,9 @@ class GlooUpdateInfo:
             shapes=[list(s.shape) for s in specs],
             bucket_ends=plan_buckets(specs, bucket_bytes),
         )
+
+    def bucket_nbytes(self) -> list[int]:
+        return [sum(s.nbytes for s in specs) for specs in self.buckets()]
 
 
 def plan_buckets(specs: Sequence[ParamSpec], bucket_bytes: int) -> list[int]:
@@ -317,3 +354,102 @@ def gloo_allreduce_sum(group, tensor: torch.Tensor, what: str) -> None:
 # waiting for bytes that never come).
 HEADER_OK = 0
 HEADER_ABORT = 1
+
+
+# --------------------------------------------------------------------------
+# Shared-memory region of the shm transport (one per sender; both sides).
+# Layout: [0, SHM_DATA_OFFSET) header (magic + the sender's token), then the
+# buckets, each starting on a page boundary, tensors back-to-back inside.
+# --------------------------------------------------------------------------
+
+SHM_DIR = "/dev/shm"
+SHM_MAGIC = b"opd-weight-region-v1\0"
+SHM_DATA_OFFSET = 4096
+SHM_ALIGN = 4096
+
+
+def plan_region(bucket_nbytes: Sequence[int]) -> tuple[list[int], int]:
+    """(start offset of each bucket, region size) for buckets of these sizes."""
+    offsets, end = [], SHM_DATA_OFFSET
+    for n in bucket_nbytes:
+        offsets.append(end)
+        end += -(-n // SHM_ALIGN) * SHM_ALIGN
+    return offsets, max(end, SHM_DATA_OFFSET)
+
+
+def region_header(token: str) -> bytes:
+    return SHM_MAGIC + token.encode() + b"\0"
+
+
+def map_region(fd: int, nbytes: int):
+    """mmap `nbytes` of the open file `fd` shared and read-write, pages
+    populated up front (the first touch is paid here, not inside an update).
+    Returns (mmap, uint8 tensor over it). The tensor keeps the mapping alive:
+    the mmap cannot be closed while a tensor (or a view of it) exists, so a
+    region still referenced by a model's loader is never unmapped under it."""
+    import mmap
+    import warnings
+
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        region = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes)
+    return mm, region
+
+
+def open_region(path: str, token: str, nbytes: int):
+    """Receiver side: map the sender's region `path` and check its token.
+    Raises WeightSyncError (stage "init") saying what is wrong and the fix."""
+    import os
+
+    hint = ("the samplers must run on learner rank 0's node and see its /dev/shm; set "
+            "rollout.weight_sync_backend=gloo otherwise")
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as e:
+        raise WeightSyncError(f"cannot open the weight-sync shared-memory region {path}: {e.strerror}; {hint}",
+                              stage="init") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size < nbytes:
+            raise WeightSyncError(f"the weight-sync shared-memory region {path} holds {size} bytes, the update "
+                                  f"says {nbytes}", stage="init")
+        mm, region = map_region(fd, nbytes)
+    finally:
+        os.close(fd)
+    want = region_header(token)
+    if mm[:len(want)] != want:
+        del region
+        mm.close()
+        raise WeightSyncError(f"{path} is not the learner's weight-sync region (its token differs): this sampler "
+                              f"sees another /dev/shm than the learner; {hint}", stage="init")
+    return mm, region
+
+
+def choose_backend(requested: str, has_gpu: bool, same_node: bool | None = None) -> str:
+    """The transport for `rollout.weight_sync_backend=requested`: "nccl",
+    "gloo" or "shm". "auto": nccl when the samplers have GPUs; else shm when
+    every sampler runs on learner rank 0's node (`same_node`; None = unknown,
+    e.g. no Ray), so the bytes cross one shared-memory region instead of TCP;
+    else gloo (works across nodes)."""
+    if requested not in BACKENDS:
+        raise ValueError(f"rollout.weight_sync_backend={requested!r} is not valid; use one of {list(BACKENDS)}")
+    if requested == "auto":
+        if has_gpu:
+            return "nccl"
+        return "shm" if same_node else "gloo"
+    if requested == "nccl" and not has_gpu:
+        raise ValueError("rollout.weight_sync_backend=nccl needs GPU samplers; this sampler has no CUDA device "
+                         "(use gloo, shm or auto)")
+    return requested
+
+
+def engine_backend(requested: str, has_gpu: bool) -> str:
+    """The vLLM `WeightTransferConfig.backend` a sampler starts with. The
+    sampler cannot know where the learner runs, so for "auto" on CPU it takes
+    "opd_shm", which also receives plain gloo updates: learner rank 0 then
+    decides (choose_backend with the samplers' node ids) and the two sides
+    agree by construction."""
+    transport = choose_backend(requested, has_gpu, same_node=True)
+    return {"nccl": "nccl", "gloo": GLOO_BACKEND_NAME, "shm": SHM_BACKEND_NAME}[transport]

@@ -1,11 +1,14 @@
 """Weight sync end to end: this pytest process is learner rank 0 and pushes
-weights over a real gloo group into two real vLLM CPU samplers (rollout/pool.py,
-rollout/weight_receiver.py, learner/weight_sender.py).
+weights into two real vLLM CPU samplers (rollout/pool.py,
+rollout/weight_receiver.py, learner/weight_sender.py), once over each CPU
+transport (the `sampler_pair` fixture is parametrized): "shm" (a /dev/shm
+region, control over a real gloo group) and "gloo" (everything over gloo).
 
     .venv/bin/python -m pytest tests/e2e/test_weight_sync.py -q
 """
 
 import copy
+import os
 import threading
 
 import pytest
@@ -72,6 +75,15 @@ def test_push_makes_every_sampler_serve_the_new_weights(sampler_pair, student_hf
             assert c.policy_version == 1
             ref = reference_logprobs(new, c.prompt_ids + c.completion_ids)[len(c.prompt_ids) - 1:]
             assert max(abs(a - b) for a, b in zip(c.sampler_logprobs, ref, strict=True)) < 1e-4
+    if sender.backend == "shm":
+        # Every worker mapped the region before voting; the sender then
+        # unlinked it, so nothing is left behind in /dev/shm.
+        assert sender._path is not None and not os.path.exists(sender._path)
+        newer = perturbed(student_hf, seed=11)
+        push(sender, 2, newer)  # the same (unlinked) region is rewritten for the next update
+        assert pool.weight_versions() == [2, 2]
+        assert max_score_diff(pool, newer) < 1e-4
+        push(sender, 3, new)  # what the later tests expect to be served
 
 
 @pytest.mark.parametrize("bad", ["shape", "unknown_name", "missing"])
@@ -187,6 +199,17 @@ def test_restarted_sampler_serves_only_after_receiving_current_weights(sampler_p
     assert pool.weight_versions() == [version, version]
     assert max_score_diff(pool, current) < 1e-4
     assert [c.policy_version for g in pool.generate([[5, 6], [7, 8]], n=1) for c in g] == [version, version]
+
+
+def test_auto_picks_shm_when_every_sampler_is_on_this_node(sampler_pair):
+    """What learner rank 0 does for rollout.weight_sync_backend=auto on CPU
+    (learner/worker.py init_weight_sync -> make_sender): the samplers report
+    this process's Ray node, so the bytes go through shared memory."""
+    from learner.weight_sender import ShmWeightSender, make_sender, samplers_on_this_node
+
+    pool, _ = sampler_pair
+    assert samplers_on_this_node(pool) is True
+    assert type(make_sender(pool, "auto", "127.0.0.1", 1)) is ShmWeightSender
 
 
 def _run(errors, fn, *args):

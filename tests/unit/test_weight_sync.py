@@ -1,11 +1,14 @@
 """Weight-sync contract (rollout/weight_sync.py) and the sender's pure logic
 (learner/weight_sender.py): bucket planning, pack/unpack, spec checks, the
-gloo bucket protocol between two ranks in this process, pickling.
+gloo and shared-memory bucket protocols between two ranks in this process
+(no vLLM: tests/e2e/test_weight_sync.py runs both into real samplers), the
+shm region's layout, token check and out-of-room error, pickling.
 
     .venv/bin/python -m pytest tests/unit/test_weight_sync.py -q
 """
 
 import dataclasses
+import os
 import pickle
 import socket
 
@@ -14,9 +17,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learner.weight_sender import GlooWeightSender, _checked, specs_from_named
+from learner.weight_sender import GlooWeightSender, ShmWeightSender, _checked, make_sender, specs_from_named
 from rollout.weight_sync import (
     HEADER_OK,
+    SHM_DATA_OFFSET,
     GlooUpdateInfo,
     ParamSpec,
     WeightSyncError,
@@ -24,8 +28,10 @@ from rollout.weight_sync import (
     gloo_allreduce_sum,
     gloo_broadcast,
     open_gloo_group,
+    open_region,
     pack_bucket,
     plan_buckets,
+    plan_region,
     unpack_bucket,
 )
 
@@ -135,15 +141,29 @@ class _Receiver:
 
     def update_weights(self, update_info):
         info = GlooUpdateInfo(**update_info)
+        info.validate()
+        region = None
+        if info.shm_path is not None:
+            # Map before the vote and keep the mapping while the region stays
+            # the same, as the vLLM engine does (the sender unlinks the file
+            # once every receiver voted).
+            key = (info.shm_path, info.shm_token, info.shm_bytes)
+            if getattr(self, "region_key", None) != key:
+                self.region_key, self.region = key, open_region(*key)[1]
+            self.shm_path, region = info.shm_path, self.region
         gloo_allreduce_sum(self.group, torch.zeros(1, dtype=torch.int64), "vote")
         header = torch.zeros(2, dtype=torch.int64)
-        for specs in info.buckets():
+        for b, specs in enumerate(info.buckets()):
             gloo_broadcast(self.group, header, "header")
             if header[0] != HEADER_OK:
                 self.error = "aborted"
                 raise WeightSyncError("sender aborted")
-            flat = torch.empty(int(header[1]), dtype=torch.uint8)
-            gloo_broadcast(self.group, flat, "bucket")
+            if region is None:
+                flat = torch.empty(int(header[1]), dtype=torch.uint8)
+                gloo_broadcast(self.group, flat, "bucket")
+            else:
+                off = info.bucket_offsets[b]
+                flat = region[off: off + int(header[1])]
             self.received += [(n, t.clone()) for n, t in unpack_bucket(flat, specs)]
 
     def finish_weight_update(self, weight_version=None):
@@ -173,3 +193,96 @@ def test_gloo_sender_streams_buckets_and_aborts_cleanly():
     sender.send(6, specs_from_named(named), iter(named))
     assert rx.version == 6
     sender.shutdown()
+
+
+def test_plan_region_aligns_buckets_after_the_header():
+    offsets, total = plan_region([10, 4096, 1])
+    assert offsets == [SHM_DATA_OFFSET, SHM_DATA_OFFSET + 4096, SHM_DATA_OFFSET + 2 * 4096]
+    assert total == SHM_DATA_OFFSET + 3 * 4096
+    specs = [ParamSpec("a", "float32", (4,)), ParamSpec("b", "float32", (2,))]
+    info = dataclasses.replace(GlooUpdateInfo.build(1, specs, bucket_bytes=16), shm_path="/dev/shm/x",
+                               shm_token="t", shm_bytes=SHM_DATA_OFFSET + 4096, bucket_offsets=[SHM_DATA_OFFSET, 0])
+    with pytest.raises(ValueError, match="overlapping"):
+        info.validate()
+    with pytest.raises(ValueError, match="past the shared-memory region"):
+        dataclasses.replace(info, bucket_offsets=[SHM_DATA_OFFSET, SHM_DATA_OFFSET + 4096]).validate()
+
+
+def test_shm_sender_streams_through_the_region_and_aborts_cleanly():
+    port = _port()
+    rx = _Receiver(port)
+    sender = ShmWeightSender(rx, "127.0.0.1", port, world_size=2, bucket_bytes=100, timeout_s=30)
+    sender.connect()
+    named = [(f"p{i}", torch.randn(i + 3)) for i in range(10)]
+    sender.send(4, specs_from_named(named), iter(named))
+    assert rx.version == 4 and [n for n, _ in rx.received] == [n for n, _ in named]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rx.received, named, strict=True))
+    assert sender.last_stats["sync/buckets"] > 2
+    # Unlinked once the receiver had mapped it (its vote).
+    path = rx.shm_path
+    assert path.startswith("/dev/shm/opd-weights-") and not os.path.exists(path)
+
+    def dying():
+        yield from named[:5]
+        raise RuntimeError("gather failed")
+
+    rx.version = None
+    with pytest.raises(RuntimeError, match="gather failed"):
+        sender.send(5, specs_from_named(named), dying())
+    assert rx.error == "aborted" and rx.version is None
+    # The group and the region are still usable afterwards.
+    named2 = [(n, t + 1) for n, t in named]
+    sender.send(6, specs_from_named(named2), iter(named2))
+    assert rx.version == 6 and rx.shm_path == path
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rx.received, named2, strict=True))
+    # A reconnect (e.g. after a sampler restart) makes a new region.
+    sender.reconnect(_port(), world_size=2)
+    sender.send(7, specs_from_named(named), iter(named))
+    assert rx.version == 7 and rx.shm_path != path and not os.path.exists(rx.shm_path)
+    sender.shutdown()
+
+
+def test_shm_region_token_and_missing_file_errors(tmp_path):
+    sender = ShmWeightSender(None, "127.0.0.1", 1, world_size=2, shm_dir=str(tmp_path))
+    sender._create_region(SHM_DATA_OFFSET + 4096)
+    path, token = sender._path, sender._token
+    mm, region = open_region(path, token, SHM_DATA_OFFSET + 4096)
+    del region
+    mm.close()
+    with pytest.raises(WeightSyncError, match="is not the learner's weight-sync region"):
+        open_region(path, "someone-else", SHM_DATA_OFFSET + 4096)
+    sender.shutdown()
+    assert not os.path.exists(path)  # shutdown unlinks a region no vote has unlinked yet
+    with pytest.raises(WeightSyncError, match=r"cannot open .* No such file.*rollout.weight_sync_backend=gloo"):
+        open_region(path, token, SHM_DATA_OFFSET + 4096)
+
+
+def test_shm_sender_says_how_much_room_it_needs(tmp_path, monkeypatch):
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(os, "statvfs", lambda _: Full())
+    sender = ShmWeightSender(None, "127.0.0.1", 1, world_size=2, shm_dir=str(tmp_path))
+    with pytest.raises(WeightSyncError, match=r"has 0 MiB free, the shared-memory weight-sync region needs 97 MiB "
+                                              r"\(the whole update\): set rollout.weight_sync_backend=gloo") as e:
+        sender._create_region(97 << 20)
+    assert e.value.stage == "init" and list(tmp_path.iterdir()) == []
+
+
+def test_make_sender_resolves_auto_on_cpu():
+    class Client:
+        def __init__(self, same):
+            self.same = same
+
+        def node_ids(self):
+            import ray
+
+            mine = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "x"
+            return [mine, mine if self.same else "elsewhere"]
+
+    # No Ray in this process: where the samplers are is unknown -> gloo.
+    assert type(make_sender(Client(True), "auto", "127.0.0.1", 1)) is GlooWeightSender
+    assert type(make_sender(Client(True), "shm", "127.0.0.1", 1)) is ShmWeightSender
+    assert type(make_sender(Client(True), "gloo", "127.0.0.1", 1)) is GlooWeightSender
+    with pytest.raises(ValueError, match="not valid"):
+        make_sender(Client(True), "tcp", "127.0.0.1", 1)
