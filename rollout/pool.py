@@ -60,6 +60,9 @@ class SamplerPool:
         self.max_new_tokens = max_new_tokens
         self._workers: list[int] | None = None
         self._factory: tuple | None = None  # create()'s arguments, for restart()
+        # Per sampler: vLLM's /dev/shm segments on this node, removed after the
+        # sampler is shut down or killed (vLLM leaks them when killed).
+        self._shm_files: dict[int, list[str]] = {}
 
     @classmethod
     def create(cls, model: str, rollout_cfg, student_cfg, num_samplers: int | None = None,
@@ -90,7 +93,26 @@ class SamplerPool:
                    generate_timeout_s=rollout_cfg.generate_timeout_s, max_new_tokens=rollout_cfg.max_new_tokens)
         pool._factory = (path, rollout_cfg, student_cfg, scheduling_strategies)
         pool._fanout("ready", [(a.ready, ()) for a in actors], timeout_s=rollout_cfg.generate_timeout_s)
+        for i in range(num):
+            pool._record_shm_files(i)
         return pool
+
+    def _record_shm_files(self, i: int) -> None:
+        """Remember sampler i's /dev/shm segments if it runs on this node
+        (best effort: cleanup must never fail a run)."""
+        import ray
+
+        try:
+            s = self.samplers[i]
+            if ray.get(s.node_id.remote(), timeout=60) == ray.get_runtime_context().get_node_id():
+                self._shm_files[i] = ray.get(s.shm_files.remote(), timeout=60)
+        except Exception:  # noqa: BLE001
+            self._shm_files.pop(i, None)
+
+    def _release_shm_files(self, i: int) -> None:
+        from rollout.sampler import unlink_shm_files
+
+        unlink_shm_files(self._shm_files.pop(i, []))
 
     def restart(self, i: int) -> None:
         """Replace sampler `i` (dead or hung) by a fresh actor on the same
@@ -112,6 +134,7 @@ class SamplerPool:
             ray.kill(self.samplers[i])
         except Exception:
             pass
+        self._release_shm_files(i)
         import torch
 
         opts = dict(max_concurrency=SAMPLER_MAX_CONCURRENCY, num_cpus=rollout_cfg.cpus_per_sampler,
@@ -122,6 +145,7 @@ class SamplerPool:
             path, rollout_cfg, student_cfg, sampler_index=i, require_update=True)
         self._workers = None
         self._fanout("ready", [(self.samplers[i].ready, ())], timeout_s=self.generate_timeout_s)
+        self._record_shm_files(i)
 
     def __len__(self) -> int:
         return len(self.samplers)
@@ -241,3 +265,5 @@ class SamplerPool:
             pass
         for s in self.samplers:
             ray.kill(s)
+        for i in list(self._shm_files):
+            self._release_shm_files(i)

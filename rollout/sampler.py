@@ -142,6 +142,14 @@ class SamplerActor:
 
         return ray.get_runtime_context().get_node_id()
 
+    def shm_files(self) -> list[str]:
+        """The /dev/shm segments (Python `SharedMemory`, "psm_*": vLLM's
+        message queues) mapped by this actor and its vLLM processes. vLLM does
+        not unlink them when its processes are killed (measured: 160-240 MiB
+        per engine left in /dev/shm, which is RAM); the pool removes them after
+        shutting the sampler down or killing it."""
+        return sorted(_mapped_shm_files())
+
     def num_workers(self) -> int:
         """Worker processes of this engine (its ranks in the weight-sync group)."""
         return len(self.llm.collective_rpc("opd_weight_state"))
@@ -333,6 +341,7 @@ class SamplerActor:
             self._cond.notify_all()
 
     def shutdown(self) -> None:
+        files = _mapped_shm_files()
         llm = getattr(self, "llm", None)
         if llm is not None:
             try:
@@ -342,6 +351,50 @@ class SamplerActor:
             self.llm = None
         # Give vLLM's engine process a moment to exit before Ray kills us.
         time.sleep(0.1)
+        unlink_shm_files(files)
+
+
+def _mapped_shm_files() -> set[str]:
+    """/dev/shm/psm_* files mapped by this process and its descendants."""
+    import psutil
+
+    out: set[str] = set()
+    procs = [psutil.Process()]
+    try:
+        procs += psutil.Process().children(recursive=True)
+    except psutil.Error:
+        pass
+    for proc in procs:
+        try:
+            with open(f"/proc/{proc.pid}/maps") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)  # address perms offset dev inode [path]
+                    path = parts[5].strip() if len(parts) == 6 else ""
+                    if path.startswith("/dev/shm/psm_"):
+                        out.add(path.removesuffix(" (deleted)"))
+        except OSError:
+            continue
+    return out
+
+
+def unlink_shm_files(paths) -> int:
+    """Remove the given /dev/shm/psm_* files (missing ones are skipped);
+    returns how many were removed. A process still mapping one keeps its
+    mapping: unlinking only frees the memory once the last mapping goes."""
+    import os
+
+    n = 0
+    for p in paths:
+        if not str(p).startswith("/dev/shm/psm_"):
+            continue
+        try:
+            os.unlink(p)
+            n += 1
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass
+    return n
 
 
 # Re-exported so callers can take both from one place.

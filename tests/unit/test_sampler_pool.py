@@ -5,6 +5,8 @@ and error aggregation of the fan-out. No Ray cluster, no vLLM engine.
     .venv/bin/python -m pytest tests/unit/test_sampler_pool.py -q
 """
 
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -122,3 +124,29 @@ def test_fanout_waits_for_all_and_names_every_failure(monkeypatch):
                                               r"bucket 2 timed out \| sampler 2: Boom: bad shape") as e:
         pool._fanout("update_weights", [(Fn(k), ()) for k in "abc"])
     assert e.value.stage == "transfer"
+
+
+def test_shm_segments_of_a_process_are_found_and_removed(tmp_path):
+    """vLLM leaks its /dev/shm message-queue segments (psm_*) when its
+    processes are killed; the pool finds a sampler's segments through
+    /proc/<pid>/maps and removes them after the sampler is gone."""
+    from multiprocessing import shared_memory
+
+    from rollout.sampler import _mapped_shm_files, unlink_shm_files
+
+    seg = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        path = f"/dev/shm/{seg.name.lstrip('/')}"
+        assert path.startswith("/dev/shm/psm_")
+        assert path in _mapped_shm_files()
+        other = tmp_path / "not_shm"
+        other.write_text("x")
+        assert unlink_shm_files([path, str(other), "/dev/shm/psm_does_not_exist"]) == 1
+        assert not os.path.exists(path)
+        assert other.exists()  # only /dev/shm/psm_* files are ever removed
+    finally:
+        seg.close()
+        try:
+            seg.unlink()
+        except FileNotFoundError:
+            pass
