@@ -24,6 +24,7 @@ its step retried (`rollout/sampler_restarts`).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
 import os
 import signal
@@ -105,12 +106,27 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     if resume_state is not None:
         stream.load_state_dict(resume_state["stream"])
 
+    # The teacher (a process, or a wait for teacher.url) starts on a side
+    # thread while Ray, the samplers and the learners start: each takes about a
+    # minute on CPU, and they do not depend on each other. A teacher that fails
+    # to start fails the run at the next checkpoint below.
     print(f"[opd] starting teacher ({cfg.teacher.url or teacher_path})", flush=True)
-    teacher_proc = start_teacher(cfg.teacher, teacher_path, run_dir)
-    teardown.append(teacher_proc.stop)
-    teacher = TeacherClient.from_config(cfg.teacher, teacher_proc.url)
-    teardown.append(teacher.close)
-    teacher.check_tokenizer(student_path)
+    tex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher-start")
+    teacher_fut = tex.submit(start_teacher, cfg.teacher, teacher_path, run_dir)
+    tex.shutdown(wait=False)
+
+    def stop_teacher() -> None:
+        try:
+            handle = teacher_fut.result()
+        except BaseException:  # noqa: BLE001 - it never started (start_teacher cleaned up)
+            return
+        handle.stop()
+
+    teardown.append(stop_teacher)
+
+    def teacher_failed_fast() -> None:
+        if teacher_fut.done() and teacher_fut.exception() is not None:
+            teacher_fut.result()  # raises the teacher's start error
 
     info = connect(cfg.placement, env_vars=actor_env(cfg))
     import ray
@@ -122,13 +138,19 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     (run_dir / "placement.json").write_text(json.dumps(plan.describe(), indent=1))
     print(f"[opd] starting {cfg.rollout.num_samplers} sampler(s) and {cfg.learner.world_size} learner rank(s)"
           f" ({'GPU' if plan.uses_gpus else 'CPU'})", flush=True)
+    teacher_failed_fast()
     pool = SamplerPool.create(student_path, cfg.rollout, cfg.student, num_samplers=cfg.rollout.num_samplers,
                               scheduling_strategies=plan.sampler_strategies)
     teardown.append(pool.shutdown)
+    teacher_failed_fast()
     learners = LearnerGroup.create(student_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
                                    scheduling_strategies=plan.learner_strategies,
                                    num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps)
     teardown.append(learners.shutdown)
+    teacher_proc = teacher_fut.result()
+    teacher = TeacherClient.from_config(cfg.teacher, teacher_proc.url)
+    teardown.append(teacher.close)
+    teacher.check_tokenizer(student_path)
     # On CPU "auto" stays "auto": learner rank 0 picks shm when every sampler
     # is on its Ray node, else gloo (the samplers' "opd_shm" engine takes both).
     backend = cfg.rollout.weight_sync_backend
