@@ -1,8 +1,10 @@
 """Weight sync end to end: this pytest process is learner rank 0 and pushes
 weights into two real vLLM CPU samplers (rollout/pool.py,
-rollout/weight_receiver.py, learner/weight_sender.py), once over each CPU
-transport (the `sampler_pair` fixture is parametrized): "shm" (a /dev/shm
-region, control over a real gloo group) and "gloo" (everything over gloo).
+rollout/weight_receiver.py, learner/weight_sender.py), over each transport in
+tests/fixtures/sampler.py E2E_TRANSPORTS (the `sampler_pair` fixture is
+parametrized): "shm" (a /dev/shm region, control over a real gloo group) by
+default; "gloo" (everything over gloo) is covered end to end by
+tests/e2e/test_learner_sync.py.
 
     .venv/bin/python -m pytest tests/e2e/test_weight_sync.py -q
 """

@@ -269,7 +269,9 @@ def test_shm_sender_says_how_much_room_it_needs(tmp_path, monkeypatch):
     assert e.value.stage == "init" and list(tmp_path.iterdir()) == []
 
 
-def test_make_sender_resolves_auto_on_cpu():
+def test_make_sender_resolves_auto_on_cpu(monkeypatch):
+    import ray
+
     class Client:
         def __init__(self, same):
             self.same = same
@@ -280,8 +282,11 @@ def test_make_sender_resolves_auto_on_cpu():
             mine = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "x"
             return [mine, mine if self.same else "elsewhere"]
 
-    # No Ray in this process: where the samplers are is unknown -> gloo.
-    assert type(make_sender(Client(True), "auto", "127.0.0.1", 1)) is GlooWeightSender
+    # No Ray in this process: where the samplers are is unknown -> gloo. (An
+    # e2e test earlier in the same session may have initialised Ray here.)
+    with monkeypatch.context() as m:
+        m.setattr(ray, "is_initialized", lambda: False)
+        assert type(make_sender(Client(True), "auto", "127.0.0.1", 1)) is GlooWeightSender
     assert type(make_sender(Client(True), "shm", "127.0.0.1", 1)) is ShmWeightSender
     assert type(make_sender(Client(True), "gloo", "127.0.0.1", 1)) is GlooWeightSender
     with pytest.raises(ValueError, match="not valid"):
