@@ -539,7 +539,9 @@ def _convert(value: Any, t: Any, key: str, problems: list[str]) -> Any:
                 return _BAD
             elem_types = list(args)
         out = tuple(_convert(v, et, f"{key}[{i}]", problems) for i, (v, et) in enumerate(zip(value, elem_types, strict=True)))
-        return out
+        # One bad element makes the whole field bad: the section keeps its
+        # default, so its own checks never see the sentinel.
+        return _BAD if any(v is _BAD for v in out) else out
     if t is bool:
         if isinstance(value, bool):
             return value

@@ -120,3 +120,11 @@ def test_shipped_configs_load(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("#"), f"{path.name} must start with a comment holding the command that runs it"
     load_config(path)
+
+
+def test_bad_element_of_a_tuple_field_is_reported_not_crashed():
+    """Found by hypothesis (tests/unit/test_fuzz_config.py): `learner.betas:
+    [null, null]` used to reach the section's own range check with the
+    internal sentinel inside the tuple and raise TypeError."""
+    with pytest.raises(ConfigError, match=r"learner\.betas\[0\]"):
+        config_from_dict({"learner": {"betas": [None, None]}})
