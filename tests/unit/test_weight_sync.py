@@ -170,31 +170,6 @@ class _Receiver:
         self.version = weight_version
 
 
-def test_gloo_sender_streams_buckets_and_aborts_cleanly():
-    port = _port()
-    rx = _Receiver(port)
-    sender = GlooWeightSender(rx, "127.0.0.1", port, world_size=2, bucket_bytes=100, timeout_s=30)
-    sender.connect()
-    named = [(f"p{i}", torch.randn(i + 3)) for i in range(10)]
-    sender.send(4, specs_from_named(named), iter(named))
-    assert rx.version == 4 and [n for n, _ in rx.received] == [n for n, _ in named]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rx.received, named, strict=True))
-    assert sender.last_stats["sync/buckets"] > 2
-
-    def dying():
-        yield from named[:5]
-        raise RuntimeError("gather failed")
-
-    rx.version = None
-    with pytest.raises(RuntimeError, match="gather failed"):
-        sender.send(5, specs_from_named(named), dying())
-    assert rx.error == "aborted" and rx.version is None
-    # The group is still usable afterwards.
-    sender.send(6, specs_from_named(named), iter(named))
-    assert rx.version == 6
-    sender.shutdown()
-
-
 def test_plan_region_aligns_buckets_after_the_header():
     offsets, total = plan_region([10, 4096, 1])
     assert offsets == [SHM_DATA_OFFSET, SHM_DATA_OFFSET + 4096, SHM_DATA_OFFSET + 2 * 4096]
@@ -208,19 +183,25 @@ def test_plan_region_aligns_buckets_after_the_header():
         dataclasses.replace(info, bucket_offsets=[SHM_DATA_OFFSET, SHM_DATA_OFFSET + 4096]).validate()
 
 
-def test_shm_sender_streams_through_the_region_and_aborts_cleanly():
+@pytest.mark.parametrize("sender_cls", [GlooWeightSender, ShmWeightSender], ids=["gloo", "shm"])
+def test_sender_streams_buckets_and_aborts_cleanly(sender_cls):
+    """Both CPU senders against an in-process receiver over a real gloo group:
+    every tensor arrives in order, a failing gather aborts the receivers, and
+    the group (and, for shm, the region) stays usable."""
+    shm = sender_cls is ShmWeightSender
     port = _port()
     rx = _Receiver(port)
-    sender = ShmWeightSender(rx, "127.0.0.1", port, world_size=2, bucket_bytes=100, timeout_s=30)
+    sender = sender_cls(rx, "127.0.0.1", port, world_size=2, bucket_bytes=100, timeout_s=30)
     sender.connect()
     named = [(f"p{i}", torch.randn(i + 3)) for i in range(10)]
     sender.send(4, specs_from_named(named), iter(named))
     assert rx.version == 4 and [n for n, _ in rx.received] == [n for n, _ in named]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rx.received, named, strict=True))
     assert sender.last_stats["sync/buckets"] > 2
-    # Unlinked once the receiver had mapped it (its vote).
-    path = rx.shm_path
-    assert path.startswith("/dev/shm/opd-weights-") and not os.path.exists(path)
+    if shm:
+        # Unlinked once the receiver had mapped it (its vote).
+        path = rx.shm_path
+        assert path.startswith("/dev/shm/opd-weights-") and not os.path.exists(path)
 
     def dying():
         yield from named[:5]
@@ -230,15 +211,17 @@ def test_shm_sender_streams_through_the_region_and_aborts_cleanly():
     with pytest.raises(RuntimeError, match="gather failed"):
         sender.send(5, specs_from_named(named), dying())
     assert rx.error == "aborted" and rx.version is None
-    # The group and the region are still usable afterwards.
+    # The group (and the region) is still usable afterwards.
     named2 = [(n, t + 1) for n, t in named]
     sender.send(6, specs_from_named(named2), iter(named2))
-    assert rx.version == 6 and rx.shm_path == path
+    assert rx.version == 6
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rx.received, named2, strict=True))
-    # A reconnect (e.g. after a sampler restart) makes a new region.
-    sender.reconnect(_port(), world_size=2)
-    sender.send(7, specs_from_named(named), iter(named))
-    assert rx.version == 7 and rx.shm_path != path and not os.path.exists(rx.shm_path)
+    if shm:
+        assert rx.shm_path == path
+        # A reconnect (e.g. after a sampler restart) makes a new region.
+        sender.reconnect(_port(), world_size=2)
+        sender.send(7, specs_from_named(named), iter(named))
+        assert rx.version == 7 and rx.shm_path != path and not os.path.exists(rx.shm_path)
     sender.shutdown()
 
 
