@@ -77,6 +77,40 @@ def mix_seed(seed: int, index: int) -> int:
     return (x ^ (x >> 31)) & 0x3FFFFFFF
 
 
+def engine_in_process(engine_process: str, has_gpu: bool, tensor_parallel_size: int) -> bool:
+    """Whether the vLLM engine runs inside the sampler actor
+    (`rollout.engine_process`; "auto": on CPU with one engine worker).
+
+    On CPU, vLLM's separate engine-core process costs ~35 s of start-up (a
+    second import of vLLM and torch, a spawn, a handshake) and ~1.2 GiB of RSS
+    per sampler, and buys nothing: the actor's generate call blocks on the
+    engine either way (measured in bench/README.md). On GPU the separate
+    process overlaps scheduling with the GPU's work, as vLLM intends."""
+    if engine_process == "auto":
+        return not has_gpu and tensor_parallel_size == 1
+    return engine_process == "inprocess"
+
+
+def bind_cpu_threads(spec: str) -> int:
+    """Torch threads for an in-process CPU engine, as vLLM's CPU worker sets
+    them from VLLM_CPU_OMP_THREADS_BIND in its own process: "auto" = every
+    core this process may use but one (vLLM's default reserve, left to the
+    actor's Python thread, Ray and the other roles); a core list pins the
+    process to those cores, one thread each. Returns the thread count."""
+    import torch
+
+    from cluster.config import parse_cpu_list
+
+    cores = parse_cpu_list(spec)
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+        n = len(cores)
+    else:
+        n = max(1, len(os.sched_getaffinity(0)) - 1)
+    torch.set_num_threads(n)
+    return n
+
+
 class SamplerActor:
     """One vLLM engine of the student. Use as a threaded Ray actor."""
 
@@ -90,10 +124,16 @@ class SamplerActor:
         self.cfg = rollout_cfg
         self.index = sampler_index
         has_gpu = torch.cuda.is_available()
+        self.in_process = engine_in_process(rollout_cfg.engine_process, has_gpu, rollout_cfg.tensor_parallel_size)
+        # Read by vLLM when the engine is built (this actor owns its process).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
         if not has_gpu:
             # vLLM parses this as an integer number of GiB.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(rollout_cfg.kv_cache_gib)))
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout_cfg.cpu_threads_bind
+            if self.in_process:
+                self.cpu_threads = bind_cpu_threads(rollout_cfg.cpu_threads_bind)
+            else:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout_cfg.cpu_threads_bind
         self.backend = engine_backend(rollout_cfg.weight_sync_backend, has_gpu)
 
         import rollout.weight_receiver  # noqa: F401  (registers opd_gloo/opd_shm in this process too)

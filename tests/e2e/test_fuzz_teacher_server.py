@@ -44,13 +44,6 @@ TOL = 1e-4  # at T = 1; scaled by 1/T below (the raw logprobs' float32 error is 
 
 
 @pytest.fixture(scope="module")
-def hf_teacher(teacher_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def info(teacher_server) -> ModelInfo:
     r = requests.get(teacher_server.url + "/v1/model", headers=teacher_server.headers(), timeout=30)
     return msgspec.json.decode(r.content, type=ModelInfo)
@@ -126,7 +119,7 @@ def _cheap_generate(body):
 @given(body=logprobs_body(),
        accept=st.sampled_from([None, CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, "*/*", "text/html"]),
        pick=st.integers(0, 1))
-def test_fuzz_logprobs(teacher_server, hf_teacher, info, http, body, accept, pick):
+def test_fuzz_logprobs(teacher_server, teacher_hf, info, http, body, accept, pick):
     encoded = encodings(body)
     raw, ct = encoded[min(pick, len(encoded) - 1)]
     headers = teacher_server.headers(ct)
@@ -138,7 +131,7 @@ def test_fuzz_logprobs(teacher_server, hf_teacher, info, http, body, accept, pic
     if r.status_code == 200:
         assert status == 200, f"server accepted what the protocol refuses ({field}): {body!r}"
         reply_ct = r.headers["Content-Type"]
-        _check_logprobs(hf_teacher, req, decode(r.content, LogprobsResponse, reply_ct))
+        _check_logprobs(teacher_hf, req, decode(r.content, LogprobsResponse, reply_ct))
         return
     err = _error_of(r)
     assert (r.status_code, err.error.field) == (status, field), (body, r.text[:300])
@@ -225,7 +218,7 @@ def test_generate_temperature_vllm_refuses_is_400_not_500(teacher_server, http):
     assert r.json()["error"]["field"] == "temperature", r.text
 
 
-def test_alive_and_correct_after_fuzzing(teacher_server, hf_teacher, info, http):
+def test_alive_and_correct_after_fuzzing(teacher_server, teacher_hf, info, http):
     # Runs after the fuzz tests above (file order).
     assert teacher_server.proc.poll() is None, f"the server died:\n{teacher_server.log_tail()}"
     assert http.get(teacher_server.url + "/health", timeout=10).json() == {"status": "ok"}
@@ -235,4 +228,4 @@ def test_alive_and_correct_after_fuzzing(teacher_server, hf_teacher, info, http)
     r = http.post(teacher_server.url + "/v1/logprobs", json=body, headers=teacher_server.headers(), timeout=60)
     assert r.status_code == 200, r.text
     req = msgspec.json.decode(msgspec.json.encode(body), type=LogprobsRequest)
-    _check_logprobs(hf_teacher, req, decode(r.content, LogprobsResponse))
+    _check_logprobs(teacher_hf, req, decode(r.content, LogprobsResponse))

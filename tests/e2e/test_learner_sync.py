@@ -1,6 +1,7 @@
 """A learner weight push reaches a real vLLM CPU sampler exactly.
 
-A miniature on-policy loop with real parts: a SamplerPool (vLLM CPU) samples
+A miniature on-policy loop with real parts: a SamplerPool (vLLM CPU, its
+engine in a separate process as on GPU) samples
 completions, the teacher (transformers) scores them, a 2-rank ZeRO-3
 LearnerGroup (DeepSpeed on gloo) trains on them, and rank 0 pushes the
 gathered weights over the gloo transport (learner/weight_sender.py ->
@@ -52,7 +53,10 @@ def _max_diff(a, b) -> float:
 def loop(ray_session, student_path):
     from rollout.pool import SamplerPool
 
-    rollout_cfg, student_cfg = sampler_configs(temperature=TEMPERATURE, max_new_tokens=10)
+    # vLLM's own engine-core process (the GPU default; CPU samplers default to
+    # an in-process engine): collective_rpc then crosses a process boundary.
+    rollout_cfg, student_cfg = sampler_configs(temperature=TEMPERATURE, max_new_tokens=10,
+                                               engine_process="multiprocess")
     pool = SamplerPool.create(student_path, rollout_cfg, student_cfg, num_samplers=1)
     group = None
     try:

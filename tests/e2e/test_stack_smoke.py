@@ -12,7 +12,10 @@ import pytest
 def test_vllm_in_ray_actor_matches_transformers(ray_session, student_path):
     ray = ray_session
 
-    @ray.remote(num_cpus=1)
+    # The engine inside the actor, as opd's CPU samplers run it
+    # (rollout.engine_process=auto); vLLM's separate engine process is
+    # exercised by test_learner_sync.
+    @ray.remote(num_cpus=1, runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
     class RawVLLM:
         def __init__(self, path):
             from vllm import LLM

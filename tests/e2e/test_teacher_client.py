@@ -109,13 +109,6 @@ def random_sequences(n: int, seed: int, min_len: int = 8, max_len: int = 48) -> 
     return out
 
 
-@pytest.fixture(scope="module")
-def teacher_hf(teacher_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
-
-
 def reference(model, seqs, temperature=1.0, top_k=0):
     """Transformers float32 forward: log p(ids[t] | ids[:t]) for t >= start (and top-k)."""
     out = []

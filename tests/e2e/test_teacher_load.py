@@ -9,7 +9,8 @@ tests/fixtures/teacher.py) because the session server's --max-queue 256 never
 pushes back at 64 clients: here --max-queue 8 makes 429 + Retry-After actually
 happen, --max-request-bytes 64 KiB makes oversized bodies cheap to send, and an
 API key makes bad-auth requests meaningful. The load runs LOAD_S seconds in CI;
-the 60 s soak is `python -m bench.teacher_load` (see its docstring).
+the 60 s soak is `python -m bench.teacher_load` (see its docstring). The last
+test fills the queue on purpose and then stops the server with SIGTERM.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 
 from bench.teacher_load import (LoadOptions, ProbeFactory, build_pool, fetch_model_info, format_report, run_load,
                                 run_probes)
+from tests.e2e.test_teacher_server import GOOD, VOCAB, _metric, assert_matches, post
 from tests.fixtures.teacher import launch_teacher_server
 
 CLIENTS = 64
@@ -144,3 +146,50 @@ def test_stalled_uploads_do_not_starve_other_clients(small_queue_server, load_se
     finally:
         for s in stalled:
             s.close()
+
+
+def test_queue_full_then_graceful_shutdown(small_queue_server, teacher_hf):
+    """Last in this module: it stops the server. /health was 503 while loading.
+    With MAX_QUEUE slow requests running, one more gets 429 + Retry-After.
+    SIGTERM during them: each still completes correctly, the process exits 0."""
+    import signal
+    import threading
+    import time
+
+    import requests
+
+    server = small_queue_server
+    # It listened before vLLM was up: /health said 503 "loading" until the model was ready.
+    assert server.health_seen[0] == (503, '{"status":"loading"}'), server.health_seen
+    assert server.health_seen[-1] == (200, '{"status":"ok"}')
+    # Slow on purpose: full-vocab logprobs (temperature != 1), MAX_QUEUE x 4 x 300 tokens.
+    rng = np.random.default_rng(5)
+    bodies = [[{"token_ids": rng.integers(0, VOCAB, 300).tolist(), "start": 150} for _ in range(4)]
+              for _ in range(MAX_QUEUE)]
+    result: dict[int, requests.Response] = {}
+
+    def slow(i):
+        result[i] = post(server, "/v1/logprobs", {"sequences": bodies[i], "top_k": 2, "temperature": 0.9})
+
+    threads = [threading.Thread(target=slow, args=(i,)) for i in range(MAX_QUEUE)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while _metric(server, "teacher_queue_depth") < MAX_QUEUE:
+        assert time.monotonic() < deadline, "the slow requests were never all admitted"
+        time.sleep(0.02)
+    r = post(server, "/v1/logprobs", {"sequences": [GOOD]})
+    assert r.status_code == 429 and r.json()["error"]["type"] == "overloaded"
+    assert int(r.headers["Retry-After"]) >= 1
+    assert all(t.is_alive() for t in threads), "the slow requests finished too early for the test to mean anything"
+
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(result) == list(range(MAX_QUEUE))
+    assert all(r.status_code == 200 for r in result.values()), [r.text[:200] for r in result.values()]
+    assert server.proc.wait(timeout=60) == 0
+    for i in (0, MAX_QUEUE - 1):
+        assert_matches(teacher_hf, bodies[i], result[i].json()["results"], 0.9, 2)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(server.url + "/health", timeout=5)

@@ -5,16 +5,13 @@ transformers float32 forward of the same checkpoint.
     .venv/bin/python -m pytest tests/e2e/test_teacher_server.py -x -q
 
 Uses the session `teacher_server` fixture (tests/fixtures/teacher.py, API key
-set) plus one short-lived server with --max-queue 1 for the queue-full and
-graceful-shutdown test.
+set). The queue-full and graceful-shutdown test runs on test_teacher_load.py's
+small-queue server (one teacher start-up less).
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
-import threading
-import time
 
 import aiohttp
 import msgspec
@@ -24,18 +21,10 @@ import requests
 import torch
 
 from teacher_server.protocol import (CONTENT_TYPE_MSGPACK, LogprobsResponse, ModelInfo, tokenizer_fingerprint)
-from tests.fixtures.teacher import launch_teacher_server
 
 TOL = 1e-4
 VOCAB = 320
 MAX_LEN = 511  # the tiny teacher's 512 positions minus the one vLLM samples after a prompt
-
-
-@pytest.fixture(scope="module")
-def hf_teacher(teacher_path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
 
 
 def reference(model, token_ids: list[int], start: int, temperature: float = 1.0, top_k: int = 0):
@@ -86,7 +75,7 @@ def assert_matches(model, seqs, results, temperature=1.0, top_k=0):
 # ----------------------------------------------------------------------------- correctness
 
 @pytest.mark.parametrize("top_k,temperature", [(0, 1.0), (5, 1.0), (3, 0.7), (0, 2.0)])
-def test_logprobs_match_transformers(teacher_server, hf_teacher, top_k, temperature):
+def test_logprobs_match_transformers(teacher_server, teacher_hf, top_k, temperature):
     # Ragged lengths, starts anywhere from 1 to len-1, including the full max_model_len.
     seqs = random_batch(seed=top_k * 10 + int(temperature * 10), n=12)
     seqs.append({"token_ids": [(i * 7) % VOCAB for i in range(MAX_LEN)], "start": 1})
@@ -95,7 +84,7 @@ def test_logprobs_match_transformers(teacher_server, hf_teacher, top_k, temperat
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == teacher_server.model_path
-    assert_matches(hf_teacher, seqs, body["results"], temperature, top_k)
+    assert_matches(teacher_hf, seqs, body["results"], temperature, top_k)
 
 
 def test_msgpack_encoding_equals_json(teacher_server):
@@ -119,7 +108,7 @@ def test_model_info_fingerprint(teacher_server, student_path, teacher_path):
     assert info.tokenizer_sha256 == tokenizer_fingerprint(student_path) == tokenizer_fingerprint(teacher_path)
 
 
-def test_sixteen_concurrent_clients(teacher_server, hf_teacher):
+def test_sixteen_concurrent_clients(teacher_server, teacher_hf):
     n_clients = 20
     batches = [random_batch(seed=100 + c, n=3, max_len=60) for c in range(n_clients)]
 
@@ -134,10 +123,10 @@ def test_sixteen_concurrent_clients(teacher_server, hf_teacher):
             return await asyncio.gather(*(client(s, b) for b in batches))
 
     for seqs, body in zip(batches, asyncio.run(main()), strict=True):
-        assert_matches(hf_teacher, seqs, body["results"], 1.0, 1)
+        assert_matches(teacher_hf, seqs, body["results"], 1.0, 1)
 
 
-def test_generate(teacher_server, hf_teacher):
+def test_generate(teacher_server, teacher_hf):
     prompt = [1, 40, 50, 60]
     req = {"prompts": [{"token_ids": prompt}, {"token_ids": [2, 3]}], "n": 2, "max_new_tokens": 8,
            "temperature": 0.8, "seed": 123}
@@ -152,7 +141,7 @@ def test_generate(teacher_server, hf_teacher):
             assert len(s["token_ids"]) == len(s["logprobs"]) == 8 and s["finish_reason"] == "length"
             # The reported logprobs are of the distribution sampled from (T = 0.8).
             ids = p["token_ids"] + s["token_ids"]
-            given, _ = reference(hf_teacher, ids, len(p["token_ids"]), temperature=0.8)
+            given, _ = reference(teacher_hf, ids, len(p["token_ids"]), temperature=0.8)
             np.testing.assert_allclose(s["logprobs"], given, atol=TOL)
     # Every id a stop token: the first sampled token ends the sample.
     stop = post(teacher_server, "/v1/generate", {"prompts": [{"token_ids": prompt}], "max_new_tokens": 8,
@@ -229,7 +218,7 @@ def test_http_level_errors(teacher_server):
     assert r.status_code == 405
 
 
-def test_still_correct_after_bad_requests(teacher_server, hf_teacher):
+def test_still_correct_after_bad_requests(teacher_server, teacher_hf):
     # Runs after the bad-input tests (file order): the server must still answer correctly.
     for raw in (b"\xff\xfe", b'{"sequences": [{"token_ids": [1e999], "start": 1}]}', b"[[[[[[[[[["):
         assert requests.post(teacher_server.url + "/v1/logprobs", data=raw, headers=teacher_server.headers(),
@@ -237,7 +226,7 @@ def test_still_correct_after_bad_requests(teacher_server, hf_teacher):
     seqs = random_batch(seed=99, n=5)
     r = post(teacher_server, "/v1/logprobs", {"sequences": seqs, "top_k": 2})
     assert r.status_code == 200
-    assert_matches(hf_teacher, seqs, r.json()["results"], 1.0, 2)
+    assert_matches(teacher_hf, seqs, r.json()["results"], 1.0, 2)
 
 
 # ----------------------------------------------------------------------------- auth, metrics
@@ -273,43 +262,3 @@ def test_metrics_count_tokens(teacher_server):
     assert _metric(teacher_server, "teacher_tokens_scored_total") - before == 7 + 4
     assert _metric(teacher_server, "teacher_queue_depth") == 0
     assert _metric(teacher_server, 'teacher_request_latency_seconds_count{endpoint="/v1/logprobs"}') >= 1
-
-
-# ----------------------------------------------------------------------------- load and shutdown
-
-def test_queue_full_then_graceful_shutdown(teacher_path, hf_teacher):
-    """/health is 503 while loading. --max-queue 1: while one slow request runs, a
-    second gets 429 + Retry-After.
-    SIGTERM during that request: it still completes correctly, the process exits 0."""
-    with launch_teacher_server(teacher_path, "--max-queue", "1") as server:
-        # It listens before vLLM is up: /health said 503 "loading" until the model was ready.
-        assert server.health_seen[0] == (503, '{"status":"loading"}'), server.health_seen
-        assert server.health_seen[-1] == (200, '{"status":"ok"}')
-        # Slow on purpose: full-vocab logprobs (temperature != 1) for 32 x 300 tokens.
-        rng = np.random.default_rng(5)
-        seqs = [{"token_ids": rng.integers(0, VOCAB, 300).tolist(), "start": 150} for _ in range(32)]
-        result = {}
-
-        def slow():
-            result["r"] = post(server, "/v1/logprobs", {"sequences": seqs, "top_k": 2, "temperature": 0.9})
-
-        t = threading.Thread(target=slow)
-        t.start()
-        deadline = time.monotonic() + 30
-        while _metric(server, "teacher_queue_depth") < 1:
-            assert time.monotonic() < deadline, "the slow request was never admitted"
-            time.sleep(0.02)
-        r = post(server, "/v1/logprobs", {"sequences": [GOOD]})
-        assert r.status_code == 429 and r.json()["error"]["type"] == "overloaded"
-        assert int(r.headers["Retry-After"]) >= 1
-        assert t.is_alive(), "the slow request finished too early for the test to mean anything"
-
-        server.proc.send_signal(signal.SIGTERM)
-        t.join(timeout=300)
-        assert result["r"].status_code == 200, result["r"].text
-        assert server.proc.wait(timeout=60) == 0
-        results = result["r"].json()["results"]
-        for i in (0, 31):
-            assert_matches(hf_teacher, [seqs[i]], [results[i]], 0.9, 2)
-        with pytest.raises(requests.ConnectionError):
-            requests.get(server.url + "/health", timeout=5)

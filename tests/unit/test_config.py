@@ -69,6 +69,22 @@ def test_cross_section_problems_reported_with_field_problems():
     assert any(p.startswith("learner.lr: -1") for p in probs)
 
 
+def test_sampler_engine_process_and_cpu_binding():
+    from cluster.config import parse_cpu_list
+
+    assert parse_cpu_list("auto") is None and parse_cpu_list("nobind") is None
+    assert parse_cpu_list("0-1,6") == [0, 1, 6] and parse_cpu_list("0-1|2-3") == [0, 1, 2, 3]
+    probs = problems_of({}, ["rollout.engine_process=inprocess", "rollout.tensor_parallel_size=2",
+                             "rollout.cpu_threads_bind=3-1"])
+    assert any("engine_process=inprocess" in p and "tensor_parallel_size is 2" in p for p in probs)
+    assert any(p.startswith("rollout.cpu_threads_bind: '3-1'") for p in probs)
+    cfg = config_from_dict({}, ["rollout.engine_process=multiprocess", "rollout.tensor_parallel_size=2",
+                                "rollout.cpu_threads_bind=0-3|4-7"])
+    assert cfg.rollout.engine_process == "multiprocess" and cfg.rollout.cpu_threads_bind == "0-3|4-7"
+    assert any("rollout.engine_process: 'fork' is not valid" in p
+               for p in problems_of({}, ["rollout.engine_process=fork"]))
+
+
 def test_lengths_must_fit_model():
     probs = problems_of({}, ["rollout.max_new_tokens=1000"])
     assert any("exceeds student.max_model_len" in p for p in probs)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollout.pool import SamplerPool, split_balanced
-from rollout.sampler import choose_backend, engine_backend, mix_seed
+from rollout.sampler import bind_cpu_threads, choose_backend, engine_backend, engine_in_process, mix_seed
 from rollout.weight_sync import GLOO_BACKEND_NAME, SHM_BACKEND_NAME, WeightSyncError
 
 
@@ -69,6 +69,29 @@ def test_engine_backend_serves_every_cpu_sender():
     assert engine_backend("shm", has_gpu=False) == SHM_BACKEND_NAME
     assert engine_backend("gloo", has_gpu=False) == GLOO_BACKEND_NAME
     assert engine_backend("auto", has_gpu=True) == "nccl"
+
+
+def test_engine_in_process_on_cpu_only_by_default():
+    assert engine_in_process("auto", has_gpu=False, tensor_parallel_size=1)
+    assert not engine_in_process("auto", has_gpu=True, tensor_parallel_size=1)
+    assert not engine_in_process("auto", has_gpu=False, tensor_parallel_size=2)
+    assert engine_in_process("inprocess", has_gpu=True, tensor_parallel_size=1)
+    assert not engine_in_process("multiprocess", has_gpu=False, tensor_parallel_size=1)
+
+
+def test_bind_cpu_threads_pins_and_sets_torch_threads():
+    import torch
+
+    before_aff, before_n = os.sched_getaffinity(0), torch.get_num_threads()
+    first = min(before_aff)
+    try:
+        assert bind_cpu_threads(str(first)) == 1
+        assert os.sched_getaffinity(0) == {first} and torch.get_num_threads() == 1
+        os.sched_setaffinity(0, before_aff)
+        assert bind_cpu_threads("auto") == max(1, len(before_aff) - 1) == torch.get_num_threads()
+    finally:
+        os.sched_setaffinity(0, before_aff)
+        torch.set_num_threads(before_n)
 
 
 class _Call:
