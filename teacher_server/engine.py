@@ -105,7 +105,8 @@ class TeacherEngine:
 
     @classmethod
     def build(cls, opts: EngineOptions) -> "TeacherEngine":
-        """Start vLLM (tens of seconds; spawns the engine-core process). Safe to call
+        """Start vLLM (tens of seconds; spawns the engine-core process, which on
+        CPU runs the model itself: `run_model_in_engine_core_on_cpu`). Safe to call
         from a worker thread: AsyncLLM starts its output loop lazily on the first
         request when no event loop runs in the constructing thread."""
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -123,6 +124,8 @@ class TeacherEngine:
             kwargs["max_num_batched_tokens"] = opts.max_batch_tokens
         if _is_cpu_build():  # CUDA graphs do not exist on CPU
             kwargs["enforce_eager"] = True
+            if opts.tensor_parallel_size == 1:
+                run_model_in_engine_core_on_cpu()
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         mc = engine.model_config
         # vLLM samples one token after a scored prompt, so the longest scorable sequence
@@ -198,6 +201,23 @@ async def _all(coros) -> list:
         for t in tasks:
             t.cancel()
         raise
+
+
+def run_model_in_engine_core_on_cpu() -> None:
+    """Make vLLM's CPU engine-core process run the model itself (executor
+    "uni") instead of spawning a worker process for it.
+
+    On CPU, vLLM turns a one-worker engine's executor into its multiprocess
+    one whenever VLLM_ENABLE_V1_MULTIPROCESSING is on (vllm/platforms/cpu.py,
+    so that the worker can bind OpenMP threads); AsyncLLM keeps its separate
+    engine-core process either way. Measured on the tiny teacher: healthy in
+    34-36 s instead of 52 s, 2.4 GiB RSS instead of 3.0 GiB, identical
+    logprobs, and the same scoring speed at the same thread count. Threads:
+    OMP_NUM_THREADS if set, else every core this process may use but one,
+    vLLM's own default reserve. Both variables are inherited by the
+    engine-core process it spawns; only call this in the server's process."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) - 1)))
 
 
 def _is_cpu_build() -> bool:
