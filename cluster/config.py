@@ -161,14 +161,14 @@ class RolloutConfig:
     # KV cache per sampler on CPU (GiB, VLLM_CPU_KVCACHE_SPACE).
     kv_cache_gib: float = 1.0
     # CPU threads of a CPU sampler: "auto" (every core the sampler's process
-    # may run on), or cores like "0-1" / "0,2,4" (the engine is pinned to
-    # them, one thread each). Passed on as VLLM_CPU_OMP_THREADS_BIND when the
+    # may run on but one, vLLM's own reserve), or cores like "0-1" / "0,2,4"
+    # (the engine is pinned to them, one thread each). Passed on as VLLM_CPU_OMP_THREADS_BIND when the
     # engine runs in its own process (which also takes vLLM's "nobind" and
     # per-rank "0-3|4-7").
     cpu_threads_bind: str = "auto"
     # Where a sampler's vLLM engine runs: "inprocess" (inside the sampler actor;
-    # on CPU it starts in ~5 s instead of ~40 s and saves the engine process's
-    # ~1.2 GiB RSS, with the same sampling speed: bench/README.md),
+    # on CPU a sampler then starts in ~19 s instead of ~54 s, needs ~1.2 GiB
+    # less RSS and generated 1.3x faster: python -m bench.sampler_engine),
     # "multiprocess" (vLLM's default: a separate engine-core process, which
     # overlaps scheduling with GPU work), or "auto": inprocess on CPU with
     # tensor_parallel_size 1, multiprocess otherwise.

@@ -81,10 +81,10 @@ def engine_in_process(engine_process: str, has_gpu: bool, tensor_parallel_size: 
     """Whether the vLLM engine runs inside the sampler actor
     (`rollout.engine_process`; "auto": on CPU with one engine worker).
 
-    On CPU, vLLM's separate engine-core process costs ~35 s of start-up (a
-    second import of vLLM and torch, a spawn, a handshake) and ~1.2 GiB of RSS
-    per sampler, and buys nothing: the actor's generate call blocks on the
-    engine either way (measured in bench/README.md). On GPU the separate
+    On CPU, vLLM's separate engine-core and worker processes cost ~35 s of
+    start-up (more imports of vLLM and torch, spawns, handshakes) and ~1.2 GiB
+    of RSS per sampler, and buy nothing: the actor's generate call blocks on
+    the engine either way (`python -m bench.sampler_engine`). On GPU the separate
     process overlaps scheduling with the GPU's work, as vLLM intends."""
     if engine_process == "auto":
         return not has_gpu and tensor_parallel_size == 1
@@ -131,7 +131,7 @@ class SamplerActor:
             # vLLM parses this as an integer number of GiB.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(rollout_cfg.kv_cache_gib)))
             if self.in_process:
-                self.cpu_threads = bind_cpu_threads(rollout_cfg.cpu_threads_bind)
+                bind_cpu_threads(rollout_cfg.cpu_threads_bind)
             else:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout_cfg.cpu_threads_bind
         self.backend = engine_backend(rollout_cfg.weight_sync_backend, has_gpu)
