@@ -126,17 +126,14 @@ def run_driver(cfg, log=print) -> Path:
 
 
 def accuracy(model_dir: str | os.PathLike, records: list[dict] | None = None, *, temperature: float = 0.0,
-             samples_per_prompt: int = 1, seed: int = 0, max_new_tokens: int = 8,
-             tokenizer_dir: str | os.PathLike | None = None) -> float:
+             samples_per_prompt: int = 1, seed: int = 0, max_new_tokens: int = 8) -> float:
     """Held-out accuracy of a checkpoint directory (see `model_accuracy`).
-    Records default to the task's held-out set. `tokenizer_dir` (default
-    `model_dir`) names where the tokenizer comes from: distillation never
-    changes it, and the driver's export of the trained student does not carry
-    the tokenizer's EOS setting (see the recipes README)."""
+    Records default to the task's held-out set.
+    The tokenizer is the checkpoint's own (the driver's export carries it)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return model_accuracy(model, tok, heldout_records() if records is None else records, temperature=temperature,
                           samples_per_prompt=samples_per_prompt, seed=seed, max_new_tokens=max_new_tokens)

@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                                samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.run.seed)
     final = run_dir / "final"
     greedy = {"teacher": accuracy(pair.teacher, recs), "before": accuracy(pair.student, recs),
-              # The student's own tokenizer: the export's lacks the EOS setting.
-              "after": accuracy(final, recs, tokenizer_dir=pair.student) if final.exists() else None}
+              # The export as a user loads it: its own weights, config and tokenizer files.
+              "after": accuracy(final, recs) if final.exists() else None}
     s = demo_summary(rows, teacher_sampled, teacher_greedy=greedy["teacher"], greedy_before=greedy["before"],
                      greedy_after=greedy["after"])
     s.update(run_dir=str(run_dir), wall_s=None if args.report else time.monotonic() - t_start, teacher=str(pair.teacher),
