@@ -153,9 +153,7 @@ def build_model(name: str, out_dir: str | os.PathLike | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    def write(tmp: Path) -> None:
         cfg = Qwen2Config(
             vocab_size=VOCAB_SIZE,
             hidden_size=spec.hidden_size,
@@ -184,11 +182,26 @@ def build_model(name: str, out_dir: str | os.PathLike | None = None) -> Path:
         model.generation_config.pad_token_id = 0
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tmp)
+
+    return publish_dir(final, write, done_marker="model.safetensors")
+
+
+def publish_dir(final: Path, write, done_marker: str, replace: bool = False) -> Path:
+    """Build a cache directory atomically: `write(tmp)` fills a temporary
+    sibling, which is then renamed to `final`, so a crash never leaves a
+    half-written `final`. If another process published `final` first (its
+    `done_marker` file exists), its copy is kept and ours dropped. With
+    `replace`, an existing `final` is replaced."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        if replace and final.exists():
+            shutil.rmtree(final)
         try:
             os.rename(tmp, final)
         except OSError:
-            # Another process won the race; its copy is identical.
-            if not (final / "config.json").exists():
+            if not (final / done_marker).exists():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:

@@ -33,14 +33,13 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from cluster.tiny_data import TASKS, build_task, format_problem, grade
-from cluster.tiny_models import SPECS, build_model, cache_dir, save_tokenizer
+from cluster.tiny_models import SPECS, build_model, cache_dir, publish_dir, save_tokenizer
 
 # Bump when the training code changes in a way that changes the result.
 RECIPE_VERSION = 1
@@ -347,23 +346,8 @@ def build_sft_model(recipe: SFTRecipe, log=print, use_cache: bool = True, eval_e
     final = recipe_dir(recipe)
     if use_cache and (final / "sft_summary.json").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        train_sft(recipe, tmp, log=log, eval_every=eval_every)
-        if final.exists() and not use_cache:
-            shutil.rmtree(final)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process finished the same recipe first; keep its copy.
-            if not (final / "sft_summary.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return publish_dir(final, lambda tmp: train_sft(recipe, tmp, log=log, eval_every=eval_every),
+                       done_marker="sft_summary.json", replace=not use_cache)
 
 
 def read_summary(model_dir: str | os.PathLike) -> dict:

@@ -154,3 +154,37 @@ def test_hf_names_strip_wrappers():
     assert hf_name("module.model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
     assert hf_name("model.layers.0._checkpoint_wrapped_module.mlp.weight") == "model.layers.0.mlp.weight"
     assert hf_name("_orig_mod.lm_head.weight") == "lm_head.weight"
+
+
+def test_publish_dir_is_atomic_keeps_a_racing_winner_and_replaces_on_request(tmp_path):
+    """cluster.tiny_models.publish_dir (the tiny-model and SFT caches): a
+    failing build leaves neither `final` nor a temporary directory; a copy
+    another process published first is kept; `replace` swaps it."""
+    from cluster.tiny_models import publish_dir
+
+    final = tmp_path / "cache" / "model-abc"
+
+    def crash(tmp):
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        publish_dir(final, crash, done_marker="done")
+    assert not final.exists() and list(final.parent.iterdir()) == []
+
+    def write(content):
+        def w(tmp):
+            (tmp / "data").write_text(content)
+            (tmp / "done").write_text("")
+        return w
+
+    assert publish_dir(final, write("first"), done_marker="done") == final
+    assert (final / "data").read_text() == "first"
+    # A second builder that lost the race: the published copy stays, its own is dropped.
+    publish_dir(final, write("second"), done_marker="done")
+    assert (final / "data").read_text() == "first"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["model-abc"]
+    # A rebuild that asks to replace it.
+    publish_dir(final, write("third"), done_marker="done", replace=True)
+    assert (final / "data").read_text() == "third"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["model-abc"]
