@@ -3,16 +3,18 @@
 over each CPU transport (gloo, shm), next to the floor: one plain in-memory
 `Tensor.copy_` of the same bytes on this machine.
 
-    .venv/bin/python -m bench.weight_sync                       # all sizes, both transports
-    .venv/bin/python -m bench.weight_sync --models student-25m --backends shm --repeats 5
+    .venv/bin/python -m bench.weight_sync                       # all sizes, both transports, both GEMM layouts
+    .venv/bin/python -m bench.weight_sync --models student-25m --backends shm --cpu-gemm plain --repeats 5
 
 Each push is the whole production path: start_weight_update on every sampler,
 the accept/reject vote, the buckets (rollout.weight_sync_bucket_mb; gloo:
 broadcast over loopback TCP; shm: packed into the /dev/shm region, only a
-header broadcast), layerwise reload in each vLLM worker, finish_weight_update.
+header broadcast), the load in each vLLM worker (rollout.cpu_gemm=onednn, vLLM's
+CPU default: vLLM's layerwise reload, re-packing every linear weight; plain:
+a copy into the live weights), finish_weight_update.
 The same samplers (default "auto" config: the "opd_shm" engine, which takes
 both transports) serve every row of a model; they re-join a fresh group for
-each (transport, sampler count). Phases (from the sender's last_stats):
+each (transport, sampler count); each GEMM layout gets its own pair. Phases (from the sender's last_stats):
 start+vote = start RPC and the accept vote, stream = packing + shipping all
 buckets, drain = waiting for the samplers' loads after the last bucket,
 finish = the finish RPC.
@@ -47,7 +49,7 @@ def copy_floor_s(nbytes: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str]) -> list[dict]:
+def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str], cpu_gemm: str) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -61,7 +63,7 @@ def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str]) ->
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     specs = specs_from_named(named)
     nbytes = sum(s.nbytes for s in specs)
-    rollout = RolloutConfig(weight_sync_bucket_mb=bucket_mb, kv_cache_gib=1.0, max_new_tokens=8)
+    rollout = RolloutConfig(weight_sync_bucket_mb=bucket_mb, kv_cache_gib=1.0, max_new_tokens=8, cpu_gemm=cpu_gemm)
     both = SamplerPool.create(path, rollout, StudentConfig(max_model_len=256), num_samplers=2)
     rows = []
     try:
@@ -81,7 +83,7 @@ def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str]) ->
                     phases.append(sender.last_stats)
                 assert pool.weight_versions() == [1 + repeats] * k
                 push = statistics.median(times)
-                rows.append(dict(model=name, backend=backend, params_m=sum(s.numel for s in specs) / 1e6,
+                rows.append(dict(model=name, backend=backend, gemm=cpu_gemm, params_m=sum(s.numel for s in specs) / 1e6,
                                  mib=nbytes / 2**20, samplers=k, push_s=push, floor_s=floor, ratio=push / floor,
                                  **{key.removeprefix("sync/"): statistics.median(p[key] for p in phases)
                                     for key in ("sync/start_vote_s", "sync/stream_s", "sync/drain_s",
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bucket-mb", type=int, default=64)
     ap.add_argument("--backends", nargs="+", default=["gloo", "shm"], choices=["gloo", "shm"])
+    ap.add_argument("--cpu-gemm", nargs="+", default=["onednn", "plain"], choices=["onednn", "plain"],
+                    help="the samplers' rollout.cpu_gemm: onednn (vLLM's layerwise reload) / plain (in place)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -109,16 +113,18 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     try:
         for name in args.models:
-            rows += bench_model(name, args.repeats, args.bucket_mb, args.backends)
+            for gemm in args.cpu_gemm:
+                rows += bench_model(name, args.repeats, args.bucket_mb, args.backends, gemm)
     finally:
         ray.shutdown()
     print(f"\nweight sync push (median of {args.repeats}), bucket {args.bucket_mb} MiB, fp32; gloo = loopback TCP, "
           f"shm = /dev/shm region + gloo headers")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine => noisy)")
-    print(f"{'model':<14}{'params':>9}{'MiB':>9}{'transport':>10}{'samplers':>9}{'push s':>9}{'copy floor s':>13}"
+    print(f"{'model':<14}{'params':>9}{'MiB':>9}{'gemm':>8}{'transport':>10}{'samplers':>9}{'push s':>9}"
+          f"{'copy floor s':>13}"
           f"{'ratio':>8}   | start+vote  stream  drain  finish (s)")
     for r in rows:
-        print(f"{r['model']:<14}{r['params_m']:>8.1f}M{r['mib']:>9.1f}{r['backend']:>10}{r['samplers']:>9}"
+        print(f"{r['model']:<14}{r['params_m']:>8.1f}M{r['mib']:>9.1f}{r['gemm']:>8}{r['backend']:>10}{r['samplers']:>9}"
               f"{r['push_s']:>9.3f}{r['floor_s']:>13.4f}{r['ratio']:>7.1f}x   | {r['start_vote_s']:>10.3f}"
               f"{r['stream_s']:>8.3f}{r['drain_s']:>7.3f}{r['finish_s']:>8.3f}")
 

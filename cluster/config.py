@@ -173,6 +173,15 @@ class RolloutConfig:
     # overlaps scheduling with GPU work), or "auto": inprocess on CPU with
     # tensor_parallel_size 1, multiprocess otherwise.
     engine_process: Literal["auto", "inprocess", "multiprocess"] = "auto"
+    # How a CPU sampler's linear layers multiply (GPU samplers ignore it):
+    # "onednn" (vLLM's CPU default: every weight re-packed into a oneDNN GEMM
+    # handler, so a weight update goes through vLLM's layerwise reload, which
+    # re-packs every layer: 4-7x a memcpy of the weights) or "plain" (torch's
+    # F.linear on the plain weight, what vLLM does for the layers it marks
+    # `_cpu_skip_gemm_dispatch`; a weight update is copied into the live
+    # parameters: 1.5-2x a memcpy; generation took 0.87x-1.28x onednn's time,
+    # depending on the model: python -m bench.cpu_reload). Unquantized models only.
+    cpu_gemm: Literal["onednn", "plain"] = "onednn"
     # Run vLLM without CUDA graphs / compilation (always on for CPU).
     enforce_eager: bool = True
     # Weight transport learner rank 0 -> samplers: "nccl" (vLLM's official NCCL

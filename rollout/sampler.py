@@ -136,13 +136,16 @@ class SamplerActor:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout_cfg.cpu_threads_bind
         self.backend = engine_backend(rollout_cfg.weight_sync_backend, has_gpu)
 
-        import rollout.weight_receiver  # noqa: F401  (registers opd_gloo/opd_shm in this process too)
+        import rollout.weight_receiver  # noqa: F401  (registers opd_gloo/opd_shm and the plain-GEMM loader here too)
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
         kwargs: dict[str, Any] = {}
         if has_gpu:
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
+        elif rollout_cfg.cpu_gemm == "plain":
+            # Linear layers keep plain weights: updates are copied in place (rollout.weight_receiver).
+            kwargs["load_format"] = rollout.weight_receiver.PLAIN_GEMM_LOAD_FORMAT
         try:
             self.llm = LLM(
                 model=model,
@@ -193,6 +196,11 @@ class SamplerActor:
     def num_workers(self) -> int:
         """Worker processes of this engine (its ranks in the weight-sync group)."""
         return len(self.llm.collective_rpc("opd_weight_state"))
+
+    def weight_load(self) -> list[str]:
+        """How each engine worker takes a weight update: "in_place" (CPU,
+        rollout.cpu_gemm=plain) or "layerwise_reload" (vLLM's reload)."""
+        return [s["load"] for s in self.llm.collective_rpc("opd_weight_state")]
 
     def needs_full_update(self) -> str | None:
         return self._needs_full_update

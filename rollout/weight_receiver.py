@@ -37,6 +37,13 @@ One update, as the worker sees it (the sampler actor drives it through
       rewritten before this update finished everywhere).
 3. `finish_weight_update()`: `finalize_layerwise_reload`.
 
+With `rollout.cpu_gemm=plain` the engine is loaded through the
+"opd_cpu_plain_gemm" model loader (below): every linear layer keeps its plain
+weight and multiplies with torch's F.linear, so step (c) copies each bucket
+straight into the live parameters with the model's own `load_weights` (one
+copy per byte) instead of vLLM's layerwise reload (which re-materializes each
+layer and re-packs every linear weight for oneDNN: 4-7x a memcpy on CPU).
+
 Failure after (b): the layerwise state is finalized so the model is usable
 again, but if any bucket was already loaded the weights are a mix of old and
 new: the engine reports `dirty=True` (`WeightSyncWorkerExtension.opd_weight_state`)
@@ -67,6 +74,8 @@ from rollout.weight_sync import (
 )
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +107,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self._store = None
         self._group = None
         self._layout: tuple[dict[str, tuple[int, ...]], list[str]] | None = None
-        self._reload_open = False
+        self._reload_open = False  # an update session is open (until finish or abort)
+        self._layerwise_open = False  # ... and it holds vLLM's layerwise-reload state
         # True when a failed update loaded some buckets: weights are mixed.
         self.dirty = False
         self.last_error: str | None = None
@@ -171,9 +181,12 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             raise WeightSyncError(f"weight update v{update_info.version} was rejected by another participant "
                                   "(see its error); nothing was modified", stage="validate")
 
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        in_place = plain_gemm_loaded(self.model)
+        if not in_place:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        initialize_layerwise_reload(self.model)
+            initialize_layerwise_reload(self.model)
+            self._layerwise_open = True
         self._reload_open = True
         loaded_any = False
         try:
@@ -189,7 +202,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                     raise WeightSyncError(f"bucket {b} header says {sent} bytes, the update info describes {nbytes}",
                                           stage="transfer")
                 flat = self.bucket_bytes(update_info, b, nbytes)
-                self.model.load_weights(list(unpack_bucket(flat, specs)))
+                with torch.no_grad():
+                    # Layerwise: buffered until a layer is complete, then processed.
+                    # In place: copied into the live parameters by their weight loaders.
+                    self.model.load_weights(list(unpack_bucket(flat, specs)))
                 del flat
                 loaded_any = True
         except BaseException as e:
@@ -201,9 +217,11 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         if not self._reload_open:
             raise WeightSyncError("finish_weight_update without a received update (update_weights failed or "
                                   "was never called)", stage="finish")
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        if self._layerwise_open:
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(self.model, self.model_config)
+            finalize_layerwise_reload(self.model, self.model_config)
+            self._layerwise_open = False
         self._reload_open = False
         self.dirty = False
         self.last_error = None
@@ -211,12 +229,13 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     def _abort_reload(self, dirty: bool = True) -> None:
         """Leave the layerwise-reload state (layers that received nothing get
         their old tensors back) and record whether weights are now mixed."""
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-
         try:
-            finalize_layerwise_reload(self.model, self.model_config)
+            if self._layerwise_open:
+                from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+                finalize_layerwise_reload(self.model, self.model_config)
         finally:
-            self._reload_open = False
+            self._reload_open = self._layerwise_open = False
             self.dirty = self.dirty or dirty
 
     def shutdown(self) -> None:
@@ -275,7 +294,8 @@ class WeightSyncWorkerExtension:
     def opd_weight_state(self) -> dict:
         """{"dirty": weights mixed by a failed update, "last_error": str|None}."""
         engine = getattr(self, "weight_transfer_engine", None)
-        return {"dirty": bool(getattr(engine, "dirty", False)), "last_error": getattr(engine, "last_error", None)}
+        return {"dirty": bool(getattr(engine, "dirty", False)), "last_error": getattr(engine, "last_error", None),
+                "load": "in_place" if plain_gemm_loaded(self.model_runner.model) else "layerwise_reload"}
 
     def opd_check_update(self, update_info: dict) -> list[str]:
         """Problems of an update against this worker's model (empty = valid);
@@ -300,6 +320,65 @@ class WeightSyncWorkerExtension:
         if engine is not None and getattr(engine, "_reload_open", False):
             engine._abort_reload(dirty=True)
         self._weight_update_active = False
+
+
+PLAIN_GEMM_LOAD_FORMAT = "opd_cpu_plain_gemm"
+
+
+def plain_gemm_loaded(model) -> bool:
+    """True when `model` was loaded by PlainGemmModelLoader: every GEMM layer
+    multiplies with F.linear on its live, plain weight."""
+    return bool(getattr(model, "_opd_plain_gemm", False))
+
+
+@register_model_loader(PLAIN_GEMM_LOAD_FORMAT)
+class PlainGemmModelLoader(DefaultModelLoader):
+    """vLLM's default (safetensors / bin) loader for CPU samplers with
+    `rollout.cpu_gemm=plain`: before vLLM processes the loaded weights it
+    marks every layer `_cpu_skip_gemm_dispatch` (vLLM's own switch: such a
+    linear layer keeps its weight and uses F.linear instead of a re-packed
+    oneDNN handler); embedding-method layers (lm_head), which vLLM dispatches
+    while keeping their weight, are switched to F.linear after processing.
+    The weights then stay where a weight update can copy into them."""
+
+    def __init__(self, load_config) -> None:
+        import copy
+
+        if load_config.load_format != PLAIN_GEMM_LOAD_FORMAT:
+            raise ValueError(f"PlainGemmModelLoader serves load_format={PLAIN_GEMM_LOAD_FORMAT!r}")
+        inner = copy.copy(load_config)
+        inner.load_format = "auto"  # which files to read: the default loader's choice
+        super().__init__(inner)
+
+    def load_weights(self, model, model_config) -> None:
+        if model_config.quantization is not None:
+            raise ValueError(f"rollout.cpu_gemm=plain supports unquantized models only; this one is quantized "
+                             f"with {model_config.quantization!r}: use rollout.cpu_gemm=onednn")
+        super().load_weights(model, model_config)
+        for module in model.modules():
+            if hasattr(module, "quant_method"):
+                module._cpu_skip_gemm_dispatch = True
+
+    def load_model(self, vllm_config, model_config, prefix: str = ""):
+        from vllm.platforms import current_platform
+
+        model = super().load_model(vllm_config, model_config, prefix=prefix)
+        if not current_platform.is_cpu():
+            return model  # GPU kernels read the live weight already
+        problems = []
+        for name, module in model.named_modules():
+            if not hasattr(module, "cpu_linear"):
+                continue
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.numel() == 0:
+                problems.append(name)
+            module.cpu_linear = torch.nn.functional.linear
+        if problems:
+            raise RuntimeError(f"rollout.cpu_gemm=plain: vLLM dropped the plain weight of {problems[:5]} "
+                               f"({len(problems)} layers) despite _cpu_skip_gemm_dispatch; this vLLM version "
+                               "does not support it: use rollout.cpu_gemm=onednn")
+        model._opd_plain_gemm = True
+        return model
 
 
 for _name, _cls in ((GLOO_BACKEND_NAME, GlooWeightTransferEngine), (SHM_BACKEND_NAME, ShmWeightTransferEngine)):

@@ -16,6 +16,7 @@ learner's logits / temperature).
 from __future__ import annotations
 
 import pytest
+import ray
 import torch
 
 from cluster.config import LearnerConfig, LossConfig
@@ -54,9 +55,12 @@ def loop(ray_session, student_path):
     from rollout.pool import SamplerPool
 
     # vLLM's own engine-core process (the GPU default; CPU samplers default to
-    # an in-process engine): collective_rpc then crosses a process boundary.
+    # an in-process engine): collective_rpc then crosses a process boundary,
+    # and the plain-GEMM model loader must be registered in that process too.
+    # cpu_gemm=plain: the push is copied into the live weights (the default
+    # oneDNN layout, reloaded layerwise, is covered by tests/e2e/test_weight_sync.py).
     rollout_cfg, student_cfg = sampler_configs(temperature=TEMPERATURE, max_new_tokens=10,
-                                               engine_process="multiprocess")
+                                               engine_process="multiprocess", cpu_gemm="plain")
     pool = SamplerPool.create(student_path, rollout_cfg, student_cfg, num_samplers=1)
     group = None
     try:
@@ -92,6 +96,7 @@ def test_push_makes_sampler_match_learner(loop, tokenizer, teacher_path):
     d = _max_diff(stale, learner_t1)
     assert d > 1e-3, d  # training moved the learner away from the sampler
 
+    assert ray.get(pool.samplers[0].weight_load.remote()) == ["in_place"]
     stats = group.push_weights(pool, version=1)
     assert pool.weight_versions() == [1]
     assert stats["sync/buckets"] >= 2

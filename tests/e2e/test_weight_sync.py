@@ -4,7 +4,9 @@ rollout/weight_receiver.py, learner/weight_sender.py), over each transport in
 tests/fixtures/sampler.py E2E_TRANSPORTS (the `sampler_pair` fixture is
 parametrized): "shm" (a /dev/shm region, control over a real gloo group) by
 default; "gloo" (everything over gloo) is covered end to end by
-tests/e2e/test_learner_sync.py.
+tests/e2e/test_learner_sync.py. Each transport runs against samplers of both
+CPU GEMM layouts (rollout.cpu_gemm: "onednn", reloaded layerwise by vLLM, and
+"plain", updated in place).
 
     .venv/bin/python -m pytest tests/e2e/test_weight_sync.py -q
 """
@@ -64,6 +66,10 @@ def test_pool_generates_in_prompt_order_like_one_sampler(sampler_pair, student_s
 def test_push_makes_every_sampler_serve_the_new_weights(sampler_pair, student_hf):
     pool, sender = sampler_pair
     assert pool.weight_versions() == [0, 0]
+    # oneDNN-packed linears (the default) take updates through vLLM's layerwise
+    # reload; plain ones (rollout.cpu_gemm=plain) in place.
+    load = "in_place" if pool._factory[1].cpu_gemm == "plain" else "layerwise_reload"
+    assert [ray.get(s.weight_load.remote()) for s in pool.samplers] == [[load]] * 2
     new = perturbed(student_hf, seed=1)
     assert max_score_diff(pool, new) > 1e-2  # the samplers do not serve it yet
     push(sender, 1, new)
