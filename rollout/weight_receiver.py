@@ -365,6 +365,17 @@ class PlainGemmModelLoader(DefaultModelLoader):
         model = super().load_model(vllm_config, model_config, prefix=prefix)
         if not current_platform.is_cpu():
             return model  # GPU kernels read the live weight already
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+        # Only dense layers whose processed weight IS the checkpoint weight can be
+        # updated in place (e.g. MoE experts are re-laid-out for the CPU kernels).
+        other = sorted({type(m.quant_method).__name__ for m in model.modules()
+                        if getattr(m, "quant_method", None) is not None
+                        and not isinstance(m.quant_method, (UnquantizedLinearMethod, UnquantizedEmbeddingMethod))})
+        if other:
+            raise ValueError(f"rollout.cpu_gemm=plain supports dense unquantized models only; this model has layers "
+                             f"with {other}: use rollout.cpu_gemm=onednn")
         problems = []
         for name, module in model.named_modules():
             if not hasattr(module, "cpu_linear"):
