@@ -438,8 +438,21 @@ def fmt(x, spec=".2f") -> str:
 
 def print_table(results: list[dict]) -> None:
     trl = {r["pair"]: r for r in results if r["system"] == "trl"}
+    sync = {r["pair"]: r for r in results if r["system"] == "opd" and r["mode"] == "sync"}
+    cores = os.cpu_count() or 1
+
+    def step_over_bound(r: dict) -> str:
+        """Async: step / max(slowest phase, the sync run's phase seconds / cores): with
+        every role on the same `cores` cores, a step cannot beat the work it holds
+        spread over all of them (phase times from the uncontended sync run)."""
+        s = sync.get(r["pair"])
+        if "slowest_phase" not in r or s is None:
+            return "-"
+        work = sum(s[f"{p}_s"] for p in PHASES)
+        return fmt(r["step_s"] / max(r[f"{r['slowest_phase']}_s"], work / cores))
+
     head = ["system", "pair", "mode", "step_s", "sample", "teacher", "rollout", "train", "sync", "other", "other%",
-            "step/slowest", "tok/s", "trl_tok/s", "opd/trl", "startup_s",
+            "step/slowest", "step/cpu_bound", "tok/s", "trl_tok/s", "opd/trl", "startup_s",
             *[f"rss_{r}" for r in ROLES]]
     lines = [head]
     for r in results:
@@ -451,6 +464,7 @@ def print_table(results: list[dict]) -> None:
             *[fmt(r.get(f"{p}_s")) for p in PHASES[2:]],
             fmt(r.get("other_s")), fmt(100 * r["other_frac"], ".1f") if "other_frac" in r else "-",
             fmt(r.get("step_over_slowest")) + (f" ({r['slowest_phase']})" if "slowest_phase" in r else ""),
+            step_over_bound(r) if r["system"] == "opd" else "-",
             fmt(r["tokens_per_s"], ".0f"), fmt(t["tokens_per_s"], ".0f") if t else "-",
             fmt(r["tokens_per_s"] / t["tokens_per_s"]) if t else "-",
             fmt(r.get("overhead_s"), ".0f"),
@@ -460,7 +474,8 @@ def print_table(results: list[dict]) -> None:
     for row in lines:
         print("  ".join(str(c).rjust(wd) for c, wd in zip(row, widths, strict=True)))
     print("times: mean seconds per step after warmup; other = step - (sample+teacher+train+sync) in sync, "
-          "step - (wait_rollout+train+wait_before_sync+sync) in async; rss_*: peak summed RSS (MiB) "
+          "step - (wait_rollout+train+wait_before_sync+sync) in async; step/cpu_bound (async): step / max(slowest "
+          f"phase, the sync run's sample+teacher+train+sync / {cores} cores); rss_*: peak summed RSS (MiB) "
           "per role; startup_s: wall - measured steps (Ray/teacher/vLLM/DeepSpeed start, warmup, teardown); "
           "trl: sample = transformers generate, train = the rest of its step (teacher + student forward, "
           "full-vocab KL, backward, AdamW)")
@@ -488,6 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra dotted override for every opd run (repeatable), e.g. learner.cpus_per_worker=2")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the opd runs (repeatable)")
     ap.add_argument("--out", default="runs/bench-e2e", help="output folder")
+    ap.add_argument("--table", metavar="RESULTS_JSON",
+                    help="only print the table of an earlier run's results.json (runs nothing)")
     ap.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.trl_worker:
@@ -505,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
             bad.append(str(e))
     if bad:
         ap.error(f"unknown pair/mode {bad}: pairs are {sorted(PAIRS)}, modes sync, async[:cN]")
+    if args.table:
+        print_table(json.loads(Path(args.table).read_text())["results"])
+        return 0
     env_extra = dict(e.split("=", 1) for e in args.env)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,8 @@ class LearnerWorker:
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if not use_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
+            if learner_cfg.cpu_threads > 0:
+                torch.set_num_threads(learner_cfg.cpu_threads)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
         from transformers import AutoModelForCausalLM
