@@ -68,10 +68,11 @@ def _actor_died(e: BaseException) -> bool:
     return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
-def recover_samplers(ctx: RunContext, cause: BaseException) -> dict:
-    """Restart every dead sampler, rebuild the weight-sync group over the pool
-    and push the current policy (same version) before anyone samples again.
-    Called by the loop when a sampling call failed because an actor died."""
+def restart_dead_samplers(ctx: RunContext, cause: BaseException, next_push: str) -> dict:
+    """Restart every sampler that no longer answers and rebuild the
+    weight-sync group over the pool; re-raise `cause` when every sampler is
+    alive (the failure was something else, e.g. a dead learner rank). The
+    caller pushes weights before anyone samples again."""
     import ray
 
     t0 = time.monotonic()
@@ -83,14 +84,23 @@ def recover_samplers(ctx: RunContext, cause: BaseException) -> dict:
             dead.append(i)
     if not dead:
         raise cause  # not a dead sampler: nothing to recover
-    print(f"[opd] sampler(s) {dead} died ({type(cause).__name__}); restarting them and re-sending policy "
-          f"v{ctx.version}", flush=True)
+    print(f"[opd] sampler(s) {dead} died ({type(cause).__name__}); restarting them and {next_push}", flush=True)
     for i in dead:
         ctx.pool.restart(i)
     ctx.learners.init_weight_sync(ctx.pool, **ctx.sync_kwargs)
-    ctx.learners.push_weights(ctx.pool, ctx.version)
     ctx.sampler_restarts += len(dead)
     return {"rollout/sampler_restarts": len(dead), "time/sampler_recovery_s": time.monotonic() - t0}
+
+
+def recover_samplers(ctx: RunContext, cause: BaseException) -> dict:
+    """Restart every dead sampler and push the current policy (same version)
+    before anyone samples again. Called by the loop when a sampling call
+    failed because an actor died."""
+    m = restart_dead_samplers(ctx, cause, f"re-sending policy v{ctx.version}")
+    t0 = time.monotonic()
+    ctx.learners.push_weights(ctx.pool, ctx.version)
+    m["time/sampler_recovery_s"] += time.monotonic() - t0
+    return m
 
 
 def with_sampler_recovery(ctx: RunContext, fn, *args, **kwargs):
@@ -121,11 +131,25 @@ def train_on(ctx: RunContext, batch) -> dict:
 
 
 def sync_weights(ctx: RunContext) -> dict:
+    """Push the learner's weights as the next version. A sampler that dies
+    during the push (the push fails however it fails: a dead sampler shows up
+    as a failed RPC inside the learner) is restarted and the push is redone
+    to the whole pool, so no live sampler is left mid-update; any other
+    failure (a dead learner rank) is raised."""
     t0 = time.monotonic()
     new_version = ctx.version + 1
-    stats = ctx.learners.push_weights(ctx.pool, new_version)
+    recovery: dict = {}
+    for attempt in range(MAX_SAMPLER_RECOVERIES_PER_STEP + 1):
+        try:
+            stats = ctx.learners.push_weights(ctx.pool, new_version)
+            break
+        except Exception as e:  # noqa: BLE001 - restart_dead_samplers re-raises when no sampler died
+            if attempt == MAX_SAMPLER_RECOVERIES_PER_STEP:
+                raise
+            for k, v in restart_dead_samplers(ctx, e, f"pushing policy v{new_version} again").items():
+                recovery[k] = recovery.get(k, 0) + v
     ctx.version = new_version
-    return {**stats, "sync/version": new_version, "time/sync_s": time.monotonic() - t0}
+    return {**stats, **recovery, "sync/version": new_version, "time/sync_s": time.monotonic() - t0}
 
 
 def checkpoint(ctx: RunContext) -> Path:

@@ -292,7 +292,8 @@ class WeightSyncWorkerExtension:
     sampler actor through `llm.collective_rpc("opd_...")`."""
 
     def opd_weight_state(self) -> dict:
-        """{"dirty": weights mixed by a failed update, "last_error": str|None}."""
+        """{"dirty": weights mixed by a failed update, "last_error": str|None,
+        "load": how updates are loaded, "in_place" or "layerwise_reload"}."""
         engine = getattr(self, "weight_transfer_engine", None)
         return {"dirty": bool(getattr(engine, "dirty", False)), "last_error": getattr(engine, "last_error", None),
                 "load": "in_place" if plain_gemm_loaded(self.model_runner.model) else "layerwise_reload"}
