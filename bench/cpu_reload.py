@@ -44,6 +44,7 @@ def _child(mode: str, name: str) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import torch
 
+    from bench.weight_sync import copy_floor_s
     from cluster.tiny_models import build_model
 
     path = str(build_model(name))
@@ -88,14 +89,7 @@ def _child(mode: str, name: str) -> dict:
         t = time.perf_counter()
         load(state)
         loads.append(time.perf_counter() - t)
-    src = torch.empty(nbytes, dtype=torch.uint8).random_(0, 255)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    copies = []
-    for _ in range(5):
-        t = time.perf_counter()
-        dst.copy_(src)
-        copies.append(time.perf_counter() - t)
+    floor = copy_floor_s(nbytes, 5)
 
     # Correctness of each layout after an update: perturbed weights, prompt logprobs vs transformers.
     g = torch.Generator().manual_seed(0)
@@ -111,7 +105,7 @@ def _child(mode: str, name: str) -> dict:
         lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1], -1)
     want = [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
     return {"mode": mode, "model": name, "mib": nbytes / 2**20, "load_s": statistics.median(loads),
-            "floor_s": statistics.median(copies), "generate_s": statistics.median(gen),
+            "floor_s": floor, "generate_s": statistics.median(gen),
             "max_abs_logprob_diff": max(abs(a - b) for a, b in zip(got, want))}
 
 

@@ -270,7 +270,7 @@ class LearnerConfig:
     # Torch threads of a CPU learner rank; 0 = Ray's default (one per reserved
     # CPU). In train.mode=sync the roles take turns, so a rank may use more
     # cores than it reserves: on the 2-core box, 2 threads cut the 25M
-    # student's train phase from 3.35 s to 2.25 s (bench/README.md).
+    # student's train phase from 3.1 s to 1.8-2.0 s (bench/README.md).
     cpu_threads: int = 0
     # Timeout of every collective and learner RPC (seconds): a dead rank fails
     # the run instead of hanging it.
