@@ -49,7 +49,8 @@ def copy_floor_s(nbytes: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str], cpu_gemm: str) -> list[dict]:
+def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str], cpu_gemm: str,
+                load_threads: int = 0) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -60,10 +61,14 @@ def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str], cp
 
     path = str(build_model(name))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    named = [(n, p.detach()) for n, p in model.named_parameters()]
-    specs = specs_from_named(named)
+    def live():
+        """The weights as the learner yields them: its live tensors, no copy."""
+        return ((n, p.detach()) for n, p in model.named_parameters())
+
+    specs = specs_from_named(live())
     nbytes = sum(s.nbytes for s in specs)
-    rollout = RolloutConfig(weight_sync_bucket_mb=bucket_mb, kv_cache_gib=1.0, max_new_tokens=8, cpu_gemm=cpu_gemm)
+    rollout = RolloutConfig(weight_sync_bucket_mb=bucket_mb, kv_cache_gib=1.0, max_new_tokens=8, cpu_gemm=cpu_gemm,
+                            weight_load_threads=load_threads)
     both = SamplerPool.create(path, rollout, StudentConfig(max_model_len=256), num_samplers=2)
     rows = []
     try:
@@ -74,21 +79,33 @@ def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str], cp
                 pool = SamplerPool(both.samplers[:k], timeout_s=600)
                 sender = cls(pool, "127.0.0.1", _port(), bucket_bytes=bucket_mb << 20, timeout_s=600)
                 sender.connect()
-                sender.send(1, specs, iter(named))  # warm-up (first reload builds the layout, maps the region)
-                times, phases = [], []
-                for r in range(repeats):
-                    t = time.perf_counter()
-                    sender.send(2 + r, specs, iter(named))
-                    times.append(time.perf_counter() - t)
-                    phases.append(sender.last_stats)
-                assert pool.weight_versions() == [1 + repeats] * k
-                push = statistics.median(times)
-                rows.append(dict(model=name, backend=backend, gemm=cpu_gemm, params_m=sum(s.numel for s in specs) / 1e6,
-                                 mib=nbytes / 2**20, samplers=k, push_s=push, floor_s=floor, ratio=push / floor,
-                                 **{key.removeprefix("sync/"): statistics.median(p[key] for p in phases)
-                                    for key in ("sync/start_vote_s", "sync/stream_s", "sync/drain_s",
-                                                "sync/finish_s")}))
-                print(f"# {rows[-1]}", flush=True)
+                version = 1
+                sender.send(version, specs, live())  # warm-up (first reload builds the layout, maps the region)
+                # packed: the weights live in the model's own memory and are
+                # packed into the region (or the gloo buffer) per push; resident
+                # (shm only): moved into their region slots first, as learner
+                # rank 0 does with learner.shm_resident_weights.
+                for source in ("packed", "resident") if backend == "shm" else ("packed",):
+                    if source == "resident":
+                        assert sender.adopt(model.named_parameters()) == nbytes
+                    times, phases = [], []
+                    for _ in range(repeats):
+                        version += 1
+                        t = time.perf_counter()
+                        sender.send(version, specs, live())
+                        times.append(time.perf_counter() - t)
+                        phases.append(sender.last_stats)
+                    assert pool.weight_versions() == [version] * k
+                    resident = statistics.median(p["sync/resident_bytes"] for p in phases)
+                    assert resident == (nbytes if source == "resident" else 0), (source, resident)
+                    push = statistics.median(times)
+                    rows.append(dict(model=name, backend=backend, gemm=cpu_gemm, source=source, load_threads=load_threads,
+                                     params_m=sum(s.numel for s in specs) / 1e6, mib=nbytes / 2**20, samplers=k,
+                                     push_s=push, floor_s=floor, ratio=push / floor,
+                                     **{key.removeprefix("sync/"): statistics.median(p[key] for p in phases)
+                                        for key in ("sync/start_vote_s", "sync/stream_s", "sync/drain_s",
+                                                    "sync/finish_s")}))
+                    print(f"# {rows[-1]}", flush=True)
                 sender.shutdown()
     finally:
         both.shutdown()
@@ -104,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backends", nargs="+", default=["gloo", "shm"], choices=["gloo", "shm"])
     ap.add_argument("--cpu-gemm", nargs="+", default=["onednn", "plain"], choices=["onednn", "plain"],
                     help="the samplers' rollout.cpu_gemm: onednn (vLLM's layerwise reload) / plain (in place)")
+    ap.add_argument("--load-threads", nargs="+", type=int, default=[0],
+                    help="rollout.weight_load_threads of the samplers (plain layout; 0 = auto: the cores / samplers)")
     args = ap.parse_args(argv)
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -114,17 +133,20 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for name in args.models:
             for gemm in args.cpu_gemm:
-                rows += bench_model(name, args.repeats, args.bucket_mb, args.backends, gemm)
+                for threads in args.load_threads if gemm == "plain" else [0]:
+                    rows += bench_model(name, args.repeats, args.bucket_mb, args.backends, gemm, threads)
     finally:
         ray.shutdown()
     print(f"\nweight sync push (median of {args.repeats}), bucket {args.bucket_mb} MiB, fp32; gloo = loopback TCP, "
           f"shm = /dev/shm region + gloo headers")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine => noisy)")
-    print(f"{'model':<14}{'params':>9}{'MiB':>9}{'gemm':>8}{'transport':>10}{'samplers':>9}{'push s':>9}"
+    print(f"{'model':<14}{'params':>9}{'MiB':>9}{'gemm':>8}{'load thr':>9}{'transport':>10}{'source':>9}{'samplers':>9}{'push s':>9}"
           f"{'copy floor s':>13}"
           f"{'ratio':>8}   | start+vote  stream  drain  finish (s)")
     for r in rows:
-        print(f"{r['model']:<14}{r['params_m']:>8.1f}M{r['mib']:>9.1f}{r['gemm']:>8}{r['backend']:>10}{r['samplers']:>9}"
+        print(f"{r['model']:<14}{r['params_m']:>8.1f}M{r['mib']:>9.1f}{r['gemm']:>8}"
+              f"{(r['load_threads'] or 'auto') if r['gemm'] == 'plain' else '-':>9}{r['backend']:>10}{r['source']:>9}"
+              f"{r['samplers']:>9}"
               f"{r['push_s']:>9.3f}{r['floor_s']:>13.4f}{r['ratio']:>7.1f}x   | {r['start_vote_s']:>10.3f}"
               f"{r['stream_s']:>8.3f}{r['drain_s']:>7.3f}{r['finish_s']:>8.3f}")
 

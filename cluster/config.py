@@ -182,6 +182,11 @@ class RolloutConfig:
     # parameters: 1.5-2x a memcpy; generation took 0.87x-1.28x onednn's time,
     # depending on the model: python -m bench.cpu_reload). Unquantized models only.
     cpu_gemm: Literal["onednn", "plain"] = "onednn"
+    # Threads that copy a weight update into a CPU sampler's live weights
+    # (cpu_gemm=plain only; the sampler serves no request meanwhile): 0 = every
+    # core its engine process may run on. vLLM pins a CPU engine's torch to
+    # fewer threads (one on a 2-core box), which halves the copy's speed.
+    weight_load_threads: int = 0
     # Run vLLM without CUDA graphs / compilation (always on for CPU).
     enforce_eager: bool = True
     # Weight transport learner rank 0 -> samplers: "nccl" (vLLM's official NCCL
@@ -205,7 +210,7 @@ class RolloutConfig:
     def problems(self) -> list[str]:
         out = _positive(self, "num_samplers", "samples_per_prompt", "max_new_tokens", "tensor_parallel_size",
                         "kv_cache_gib", "weight_sync_bucket_mb", "weight_sync_timeout_s", "generate_timeout_s")
-        out += _non_negative(self, "temperature", "top_k", "cpus_per_sampler")
+        out += _non_negative(self, "temperature", "top_k", "cpus_per_sampler", "weight_load_threads")
         if not 0.0 < self.top_p <= 1.0:
             out.append(f"rollout.top_p: {self.top_p} is outside (0, 1]; use 1.0 to disable nucleus sampling")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -272,6 +277,11 @@ class LearnerConfig:
     # cores than it reserves: on the 2-core box, 2 threads cut the 25M
     # student's train phase from 3.1 s to 1.8-2.0 s (bench/README.md).
     cpu_threads: int = 0
+    # With the shm weight transport (CPU, samplers on rank 0's node), ZeRO-0
+    # and fp32 weights sent as fp32: rank 0's parameters live in the
+    # shared-memory region the samplers load from, so a push packs nothing
+    # (the samplers' loads are the only copy). Other setups ignore it.
+    shm_resident_weights: bool = True
     # Timeout of every collective and learner RPC (seconds): a dead rank fails
     # the run instead of hanging it.
     collective_timeout_s: float = 600.0

@@ -36,6 +36,14 @@ by a new one on `connect`/`reconnect` (a restarted sampler maps the new
 one). It is rewritten only by the next update, after every sampler finished
 this one (vLLM's layerwise reload keeps views of it until then).
 
+With `adopt(named_parameters)` (learner rank 0 calls it after a push when
+learner.shm_resident_weights applies: ZeRO-0, fp32, the parameters' own dtype
+sent) the parameters move into their slots of the region and are trained
+there in place; the next pushes find each tensor already at its slot and
+pack nothing, so the samplers' loads are the only copy. Adopted tensors have
+their own storage over the mapping (torch.save writes only them) and keep
+the mapping alive after the region is replaced or the sender shut down.
+
 `NcclWeightSender` (GPU) wraps vLLM's official `NCCLTrainerWeightTransferEngine`
 behind the same `send(version, specs, tensors)`; it imports vllm lazily (the
 learner never imports vllm otherwise) and was not run on this CPU machine.
@@ -212,7 +220,8 @@ class GlooWeightSender:
         # waiting for the samplers' loads to finish, the finish RPC.
         self.last_stats = {"sync/start_vote_s": t_vote - t0, "sync/stream_s": t_stream - t_vote,
                            "sync/drain_s": t1 - t_stream, "sync/finish_s": t2 - t1, "sync/total_s": t2 - t0,
-                           "sync/bytes": float(sum(s.nbytes for s in specs)), "sync/buckets": float(len(buckets))}
+                           "sync/bytes": float(sum(s.nbytes for s in specs)), "sync/buckets": float(len(buckets)),
+                           "sync/resident_bytes": float(getattr(self, "_resident_bytes", 0))}
 
     def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
         """The update info of one send; makes sure the packing memory fits it."""
@@ -235,13 +244,18 @@ class GlooWeightSender:
 
     def _stream(self, info: GlooUpdateInfo, buckets: list[list[ParamSpec]], tensors: Iterator[torch.Tensor]) -> None:
         header = torch.zeros(2, dtype=torch.int64)
+        resident = 0
         for b, bucket in enumerate(buckets):
             try:
                 dest = self._bucket_memory(info, b)
                 off = 0
                 for _spec in bucket:
                     flat = next(tensors).detach().contiguous().reshape(-1).view(torch.uint8)
-                    dest[off: off + flat.numel()].copy_(flat)
+                    slot = dest[off: off + flat.numel()]
+                    if flat.data_ptr() == slot.data_ptr():
+                        resident += flat.numel()  # already lives in its slot (ShmWeightSender.adopt)
+                    else:
+                        slot.copy_(flat)
                     off += flat.numel()
                 if b == len(buckets) - 1:
                     next(tensors, None)  # run the iterator's end check before the last bucket ships
@@ -252,6 +266,7 @@ class GlooWeightSender:
             header[0], header[1] = HEADER_OK, off
             gloo_broadcast(self._group, header, f"the header of bucket {b}")
             self._ship(b, dest[:off])
+        self._resident_bytes = resident
 
     def shutdown(self) -> None:
         self._group = None
@@ -283,6 +298,7 @@ class ShmWeightSender(GlooWeightSender):
         self._path: str | None = None
         self._token: str | None = None
         self._unlink = None  # weakref.finalize that unlinks the file (until the vote did it)
+        self._slots: dict[str, tuple[int, ParamSpec]] = {}  # name -> (region offset, spec) of the last plan
 
     def connect(self) -> None:
         # A new group means fresh receiver engines that have mapped nothing:
@@ -295,8 +311,60 @@ class ShmWeightSender(GlooWeightSender):
         offsets, nbytes = plan_region(info.bucket_nbytes())
         if self._region is None or self._region.numel() < nbytes:
             self._create_region(nbytes)
+        slots, start = {}, 0
+        for b, end in enumerate(info.bucket_ends):
+            off = offsets[b]
+            for spec in specs[start:end]:
+                slots[spec.name] = (off, spec)
+                off += spec.nbytes
+            start = end
+        self._slots = slots
         return dataclasses.replace(info, shm_path=self._path, shm_token=self._token, shm_bytes=self._region.numel(),
                                    bucket_offsets=offsets)
+
+    def slot(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor | None:
+        """The region memory where the last planned update packs `name`, as a
+        tensor of `dtype` and `shape` with its own storage (so torch.save and
+        safetensors treat it as one tensor, not a view of the region); None
+        when `name` is not in that update as `dtype` `shape`, or its offset
+        is not aligned for `dtype`."""
+        entry = self._slots.get(name) if self._mmap is not None else None
+        if entry is None:
+            return None
+        off, spec = entry
+        if spec.torch_dtype != dtype or tuple(spec.shape) != tuple(shape):
+            return None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if off % itemsize:
+            return None
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frombuffer on a writable mmap: nothing to warn about
+            return torch.frombuffer(self._mmap, dtype=dtype, count=spec.nbytes // itemsize,
+                                    offset=off).view(tuple(shape))
+
+    def adopt(self, params: Iterable[tuple[str, torch.nn.Parameter]]) -> int:
+        """Move each parameter's data into its slot of the region (copy, then
+        `param.data = slot`), so later updates find it there and pack nothing:
+        a push then costs the samplers' loads only. Call it only between
+        updates (the samplers read the region during one), with the tensors
+        the updates send as they are (same names, dtypes and shapes), and only
+        when whatever trains them updates `param.data` in place (a plain
+        torch optimizer, e.g. DeepSpeed ZeRO-0 in fp32; not optimizers that
+        keep their own flat copy of the weights). Parameters without a slot
+        are left alone. Returns the bytes now resident in the region."""
+        resident = 0
+        with torch.no_grad():
+            for name, p in params:
+                view = self.slot(name, p.dtype, tuple(p.shape))
+                if view is None:
+                    continue
+                if p.data_ptr() != view.data_ptr():
+                    view.copy_(p.detach())
+                    p.data = view
+                resident += view.numel() * view.element_size()
+        return resident
 
     def _create_region(self, nbytes: int) -> None:
         self._release_region()
@@ -347,14 +415,14 @@ class ShmWeightSender(GlooWeightSender):
         if self._unlink is not None:
             self._unlink()
             self._unlink = None
+        # Never mmap.close(): torch.frombuffer tensors (the region, adopted
+        # parameters) do not pin the buffer export, so close() would unmap
+        # memory they still point to. They hold a reference to the mmap
+        # object instead: it unmaps when the last of them is gone.
         self._region = None
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:  # a view is still alive somewhere: it unmaps when that goes
-                pass
-            self._mmap = None
+        self._mmap = None
         self._path = self._token = None
+        self._slots = {}
 
     def shutdown(self) -> None:
         super().shutdown()

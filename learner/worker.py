@@ -333,21 +333,24 @@ class LearnerWorker:
         """Yield (HF name, full tensor) for every parameter, in `param_specs`
         order. EVERY rank must run this iterator to the end in lockstep: under
         ZeRO-3 each bucket of at most `bucket_bytes` is gathered with
-        `GatheredParameters`, a collective. Tensors are copies (safe to keep
-        after the gather is released); memory is bounded by one bucket."""
+        `GatheredParameters`, a collective. A tensor is the live (or gathered)
+        weight itself, not a copy (unless `dtype` converts it): use it before
+        asking for the next one, and copy what you keep (`full_state_dict`
+        does); the weight sender packs each one as it comes. Memory is
+        bounded by one gathered bucket."""
         named = self._named_parameters()
         if not self.zero3:
             for n, p in named:
                 t = p.detach()
-                yield n, (t.to(dtype) if dtype is not None else t.clone())
+                yield n, (t.to(dtype) if dtype is not None else t)
             return
         bucket: list[tuple[str, torch.nn.Parameter]] = []
         size = 0
 
         def flush(items):
             with self._deepspeed.zero.GatheredParameters([p for _, p in items], modifier_rank=None):
-                copies = [(n, p.detach().to(dtype) if dtype is not None else p.detach().clone()) for n, p in items]
-            yield from copies
+                for n, p in items:
+                    yield n, (p.detach().to(dtype) if dtype is not None else p.detach())
 
         for n, p in named:
             nbytes = p.ds_numel * p.element_size()
@@ -364,7 +367,7 @@ class LearnerWorker:
         out = {}
         for n, t in self.iter_full_params():
             if self.rank == 0:
-                out[n] = t.cpu()
+                out[n] = t.to("cpu", copy=True)  # the iterator yields live (or gathered) weights
         return out if self.rank == 0 else None
 
     def export_hf(self, path: str) -> str | None:
@@ -430,6 +433,26 @@ class LearnerWorker:
         self._sender.connect()
         return self._sender.backend
 
+    def _weights_can_live_in_region(self) -> bool:
+        """True when rank 0's parameters may be moved into the shm sender's
+        region (learner.shm_resident_weights): the optimizer is a plain torch
+        optimizer holding the module's own Parameters (DeepSpeed ZeRO-0 in
+        fp32: it updates `param.data` in place wherever it lives; ZeRO-1/2/3
+        and the bf16/fp16 wrappers keep flat copies that would go stale), and
+        updates send the parameters' own dtype."""
+        if not getattr(self.cfg, "shm_resident_weights", False) or not hasattr(self._sender, "adopt"):
+            return False
+        if self.ds_config["zero_optimization"]["stage"] != 0 or self.device.type != "cpu":
+            return False
+        opt = self.engine.optimizer
+        if not isinstance(opt, torch.optim.Optimizer) or not type(opt).__module__.startswith("torch.optim"):
+            return False
+        params = [p for _, p in self._named_parameters()]
+        if self._sync_dtype is not None and any(p.dtype != self._sync_dtype for p in params):
+            return False
+        in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+        return all(id(p) in in_opt for p in params if p.requires_grad)
+
     def push_weights(self, version: int) -> dict:
         """Send the current weights as `version`. Every rank calls it in
         lockstep: all ranks run the gather iterator to the end (ZeRO-3
@@ -450,6 +473,9 @@ class LearnerWorker:
                 for _ in tensors:
                     pass
             stats = dict(getattr(self._sender, "last_stats", {}) or {})
+            if self._weights_can_live_in_region():
+                # Between updates: the next push finds the weights in their slots.
+                stats["sync/adopted_bytes"] = float(self._sender.adopt(self._named_parameters()))
         else:
             for _ in tensors:
                 pass

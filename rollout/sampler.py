@@ -144,8 +144,10 @@ class SamplerActor:
         if has_gpu:
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
         elif rollout_cfg.cpu_gemm == "plain":
-            # Linear layers keep plain weights: updates are copied in place (rollout.weight_receiver).
+            # Linear layers keep plain weights: updates are copied in place (rollout.weight_receiver),
+            # by this many threads (read in the engine's worker process, which inherits the variable).
             kwargs["load_format"] = rollout.weight_receiver.PLAIN_GEMM_LOAD_FORMAT
+            os.environ[rollout.weight_receiver.LOAD_THREADS_ENV] = str(rollout_cfg.weight_load_threads)
         try:
             self.llm = LLM(
                 model=model,
@@ -201,6 +203,11 @@ class SamplerActor:
         """How each engine worker takes a weight update: "in_place" (CPU,
         rollout.cpu_gemm=plain) or "layerwise_reload" (vLLM's reload)."""
         return [s["load"] for s in self.llm.collective_rpc("opd_weight_state")]
+
+    def weight_states(self) -> list[dict]:
+        """Each engine worker's weight state (rollout.weight_receiver
+        `opd_weight_state`: dirty, last error, load path, copy replay)."""
+        return self.llm.collective_rpc("opd_weight_state")
 
     def needs_full_update(self) -> str | None:
         return self._needs_full_update

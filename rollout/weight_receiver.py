@@ -43,6 +43,9 @@ weight and multiplies with torch's F.linear, so step (c) copies each bucket
 straight into the live parameters with the model's own `load_weights` (one
 copy per byte) instead of vLLM's layerwise reload (which re-materializes each
 layer and re-packs every linear weight for oneDNN: 4-7x a memcpy on CPU).
+The first in-place load of each name is recorded and later ones replayed as
+plain copies (rollout/copy_plan.py: no walk through vLLM's loaders), with
+rollout.weight_load_threads torch threads (vLLM pins the engine to fewer).
 
 Failure after (b): the layerwise state is finalized so the model is usable
 again, but if any bucket was already loaded the weights are a mix of old and
@@ -55,9 +58,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
 
+from rollout.copy_plan import CopyPlan
 from rollout.weight_sync import (
     GLOO_BACKEND_NAME,
     HEADER_OK,
@@ -112,6 +117,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         # True when a failed update loaded some buckets: weights are mixed.
         self.dirty = False
         self.last_error: str | None = None
+        self._load_threads: int | None = None
+        self._copy_plan: CopyPlan | None = None  # in-place loads, replayed (plain GEMM layout)
+        self._receivers = 1  # sampler workers in the group (they all load at once)
 
     # -- helpers ------------------------------------------------------------
 
@@ -141,6 +149,37 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         gloo_broadcast(self._group, flat, f"bucket {b} ({nbytes} bytes)")
         return flat
 
+    def _load_in_place(self, weights: list[tuple[str, torch.Tensor]]) -> None:
+        """`model.load_weights` of a plain-GEMM model (its weight loaders copy
+        into the live parameters), replayed as plain copies once seen
+        (rollout.copy_plan), with `load_threads()` torch threads. vLLM
+        pins a CPU engine's torch to fewer threads than the process may use
+        (one on a 2-core box, which halves a copy's speed) and disables
+        `torch.set_num_threads` after pinning; the engine serves nothing
+        during an update, so the copy may use more, and the engine's own
+        count is restored after."""
+        before, n = torch.get_num_threads(), self.load_threads()
+        if n > before:
+            torch._C.set_num_threads(n)  # the original: vLLM replaced torch.set_num_threads
+        try:
+            if self._copy_plan is None:
+                self._copy_plan = CopyPlan([*self.model.parameters(), *self.model.buffers()])
+            self._copy_plan.load(self.model.load_weights, weights)
+        finally:
+            if n > before:
+                torch._C.set_num_threads(before)
+
+    def load_threads(self) -> int:
+        """rollout.weight_load_threads (passed as OPD_WEIGHT_LOAD_THREADS by
+        the sampler); 0 or unset = the cores this process may run on, shared
+        with the group's other receivers (they load at the same time, and
+        with shm they are all on this node): one thread each on 2 cores with
+        2 samplers, 2 threads with one."""
+        if self._load_threads is None:
+            n = int(os.environ.get(LOAD_THREADS_ENV, "0") or 0)
+            self._load_threads = n if n > 0 else max(1, len(os.sched_getaffinity(0)) // self._receivers)
+        return self._load_threads
+
     def _group_rank(self, rank_offset: int) -> int:
         pc = self.parallel_config
         return pc.data_parallel_index * pc.world_size + pc.rank + rank_offset
@@ -157,6 +196,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self._store, self._group = open_gloo_group(
             init_info.master_address, init_info.master_port, rank, init_info.world_size,
             init_info.timeout_s, init_info.group_name)
+        self._receivers, self._load_threads = init_info.world_size - 1, None
         logger.info("opd_gloo weight receiver joined %s:%s as rank %d/%d", init_info.master_address,
                     init_info.master_port, rank, init_info.world_size)
 
@@ -203,9 +243,12 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                                           stage="transfer")
                 flat = self.bucket_bytes(update_info, b, nbytes)
                 with torch.no_grad():
-                    # Layerwise: buffered until a layer is complete, then processed.
-                    # In place: copied into the live parameters by their weight loaders.
-                    self.model.load_weights(list(unpack_bucket(flat, specs)))
+                    if in_place:
+                        # Copied into the live parameters by their weight loaders.
+                        self._load_in_place(list(unpack_bucket(flat, specs)))
+                    else:
+                        # Layerwise: buffered until a layer is complete, then processed.
+                        self.model.load_weights(list(unpack_bucket(flat, specs)))
                 del flat
                 loaded_any = True
         except BaseException as e:
@@ -293,10 +336,16 @@ class WeightSyncWorkerExtension:
 
     def opd_weight_state(self) -> dict:
         """{"dirty": weights mixed by a failed update, "last_error": str|None,
-        "load": how updates are loaded, "in_place" or "layerwise_reload"}."""
+        "load": how updates are loaded, "in_place" or "layerwise_reload",
+        "replayed_names": checkpoint names whose in-place load is replayed as
+        plain copies (rollout.copy_plan), "replay_refused": why replay is
+        off for this model (None while it is on)}."""
         engine = getattr(self, "weight_transfer_engine", None)
+        plan = getattr(engine, "_copy_plan", None)
         return {"dirty": bool(getattr(engine, "dirty", False)), "last_error": getattr(engine, "last_error", None),
-                "load": "in_place" if plain_gemm_loaded(self.model_runner.model) else "layerwise_reload"}
+                "load": "in_place" if plain_gemm_loaded(self.model_runner.model) else "layerwise_reload",
+                "replayed_names": plan.size() if plan is not None else 0,
+                "replay_refused": plan.refused if plan is not None else None}
 
     def opd_check_update(self, update_info: dict) -> list[str]:
         """Problems of an update against this worker's model (empty = valid);
@@ -324,6 +373,7 @@ class WeightSyncWorkerExtension:
 
 
 PLAIN_GEMM_LOAD_FORMAT = "opd_cpu_plain_gemm"
+LOAD_THREADS_ENV = "OPD_WEIGHT_LOAD_THREADS"
 
 
 def plain_gemm_loaded(model) -> bool:

@@ -384,9 +384,11 @@ def region_header(token: str) -> bytes:
 def map_region(fd: int, nbytes: int):
     """mmap `nbytes` of the open file `fd` shared and read-write, pages
     populated up front (the first touch is paid here, not inside an update).
-    Returns (mmap, uint8 tensor over it). The tensor keeps the mapping alive:
-    the mmap cannot be closed while a tensor (or a view of it) exists, so a
-    region still referenced by a model's loader is never unmapped under it."""
+    Returns (mmap, uint8 tensor over it). The tensor holds a reference to
+    the mmap object, so the mapping lives while any view of it does (a
+    region still referenced by a model's loader is never unmapped under it)
+    as long as nobody calls `mmap.close()`: torch.frombuffer does not pin
+    the buffer export, so close() would succeed and leave the views dangling."""
     import mmap
     import warnings
 

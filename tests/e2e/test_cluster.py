@@ -89,6 +89,14 @@ def test_sync_run_logs_everything_and_kl_falls(ray_session, teacher_server, tmp_
     # The method works: the student's reverse KL to the teacher, measured on
     # its own held-out completions, falls.
     assert evals[6] < 0.9 * evals[0], evals
+    # ZeRO-0 fp32 over shm: after the first push, learner rank 0 trains its
+    # weights inside the shared-memory region (learner.shm_resident_weights),
+    # so later pushes pack nothing, and the samplers still serve exactly what
+    # the learner trained (sampler vs learner logprobs of every step's tokens).
+    steps = [r for r in rows if "sync/bytes" in r]
+    assert len(steps) == 6 and steps[0]["sync/adopted_bytes"] == steps[0]["sync/bytes"] > 0
+    assert all(r["sync/resident_bytes"] == r["sync/bytes"] for r in steps[1:]), steps
+    assert max(r["learner/logprob_abs_diff"] for r in rows if "learner/logprob_abs_diff" in r) < 1e-3
     assert_offline_wandb(run_dir)
     # Final Hugging Face export loads in transformers.
     from transformers import AutoModelForCausalLM, AutoTokenizer

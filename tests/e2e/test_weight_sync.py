@@ -35,6 +35,10 @@ def perturbed(hf, seed: int, scale: float = 0.05):
     return model
 
 
+def named_params(model):
+    return [(n, p.detach()) for n, p in model.named_parameters()]
+
+
 def push(sender, version, model):
     named = [(n, p.detach()) for n, p in model.named_parameters()]
     sender.send(version, specs_from_named(named), iter(named))
@@ -76,6 +80,12 @@ def test_push_makes_every_sampler_serve_the_new_weights(sampler_pair, student_hf
     assert pool.weight_versions() == [1, 1]
     assert sender.last_stats["sync/buckets"] > 1  # it really went in several buckets
     assert max_score_diff(pool, new) < 1e-4
+    if load == "in_place":
+        # The first in-place load was recorded as plain copies of whole
+        # tensors (rollout.copy_plan): every later one is replayed, not refused.
+        states = [st for s in pool.samplers for st in ray.get(s.weight_states.remote())]
+        assert all(st["replay_refused"] is None and st["replayed_names"] == len(named_params(new))
+                   for st in states), states
     # Sampled-token logprobs and versions come from the new policy too.
     groups = pool.generate([[5, 40, 41], [7, 50]], n=2, temperature=1.0, seed=2)
     for g in groups:
@@ -91,7 +101,19 @@ def test_push_makes_every_sampler_serve_the_new_weights(sampler_pair, student_hf
         push(sender, 2, newer)  # the same (unlinked) region is rewritten for the next update
         assert pool.weight_versions() == [2, 2]
         assert max_score_diff(pool, newer) < 1e-4
-        push(sender, 3, new)  # what the later tests expect to be served
+        # learner.shm_resident_weights: the weights move into their region
+        # slots and are trained there in place; a push then packs nothing.
+        nbytes = sender.last_stats["sync/bytes"]
+        assert sender.adopt(newer.named_parameters()) == nbytes
+        with torch.no_grad():
+            for p in newer.parameters():
+                p.mul_(0.9)  # an optimizer step, in the region
+        assert max_score_diff(pool, newer) > 1e-3  # ... which the samplers do not see yet
+        push(sender, 3, newer)
+        assert sender.last_stats["sync/resident_bytes"] == nbytes
+        assert pool.weight_versions() == [3, 3]
+        assert max_score_diff(pool, newer) < 1e-4
+        push(sender, 4, new)  # what the later tests expect to be served (packed over newer's slots)
 
 
 @pytest.mark.parametrize("bad", ["shape", "unknown_name", "missing"])

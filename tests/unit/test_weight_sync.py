@@ -225,6 +225,76 @@ def test_sender_streams_buckets_and_aborts_cleanly(sender_cls):
     sender.shutdown()
 
 
+def test_shm_adopted_weights_are_sent_without_packing_and_outlive_their_region():
+    """ShmWeightSender.adopt (learner.shm_resident_weights): parameters move
+    into their slots of the region, are updated there in place (as the
+    optimizer does), and later pushes pack nothing yet deliver the new
+    values. A new region (reconnect) packs them again until re-adopted;
+    adopted tensors save as themselves and stay valid after the region is
+    released (closing the mmap under them crashed the process)."""
+    import io
+
+    port = _port()
+    rx = _Receiver(port)
+    sender = ShmWeightSender(rx, "127.0.0.1", port, world_size=2, bucket_bytes=100, timeout_s=30)
+    sender.connect()
+    tail = torch.nn.Module()
+    tail.odd = torch.nn.Parameter(torch.randn(3).to(torch.bfloat16))  # 6 bytes: what follows is misaligned for fp32
+    tail.after = torch.nn.Parameter(torch.randn(2))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 5), tail)
+
+    def live():
+        return [(n, p.detach()) for n, p in model.named_parameters()]
+
+    specs = specs_from_named(live())
+    total = sum(s.nbytes for s in specs)
+    sender.send(1, specs, iter(live()))
+    assert sender.last_stats["sync/resident_bytes"] == 0
+    # Only slots aligned for their dtype, of the right dtype and shape, exist.
+    assert sender.slot("0.weight", torch.float32, (3, 4)) is not None
+    assert sender.slot("0.weight", torch.float16, (3, 4)) is None
+    assert sender.slot("0.weight", torch.float32, (4, 3)) is None
+    assert sender.slot("nope", torch.float32, (3, 4)) is None
+    slots = sender._slots
+    misaligned = [n for n, (off, spec) in slots.items() if off % spec.torch_dtype.itemsize]
+    assert misaligned == ["2.after"], slots  # packed right after the 6-byte bf16 tensor in its bucket
+
+    before = [t.clone() for _, t in live()]
+    adopted = sender.adopt(model.named_parameters())
+    assert adopted == total - 8  # all but the misaligned fp32 tensor
+    lo = sender._region.data_ptr()
+    hi = lo + sender._region.numel()
+    for (n, p), b in zip(model.named_parameters(), before, strict=True):
+        assert torch.equal(p.detach(), b)
+        assert (lo <= p.data_ptr() < hi) == (n != "2.after"), n
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()  # its own storage, not the region's
+
+    with torch.no_grad():  # an optimizer step, in place
+        for p in model.parameters():
+            p.add_(1)
+    sender.send(2, specs, iter(live()))
+    assert sender.last_stats["sync/resident_bytes"] == total - 8
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rx.received, live(), strict=True))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    assert buf.tell() < total + 4096 < sender._region.numel()  # the tensors, not the region they live in
+
+    sender.reconnect(_port(), world_size=2)  # a new region: the old one is still mapped by the parameters
+    sender.send(3, specs, iter(live()))
+    assert sender.last_stats["sync/resident_bytes"] == 0
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rx.received, live(), strict=True))
+    assert sender.adopt(model.named_parameters()) == total - 8
+    sender.send(4, specs, iter(live()))
+    assert sender.last_stats["sync/resident_bytes"] == total - 8
+    expected = [t.clone() for _, t in live()]
+    sender.shutdown()
+    # The region's name and the sender's handles are gone; the memory lives on with the parameters.
+    assert all(torch.equal(t, e) for (_, t), e in zip(live(), expected, strict=True))
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    assert torch.equal(model[0].weight.detach(), expected[0] * 2)
+
+
 def test_shm_region_token_and_missing_file_errors(tmp_path):
     sender = ShmWeightSender(None, "127.0.0.1", 1, world_size=2, shm_dir=str(tmp_path))
     sender._create_region(SHM_DATA_OFFSET + 4096)
