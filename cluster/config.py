@@ -183,9 +183,10 @@ class RolloutConfig:
     # depending on the model: python -m bench.cpu_reload). Unquantized models only.
     cpu_gemm: Literal["onednn", "plain"] = "onednn"
     # Threads that copy a weight update into a CPU sampler's live weights
-    # (cpu_gemm=plain only; the sampler serves no request meanwhile): 0 = every
-    # core its engine process may run on. vLLM pins a CPU engine's torch to
-    # fewer threads (one on a 2-core box), which halves the copy's speed.
+    # (cpu_gemm=plain only; the sampler serves no request meanwhile): 0 = the
+    # cores its engine process may run on, divided by the samplers loading at
+    # the same time. vLLM pins a CPU engine's torch to fewer threads (one on a
+    # 2-core box), which halves the copy's speed (bench/README.md).
     weight_load_threads: int = 0
     # Run vLLM without CUDA graphs / compilation (always on for CPU).
     enforce_eager: bool = True

@@ -352,8 +352,10 @@ class ShmWeightSender(GlooWeightSender):
         the updates send as they are (same names, dtypes and shapes), and only
         when whatever trains them updates `param.data` in place (a plain
         torch optimizer, e.g. DeepSpeed ZeRO-0 in fp32; not optimizers that
-        keep their own flat copy of the weights). Parameters without a slot
-        are left alone. Returns the bytes now resident in the region."""
+        keep their own flat copy of the weights). The slots then belong to
+        these parameters: sending other tensors under their names would
+        overwrite them. Parameters without a slot are left alone. Returns the
+        bytes now resident in the region."""
         resident = 0
         with torch.no_grad():
             for name, p in params:
