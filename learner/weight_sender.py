@@ -122,6 +122,9 @@ class GlooWeightSender:
     first `send` do it), then `send(version, specs, tensors)` per update."""
 
     backend = "gloo"
+    # `send` copies each tensor into its bucket before taking the next one
+    # from the iterator (the learner may then hand it views that die early).
+    copies_each_tensor_first = True
 
     def __init__(self, client: WeightSyncClient, master_address: str, master_port: int,
                  world_size: int | None = None, bucket_bytes: int = 64 << 20, timeout_s: float = 600.0,
@@ -459,6 +462,7 @@ class NcclWeightSender:
     the CPU machine (tests/e2e/test_weight_sync.py::test_nccl_* is gpu-marked)."""
 
     backend = "nccl"
+    copies_each_tensor_first = False  # vLLM's packer holds several tensors, then concatenates them
 
     def __init__(self, client: WeightSyncClient, master_address: str, master_port: int,
                  world_size: int | None = None, bucket_bytes: int = 64 << 20, timeout_s: float = 600.0):

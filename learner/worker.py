@@ -328,15 +328,18 @@ class LearnerWorker:
             out.append(ParamSpec(n, dtype or dtype_name(p.dtype), shape))
         return out
 
-    def iter_full_params(self, bucket_bytes: int = 64 << 20,
-                         dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_full_params(self, bucket_bytes: int = 64 << 20, dtype: torch.dtype | None = None,
+                         gathered_views: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF name, full tensor) for every parameter, in `param_specs`
         order. EVERY rank must run this iterator to the end in lockstep: under
         ZeRO-3 each bucket of at most `bucket_bytes` is gathered with
-        `GatheredParameters`, a collective. A tensor is the live (or gathered)
-        weight itself, not a copy (unless `dtype` converts it): use it before
-        asking for the next one, and copy what you keep (`full_state_dict`
-        does); the weight sender packs each one as it comes. Memory is
+        `GatheredParameters`, a collective. Without ZeRO-3 a tensor is the
+        live weight itself (no copy unless `dtype` converts it): read it
+        before the next optimizer step, copy what you keep. Under ZeRO-3 it
+        is a copy made inside the gather, unless `gathered_views`: then it is
+        the gathered weight, valid only until the next one is requested (for
+        a consumer that copies each tensor before asking for the next, like
+        the CPU weight senders; vLLM's NCCL packer keeps several). Memory is
         bounded by one gathered bucket."""
         named = self._named_parameters()
         if not self.zero3:
@@ -349,8 +352,12 @@ class LearnerWorker:
 
         def flush(items):
             with self._deepspeed.zero.GatheredParameters([p for _, p in items], modifier_rank=None):
-                for n, p in items:
-                    yield n, (p.detach().to(dtype) if dtype is not None else p.detach())
+                if gathered_views:
+                    for n, p in items:
+                        yield n, (p.detach().to(dtype) if dtype is not None else p.detach())
+                    return
+                copies = [(n, p.detach().to(dtype) if dtype is not None else p.detach().clone()) for n, p in items]
+            yield from copies
 
         for n, p in named:
             nbytes = p.ds_numel * p.element_size()
@@ -367,7 +374,7 @@ class LearnerWorker:
         out = {}
         for n, t in self.iter_full_params():
             if self.rank == 0:
-                out[n] = t.to("cpu", copy=True)  # the iterator yields live (or gathered) weights
+                out[n] = t.to("cpu", copy=True)  # without ZeRO-3 the iterator yields the live weights
         return out if self.rank == 0 else None
 
     def export_hf(self, path: str) -> str | None:
@@ -462,7 +469,9 @@ class LearnerWorker:
         t0 = time.perf_counter()
         dt = self._sync_dtype
         specs = self.param_specs(dtype_name(dt) if dt is not None else None)
-        tensors = self.iter_full_params(getattr(self, "_sync_bucket_bytes", 64 << 20), dt)
+        # Other ranks only drain the iterator: no copy for them either.
+        views = self.rank != 0 or getattr(self._sender, "copies_each_tensor_first", False)
+        tensors = self.iter_full_params(getattr(self, "_sync_bucket_bytes", 64 << 20), dt, gathered_views=views)
         if self.rank == 0:
             if self._sender is None:
                 raise RuntimeError("push_weights before init_weight_sync: call LearnerGroup.init_weight_sync("
