@@ -205,7 +205,7 @@ class GlooWeightSender:
                 raise WeightSyncError(f"weight update v{version} was rejected by a sampler", "validate")
             self._accepted(info)
             try:
-                self._stream(info, buckets, _checked(specs, tensors))
+                resident = self._stream(info, buckets, _checked(specs, tensors))
                 t_stream = time.perf_counter()
             except BaseException:
                 # We told the receivers to abort: let them record it (their
@@ -224,7 +224,7 @@ class GlooWeightSender:
         self.last_stats = {"sync/start_vote_s": t_vote - t0, "sync/stream_s": t_stream - t_vote,
                            "sync/drain_s": t1 - t_stream, "sync/finish_s": t2 - t1, "sync/total_s": t2 - t0,
                            "sync/bytes": float(sum(s.nbytes for s in specs)), "sync/buckets": float(len(buckets)),
-                           "sync/resident_bytes": float(getattr(self, "_resident_bytes", 0))}
+                           "sync/resident_bytes": float(resident)}
 
     def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
         """The update info of one send; makes sure the packing memory fits it."""
@@ -245,7 +245,9 @@ class GlooWeightSender:
         """After bucket b's header: move its packed bytes to the receivers."""
         gloo_broadcast(self._group, packed, f"bucket {b} ({packed.numel()} bytes)")
 
-    def _stream(self, info: GlooUpdateInfo, buckets: list[list[ParamSpec]], tensors: Iterator[torch.Tensor]) -> None:
+    def _stream(self, info: GlooUpdateInfo, buckets: list[list[ParamSpec]], tensors: Iterator[torch.Tensor]) -> int:
+        """Pack and ship every bucket; returns the bytes that were already in
+        their slot (nothing to pack)."""
         header = torch.zeros(2, dtype=torch.int64)
         resident = 0
         for b, bucket in enumerate(buckets):
@@ -269,7 +271,7 @@ class GlooWeightSender:
             header[0], header[1] = HEADER_OK, off
             gloo_broadcast(self._group, header, f"the header of bucket {b}")
             self._ship(b, dest[:off])
-        self._resident_bytes = resident
+        return resident
 
     def shutdown(self) -> None:
         self._group = None
@@ -337,7 +339,7 @@ class ShmWeightSender(GlooWeightSender):
         off, spec = entry
         if spec.torch_dtype != dtype or tuple(spec.shape) != tuple(shape):
             return None
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if off % itemsize:
             return None
         import warnings

@@ -202,7 +202,7 @@ class SamplerActor:
     def weight_load(self) -> list[str]:
         """How each engine worker takes a weight update: "in_place" (CPU,
         rollout.cpu_gemm=plain) or "layerwise_reload" (vLLM's reload)."""
-        return [s["load"] for s in self.llm.collective_rpc("opd_weight_state")]
+        return [s["load"] for s in self.weight_states()]
 
     def weight_states(self) -> list[dict]:
         """Each engine worker's weight state (rollout.weight_receiver
