@@ -119,7 +119,9 @@ class CopyPlan:
         for span in copy_spans:
             if not any(t[0] <= span[0] and span[1] <= t[1] for t in self._targets):
                 why = why or "a copy lands outside the model's parameters and buffers"
-        known = [_span(d) for ds in self._copies.values() for d in ds]
+        # Names recorded again (a new shape) replace their old entries.
+        again = {n for n, _ in weights}
+        known = [_span(d) for n, ds in self._copies.items() if n not in again for d in ds]
         ordered = sorted(known + copy_spans)
         if any(_overlap(a, b) for a, b in zip(ordered, ordered[1:])):
             why = why or "two copies write the same memory (their order would matter)"
