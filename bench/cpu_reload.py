@@ -1,6 +1,7 @@
 """Benchmark: what loading new weights into a live vLLM CPU engine costs, with
-no transport at all, next to one memcpy of the same bytes: why
-bench/weight_sync.py cannot reach 3x the copy floor on CPU.
+no transport at all, next to one memcpy of the same bytes, per GEMM layout
+(rollout.cpu_gemm): why bench/weight_sync.py is far from 3x the copy floor
+with vLLM's default layout, and what the plain layout costs in generation.
 
     .venv/bin/python -m bench.cpu_reload                          # student-25m, teacher-100m
     .venv/bin/python -m bench.cpu_reload --models student-25m --rounds 3
@@ -8,17 +9,17 @@ bench/weight_sync.py cannot reach 3x the copy floor on CPU.
 Two engines per model (an in-process `vllm.LLM`, fp32, enforce_eager), each in
 its own subprocess, alternating over the rounds:
 
-* `onednn` - vLLM's CPU default and what opd's samplers run: every linear
-  layer's weight is re-packed into a oneDNN GEMM handler after loading (the
-  plain weight is dropped). A new set of weights therefore has to go through
-  vLLM's layerwise reload (`initialize_layerwise_reload` + `load_weights` +
-  `finalize_layerwise_reload`), which re-materializes the layers and re-packs
-  every linear weight: exactly what opd_gloo/opd_shm receivers do.
-* `plain` - the counterfactual: vLLM's CPU GEMM dispatch replaced (in that
-  subprocess only) by `torch.nn.functional.linear` on the plain weight, what
-  vLLM itself does for the layers it marks `_cpu_skip_gemm_dispatch`. The
-  weights then stay live parameters and `model.load_weights` copies new ones
-  in place, with no reload.
+* `onednn` - vLLM's CPU default and opd's (`rollout.cpu_gemm=onednn`): every
+  linear layer's weight is re-packed into a oneDNN GEMM handler after loading
+  (the plain weight is dropped). A new set of weights therefore has to go
+  through vLLM's layerwise reload (`initialize_layerwise_reload` +
+  `load_weights` + `finalize_layerwise_reload`), which re-materializes the
+  layers and re-packs every linear weight: what opd_gloo/opd_shm receivers do.
+* `plain` - `rollout.cpu_gemm=plain`: the engine is loaded through opd's
+  "opd_cpu_plain_gemm" model loader (rollout/weight_receiver.py), so the
+  linears multiply with `torch.nn.functional.linear` on their plain weight
+  and `model.load_weights` copies new ones in place, with no reload (the
+  receivers then replay those copies, rollout/copy_plan.py; not timed here).
 
 Per engine: seconds to load one full set of weights (median over 5), the
 memcpy floor of the same bytes, and seconds for one generate of 128 prompts x
@@ -48,18 +49,14 @@ def _child(mode: str, name: str) -> dict:
     from cluster.tiny_models import build_model
 
     path = str(build_model(name))
-    if mode == "plain":
-        import vllm.model_executor.layers.utils as vllm_layer_utils
-
-        def plain_gemm(layer, remove_weight):
-            layer.cpu_linear = torch.nn.functional.linear
-
-        vllm_layer_utils.dispatch_cpu_unquantized_gemm = plain_gemm
     from transformers import AutoModelForCausalLM
     from vllm import LLM, SamplingParams
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-    llm = LLM(path, dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+    from rollout.weight_receiver import PLAIN_GEMM_LOAD_FORMAT
+
+    extra = {"load_format": PLAIN_GEMM_LOAD_FORMAT} if mode == "plain" else {}
+    llm = LLM(path, dtype="float32", enforce_eager=True, max_model_len=256, seed=0, **extra)
     prompts = [{"prompt_token_ids": [5 + (i % 50), 6, 7, 8]} for i in range(128)]
     sp = SamplingParams(temperature=1.0, max_tokens=32, ignore_eos=True, seed=0)
     llm.generate(prompts[:8], sp, use_tqdm=False)
