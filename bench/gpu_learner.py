@@ -7,7 +7,8 @@ a bare CUDA machine that has torch, transformers and DeepSpeed.
 
 What it checks, each on the same scored batch (random ragged completions
 scored by the tiny student and teacher in transformers, some tokens masked):
-  * ZeRO 0 and 3, float32 and bfloat16, on `--ranks` NCCL ranks: the loss of
+  * ZeRO 0 and 3, float32 and bfloat16 (and ZeRO-3 bf16 with gradient
+    checkpointing, as configs/gpu_cluster.yaml trains), on `--ranks` NCCL ranks: the loss of
     every step; ZeRO-3's losses and final weights against ZeRO-0's (float32
     must agree within 1e-4, the issue's tolerance for gloo);
   * the learner's logprobs against transformers' logprobs of the HF export
@@ -97,12 +98,13 @@ def scored_batch(student_path: str, teacher_path: str, device: str, rows: int, s
     return b
 
 
-def _make_worker(rank, world, port, model_path, device, zero, dtype, steps, micro_tokens):
+def _make_worker(rank, world, port, model_path, device, zero, dtype, steps, micro_tokens, grad_ckpt=False):
     from cluster.config import LearnerConfig, LossConfig
     from learner.worker import LearnerWorker
 
     cfg = LearnerConfig(world_size=world, zero_stage=zero, dtype=dtype, lr=2e-3, grad_clip=1.0,
-                        micro_batch_tokens=micro_tokens, collective_timeout_s=300.0)
+                        micro_batch_tokens=micro_tokens, collective_timeout_s=300.0,
+                        gradient_checkpointing=grad_ckpt)
     return LearnerWorker(rank, world, "127.0.0.1", port, model_path, cfg, LossConfig(), seed=0,
                          use_gpu=device == "cuda", total_steps=steps, ds_config_overrides=DS_OVERRIDES)
 
@@ -143,10 +145,11 @@ def rank_main(rank: int, world: int, port: int, args, work: str) -> dict:
         if rank == 0:
             print(f"[gpu_learner] {msg}", flush=True)
 
-    for zero, dtype in [(0, "float32"), (3, "float32"), (0, "bfloat16"), (3, "bfloat16")]:
-        key = f"zero{zero}-{dtype}"
+    for zero, dtype, gc_on in [(0, "float32", False), (3, "float32", False), (0, "bfloat16", False),
+                               (3, "bfloat16", False), (3, "bfloat16", True)]:
+        key = f"zero{zero}-{dtype}" + ("-gradckpt" if gc_on else "")
         t0 = time.perf_counter()
-        w = _make_worker(rank, world, port, student, device, zero, dtype, args.steps, mt)
+        w = _make_worker(rank, world, port, student, device, zero, dtype, args.steps, mt, gc_on)
         build_s = time.perf_counter() - t0
         losses, step_s = [], []
         for s in range(args.steps):
@@ -226,14 +229,18 @@ def rank_main(rank: int, world: int, port: int, args, work: str) -> dict:
         b0, b3 = res["runs"]["zero0-bfloat16"]["losses"], res["runs"]["zero3-bfloat16"]["losses"]
         res["checks"]["bf16_vs_fp32_loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(z0, b0, strict=True))
         res["checks"]["bf16_zero3_vs_zero0_loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(b0, b3, strict=True))
+        g3 = res["runs"]["zero3-bfloat16-gradckpt"]["losses"]
+        res["checks"]["gradckpt_vs_plain_loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(b3, g3, strict=True))
 
     # Timing on the larger model: bf16 train steps, ZeRO 0 vs 3, and the
     # push gather against a device copy of the same bytes.
     tb = torch.load(Path(work) / "timing_batch.pt", weights_only=False)
-    for zero in (0, 3):
-        key = f"timing-zero{zero}-bfloat16"
+    for zero, gc_on in ((0, False), (3, False), (3, True)):
+        key = f"timing-zero{zero}-bfloat16" + ("-gradckpt" if gc_on else "")
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         w = _make_worker(rank, world, port, timing_model, device, zero, "bfloat16", args.timing_steps + 1,
-                         args.timing_micro_tokens)
+                         args.timing_micro_tokens, gc_on)
         times = []
         for _ in range(args.timing_steps + 1):  # the first step warms up
             _sync(device)
@@ -250,8 +257,9 @@ def rank_main(rank: int, world: int, port: int, args, work: str) -> dict:
                 pass
             _sync(device)
             gathers.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
         res["runs"][key] = {"step_s": times[1:], "tokens": m["tokens"], "params": nparams,
-                            "gather_bf16_s": gathers, "loss_last": m["loss"]}
+                            "gather_bf16_s": gathers, "loss_last": m["loss"], "peak_mem_mib": peak}
         log(f"{key}: step {min(times[1:]):.3f}s, gather {min(gathers) * 1e3:.1f} ms")
         del w
         gc.collect()
@@ -408,6 +416,7 @@ def main(argv=None) -> int:
         # bf16 rounding differs between the ZeRO-0 and ZeRO-3 optimizers; 0.04 off
         # was DeepSpeed's dummy optimizer step (learner.worker.undo_init_optimizer_step).
         ("bf16 ZeRO-3 vs ZeRO-0 loss", c["bf16_zero3_vs_zero0_loss_max_abs_diff"], 2e-3),
+        ("bf16 ZeRO-3 grad checkpointing vs none", c["gradckpt_vs_plain_loss_max_abs_diff"], 1e-4),
     ]
     failed = False
     print(f"\n{'check':<40}{'max abs diff':>14}{'tolerance':>12}  verdict")
@@ -418,11 +427,11 @@ def main(argv=None) -> int:
     print(f"\nTiming model {args.timing_model} ({r['timing-zero3-bfloat16']['params'] / 1e6:.1f}M params), "
           f"bf16, {r['timing-zero3-bfloat16']['tokens']:.0f} trained tokens per step")
     floor = c["copy_floor_s"]
-    print(f"{'ZeRO':<6}{'step s (min)':>14}{'gather bf16 ms':>16}{'x device copy':>15}")
-    for z in (0, 3):
-        v = r[f"timing-zero{z}-bfloat16"]
-        g = min(v["gather_bf16_s"])
-        print(f"{z:<6}{min(v['step_s']):>14.3f}{g * 1e3:>16.2f}{g / floor:>15.1f}")
+    print(f"{'run':<34}{'step s (min)':>14}{'peak MiB':>10}{'gather bf16 ms':>16}{'x device copy':>15}")
+    for k, v in r.items():
+        if k.startswith("timing-"):
+            g = min(v["gather_bf16_s"])
+            print(f"{k[7:]:<34}{min(v['step_s']):>14.3f}{v['peak_mem_mib']:>10.0f}{g * 1e3:>16.2f}{g / floor:>15.1f}")
     print(f"device copy of the same bytes: {floor * 1e3:.3f} ms")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
