@@ -1,7 +1,9 @@
 """Benchmark: seconds to push a full set of student weights from the learner
 (this process, rank 0 of the transfer group) into 1 and 2 vLLM CPU samplers,
 over each CPU transport (gloo, shm), next to the floor: one plain in-memory
-`Tensor.copy_` of the same bytes on this machine.
+`Tensor.copy_` of the same bytes on this machine. `ratio` divides by one copy of
+the model's bytes; `x delivered` by one copy of the bytes the push writes (k
+samplers hold k copies, so for 2 samplers the floor of twice the bytes).
 
     .venv/bin/python -m bench.weight_sync                       # all sizes, both transports, both GEMM layouts
     .venv/bin/python -m bench.weight_sync --models student-25m --backends shm --cpu-gemm plain --repeats 5
@@ -73,6 +75,8 @@ def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str], cp
     rows = []
     try:
         floor = copy_floor_s(nbytes, max(5, repeats))
+        # A push into k samplers writes k copies: the floor of the bytes delivered.
+        floor_delivered = {1: floor, 2: copy_floor_s(2 * nbytes, max(5, repeats))}
         for backend in backends:
             cls = {"gloo": GlooWeightSender, "shm": ShmWeightSender}[backend]
             for k in (1, 2):
@@ -102,6 +106,7 @@ def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str], cp
                     rows.append(dict(model=name, backend=backend, gemm=cpu_gemm, source=source, load_threads=load_threads,
                                      params_m=sum(s.numel for s in specs) / 1e6, mib=nbytes / 2**20, samplers=k,
                                      push_s=push, floor_s=floor, ratio=push / floor,
+                                     ratio_delivered=push / floor_delivered[k],
                                      **{key.removeprefix("sync/"): statistics.median(p[key] for p in phases)
                                         for key in ("sync/start_vote_s", "sync/stream_s", "sync/drain_s",
                                                     "sync/finish_s")}))
@@ -142,12 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine => noisy)")
     print(f"{'model':<14}{'params':>9}{'MiB':>9}{'gemm':>8}{'load thr':>9}{'transport':>10}{'source':>9}{'samplers':>9}{'push s':>9}"
           f"{'copy floor s':>13}"
-          f"{'ratio':>8}   | start+vote  stream  drain  finish (s)")
+          f"{'ratio':>8}{'x delivered':>12}   | start+vote  stream  drain  finish (s)")
     for r in rows:
         print(f"{r['model']:<14}{r['params_m']:>8.1f}M{r['mib']:>9.1f}{r['gemm']:>8}"
               f"{(r['load_threads'] or 'auto') if r['gemm'] == 'plain' else '-':>9}{r['backend']:>10}{r['source']:>9}"
               f"{r['samplers']:>9}"
-              f"{r['push_s']:>9.3f}{r['floor_s']:>13.4f}{r['ratio']:>7.1f}x   | {r['start_vote_s']:>10.3f}"
+              f"{r['push_s']:>9.3f}{r['floor_s']:>13.4f}{r['ratio']:>7.1f}x{r['ratio_delivered']:>11.1f}x"
+              f"   | {r['start_vote_s']:>10.3f}"
               f"{r['stream_s']:>8.3f}{r['drain_s']:>7.3f}{r['finish_s']:>8.3f}")
 
 

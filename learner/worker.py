@@ -29,6 +29,7 @@ import torch
 
 from learner import checkpoint as ckpt
 from learner.batching import collate
+from learner.logprobs import gathered_logprobs
 from learner.losses import LossInputs, compute_loss
 from rollout.types import RolloutBatch
 from rollout.weight_sync import ParamSpec, dtype_name
@@ -231,24 +232,26 @@ class LearnerWorker:
         the temperatures agree); only it carries gradient when they differ."""
         logits_B_L_V = self.engine(input_ids=mb.input_ids_B_L, attention_mask=mb.attention_mask_B_L,
                                    use_cache=False).logits
-        rows_B_1 = torch.arange(logits_B_L_V.shape[0], device=logits_B_L_V.device)[:, None]
-        logits_B_T_V = logits_B_L_V[rows_B_1, mb.predict_pos_B_T].float()
-        ids_B_T_1 = mb.completion_ids_B_T[..., None]
-
-        def lp_at(temp):
-            t = temp if temp and temp > 0 else 1.0
-            return torch.log_softmax(logits_B_T_V / t if t != 1.0 else logits_B_T_V, dim=-1)
-
+        B, L, V = logits_B_L_V.shape
+        T = mb.predict_pos_B_T.shape[1]
+        # Rows of the flattened logits that predict each completion token, and
+        # the ids to score there: the token itself, then the teacher's top-k.
+        rows_N = (torch.arange(B, device=logits_B_L_V.device)[:, None] * L + mb.predict_pos_B_T).reshape(-1)
+        ids_B_T_K = mb.completion_ids_B_T[..., None]
+        if mb.teacher_top_ids_B_T_K is not None:
+            ids_B_T_K = torch.cat([ids_B_T_K, mb.teacher_top_ids_B_T_K], dim=-1)
+        flat_M_V = logits_B_L_V.reshape(B * L, V)
         loss_temperature = temperature if loss_temperature is None else loss_temperature
-        lp_loss_B_T_V = lp_at(loss_temperature)
-        lp_loss_B_T = lp_loss_B_T_V.gather(-1, ids_B_T_1).squeeze(-1)
+        lp_loss_B_T_K = gathered_logprobs(flat_M_V, rows_N, ids_B_T_K.reshape(B * T, -1),
+                                          loss_temperature).view(B, T, -1)
+        lp_loss_B_T = lp_loss_B_T_K[..., 0]
         if (temperature or 1.0) == (loss_temperature or 1.0):
             lp_sampling_B_T = lp_loss_B_T
         else:
             with torch.no_grad():
-                lp_sampling_B_T = lp_at(temperature).gather(-1, ids_B_T_1).squeeze(-1)
-        top_B_T_K = (None if mb.teacher_top_ids_B_T_K is None
-                     else lp_loss_B_T_V.gather(-1, mb.teacher_top_ids_B_T_K))
+                lp_sampling_B_T = gathered_logprobs(flat_M_V, rows_N, mb.completion_ids_B_T.reshape(-1, 1),
+                                                    temperature).view(B, T)
+        top_B_T_K = None if mb.teacher_top_ids_B_T_K is None else lp_loss_B_T_K[..., 1:]
         return logits_B_L_V, lp_sampling_B_T, lp_loss_B_T, top_B_T_K
 
     def train_step(self, shard: RolloutBatch | None, micro_batches: list[list[int]], denominator: float,

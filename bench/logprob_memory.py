@@ -1,0 +1,140 @@
+"""Benchmark: memory and time of the learner's log-prob step (logits ->
+log-probs of the sampled token and the teacher's top-k -> loss -> backward
+into the logits), the plain way against `learner.logprobs.gathered_logprobs`.
+
+    .venv/bin/python -m bench.logprob_memory                           # CPU, Qwen's 151936 vocabulary
+    python -m bench.logprob_memory --device cuda --tokens 4096 16384    # GPU: torch.cuda peak memory
+
+plain   = what the learner did before: index the completion rows out of the
+          logits, .float(), log_softmax over the vocabulary, gather (autograd
+          keeps the float32 log-softmax and makes float32 gradients of it);
+chunked = gathered_logprobs: a float32 chunk at a time, one logsumexp per row
+          saved, the gradient written straight into the logits' dtype.
+Both start from the same bf16 logits (the model's output, which needs its own
+gradient either way). Each (variant, size) runs in a fresh process; the
+memory column is its peak above the moment the logits existed (CPU: peak RSS,
+ru_maxrss; GPU: torch.cuda.max_memory_allocated). Values and gradients of the
+two agree (printed as max abs differences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _plain(logits_B_L_V, pos_B_T, ids_B_T_K, temperature):
+    import torch
+
+    rows = torch.arange(logits_B_L_V.shape[0], device=logits_B_L_V.device)[:, None]
+    x = logits_B_L_V[rows, pos_B_T].float()
+    return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1).gather(-1, ids_B_T_K)
+
+
+def _chunked(logits_B_L_V, pos_B_T, ids_B_T_K, temperature):
+    import torch
+
+    from learner.logprobs import gathered_logprobs
+
+    B, L, V = logits_B_L_V.shape
+    T = pos_B_T.shape[1]
+    rows = (torch.arange(B, device=logits_B_L_V.device)[:, None] * L + pos_B_T).reshape(-1)
+    return gathered_logprobs(logits_B_L_V.reshape(B * L, V), rows, ids_B_T_K.reshape(B * T, -1),
+                             temperature).view(B, T, -1)
+
+
+def child(variant: str, tokens: int, vocab: int, topk: int, device: str, temperature: float) -> dict:
+    """One measurement in this (fresh) process."""
+    import torch
+
+    torch.manual_seed(0)
+    B = 4
+    L = tokens // B
+    T = L - L // 4  # a quarter of each row is prompt
+    # Drawn in bf16 directly: a float32 temporary would set the process's peak
+    # RSS (ru_maxrss) before the measurement starts.
+    logits = torch.empty(B, L, vocab, device=device, dtype=torch.bfloat16).normal_(0.0, 2.0).requires_grad_()
+    pos = (torch.arange(T, device=device) + (L - T - 1))[None].expand(B, T)
+    ids = torch.randint(0, vocab, (B, T, 1 + topk), device=device)
+    w = torch.randn(B, T, 1 + topk, device=device)
+    fn = {"plain": _plain, "chunked": _chunked}[variant]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_mib()
+    t0 = time.perf_counter()
+    lp = fn(logits, pos, ids, temperature)
+    loss = (lp * w).sum()
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    g = logits.grad.float()
+    return {"variant": variant, "tokens": B * T, "padded_tokens": B * L, "vocab": vocab, "topk": topk,
+            "extra_mib": peak - base, "logits_mib": logits.numel() * 2 / 2**20, "seconds": secs,
+            "lp_sum": float(lp.double().sum()), "lp_first": lp[0, :4, 0].double().tolist(),
+            "grad_abs_sum": float(g.abs().sum()), "grad_first": g[0, L - T - 1, :4].tolist()}
+
+
+def run(variant, tokens, vocab, topk, device, temperature) -> dict:
+    cmd = [sys.executable, "-m", "bench.logprob_memory", "--child", variant, "--tokens", str(tokens),
+           "--vocab", str(vocab), "--topk", str(topk), "--device", device, "--temperature", str(temperature)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        return {"variant": variant, "tokens": tokens, "error": (out.stderr or out.stdout)[-400:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="padded tokens per micro-batch")
+    ap.add_argument("--vocab", type=int, default=151936, help="151936 = Qwen2/Qwen3")
+    ap.add_argument("--topk", type=int, nargs="+", default=[0, 20], help="teacher top-k ids scored besides the token")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.tokens[0], args.vocab, args.topk[0], args.device, args.temperature)))
+        return 0
+    rows = []
+    for topk in args.topk:
+        for tokens in args.tokens:
+            pair = {v: run(v, tokens, args.vocab, topk, args.device, args.temperature) for v in ("plain", "chunked")}
+            rows.append(pair)
+            print("#", json.dumps(pair), flush=True)
+    print(f"\nlog-prob step (forward + backward into bf16 logits), vocab {args.vocab}, device {args.device}, "
+          f"temperature {args.temperature}")
+    print(f"{'tokens':>8}{'top-k':>7}{'logits MiB':>12}{'plain MiB':>11}{'chunked MiB':>13}{'mem ratio':>11}"
+          f"{'plain s':>9}{'chunked s':>11}{'time ratio':>12}{'|dlp|':>10}{'|dgrad|':>10}")
+    for pair in rows:
+        p, c = pair["plain"], pair["chunked"]
+        if "error" in p or "error" in c:
+            print(f"{p['tokens']:>8}  error: plain={p.get('error', 'ok')!r} chunked={c.get('error', 'ok')!r}")
+            continue
+        dlp = max(abs(a - b) for a, b in zip(p["lp_first"], c["lp_first"], strict=True))
+        dg = max(abs(a - b) for a, b in zip(p["grad_first"], c["grad_first"], strict=True))
+        print(f"{p['padded_tokens']:>8}{p['topk']:>7}{p['logits_mib']:>12.0f}{p['extra_mib']:>11.0f}"
+              f"{c['extra_mib']:>13.0f}{p['extra_mib'] / max(c['extra_mib'], 1e-9):>10.1f}x"
+              f"{p['seconds']:>9.2f}{c['seconds']:>11.2f}{c['seconds'] / p['seconds']:>11.2f}x{dlp:>10.1e}{dg:>10.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
