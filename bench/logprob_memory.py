@@ -3,7 +3,7 @@ log-probs of the sampled token and the teacher's top-k -> loss -> backward
 into the logits), the plain way against `learner.logprobs.gathered_logprobs`.
 
     .venv/bin/python -m bench.logprob_memory                           # CPU, Qwen's 151936 vocabulary
-    python -m bench.logprob_memory --device cuda --tokens 4096 16384    # GPU: torch.cuda peak memory
+    python -m bench.logprob_memory --device cuda --tokens 4096 32768 --chunk-mb 64 256 1024   # GPU: torch.cuda peak
 
 plain   = what the learner did before: index the completion rows out of the
           logits, .float(), log_softmax over the vocabulary, gather (autograd
@@ -41,7 +41,7 @@ def _plain(logits_B_L_V, pos_B_T, ids_B_T_K, temperature):
     return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1).gather(-1, ids_B_T_K)
 
 
-def _chunked(logits_B_L_V, pos_B_T, ids_B_T_K, temperature):
+def _chunked(logits_B_L_V, pos_B_T, ids_B_T_K, temperature, chunk_mb: int = 256):
     import torch
 
     from learner.logprobs import gathered_logprobs
@@ -50,11 +50,14 @@ def _chunked(logits_B_L_V, pos_B_T, ids_B_T_K, temperature):
     T = pos_B_T.shape[1]
     rows = (torch.arange(B, device=logits_B_L_V.device)[:, None] * L + pos_B_T).reshape(-1)
     return gathered_logprobs(logits_B_L_V.reshape(B * L, V), rows, ids_B_T_K.reshape(B * T, -1),
-                             temperature).view(B, T, -1)
+                             temperature, chunk_bytes=chunk_mb << 20).view(B, T, -1)
 
 
 def child(variant: str, tokens: int, vocab: int, topk: int, device: str, temperature: float) -> dict:
-    """One measurement in this (fresh) process."""
+    """One measurement in this (fresh) process. `variant`: plain, or
+    chunked-<MiB> (gathered_logprobs with chunk_bytes = MiB << 20)."""
+    import functools
+
     import torch
 
     torch.manual_seed(0)
@@ -67,7 +70,12 @@ def child(variant: str, tokens: int, vocab: int, topk: int, device: str, tempera
     pos = (torch.arange(T, device=device) + (L - T - 1))[None].expand(B, T)
     ids = torch.randint(0, vocab, (B, T, 1 + topk), device=device)
     w = torch.randn(B, T, 1 + topk, device=device)
-    fn = {"plain": _plain, "chunked": _chunked}[variant]
+    fn = _plain if variant == "plain" else functools.partial(_chunked, chunk_mb=int(variant.split("-")[1]))
+    # Warm up on a small input (kernel loading, allocator) so the timing below
+    # is of the work, not of the process's first call.
+    small = torch.zeros(1, 8, vocab, device=device, dtype=torch.bfloat16, requires_grad=True)
+    fn(small, torch.arange(1, 7, device=device)[None], ids[:1, :6], temperature).sum().backward()
+    del small
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -108,31 +116,40 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=151936, help="151936 = Qwen2/Qwen3")
     ap.add_argument("--topk", type=int, nargs="+", default=[0, 20], help="teacher top-k ids scored besides the token")
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--chunk-mb", type=int, nargs="+", default=[16, 64],
+                    help="gathered_logprobs chunk sizes to measure (learner defaults: 16 on CPU, 64 on CUDA)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.tokens[0], args.vocab, args.topk[0], args.device, args.temperature)))
         return 0
+    variants = ["plain"] + [f"chunked-{c}" for c in args.chunk_mb]
     rows = []
     for topk in args.topk:
         for tokens in args.tokens:
-            pair = {v: run(v, tokens, args.vocab, topk, args.device, args.temperature) for v in ("plain", "chunked")}
-            rows.append(pair)
-            print("#", json.dumps(pair), flush=True)
+            res = {v: run(v, tokens, args.vocab, topk, args.device, args.temperature) for v in variants}
+            rows.append(res)
+            print("#", json.dumps(res), flush=True)
     print(f"\nlog-prob step (forward + backward into bf16 logits), vocab {args.vocab}, device {args.device}, "
-          f"temperature {args.temperature}")
-    print(f"{'tokens':>8}{'top-k':>7}{'logits MiB':>12}{'plain MiB':>11}{'chunked MiB':>13}{'mem ratio':>11}"
-          f"{'plain s':>9}{'chunked s':>11}{'time ratio':>12}{'|dlp|':>10}{'|dgrad|':>10}")
-    for pair in rows:
-        p, c = pair["plain"], pair["chunked"]
-        if "error" in p or "error" in c:
-            print(f"{p['tokens']:>8}  error: plain={p.get('error', 'ok')!r} chunked={c.get('error', 'ok')!r}")
-            continue
-        dlp = max(abs(a - b) for a, b in zip(p["lp_first"], c["lp_first"], strict=True))
-        dg = max(abs(a - b) for a, b in zip(p["grad_first"], c["grad_first"], strict=True))
-        print(f"{p['padded_tokens']:>8}{p['topk']:>7}{p['logits_mib']:>12.0f}{p['extra_mib']:>11.0f}"
-              f"{c['extra_mib']:>13.0f}{p['extra_mib'] / max(c['extra_mib'], 1e-9):>10.1f}x"
-              f"{p['seconds']:>9.2f}{c['seconds']:>11.2f}{c['seconds'] / p['seconds']:>11.2f}x{dlp:>10.1e}{dg:>10.1e}")
+          f"temperature {args.temperature}; MiB = peak above the logits; ratios = plain / chunked")
+    print(f"{'tokens':>8}{'top-k':>7}{'logits MiB':>12}{'variant':>14}{'MiB':>9}{'mem ratio':>11}"
+          f"{'s':>8}{'time ratio':>12}{'|dlp|':>10}{'|dgrad|':>10}")
+    for res in rows:
+        p = res["plain"]
+        for v in variants:
+            c = res[v]
+            if "error" in c:
+                print(f"{c['tokens']:>8}{'':>7}{'':>12}{v:>14}  error: {c['error']!r}")
+                continue
+            if "error" in p:
+                print(f"{c['padded_tokens']:>8}{c['topk']:>7}{c['logits_mib']:>12.0f}{v:>14}{c['extra_mib']:>9.0f}"
+                      f"{'-':>11}{c['seconds']:>8.2f}")
+                continue
+            dlp = max(abs(a - b) for a, b in zip(p["lp_first"], c["lp_first"], strict=True))
+            dg = max(abs(a - b) for a, b in zip(p["grad_first"], c["grad_first"], strict=True))
+            print(f"{c['padded_tokens']:>8}{c['topk']:>7}{c['logits_mib']:>12.0f}{v:>14}{c['extra_mib']:>9.0f}"
+                  f"{p['extra_mib'] / max(c['extra_mib'], 1e-9):>10.1f}x{c['seconds']:>8.2f}"
+                  f"{p['seconds'] / c['seconds']:>11.2f}x{dlp:>10.1e}{dg:>10.1e}")
     return 0
 
 
