@@ -79,7 +79,7 @@ class MicroBatch:
     input_ids_B_L: torch.Tensor  # prompt + completion, right-padded with pad_id
     attention_mask_B_L: torch.Tensor
     # Position in the sequence whose logits predict completion token t
-    # (prompt_len - 1 + t); 0 at padding.
+    # (prompt_len - 1 + t); prompt_len - 1 at padding.
     predict_pos_B_T: torch.Tensor
     completion_ids_B_T: torch.Tensor
     mask_B_T: torch.Tensor  # float, loss mask (0 at padding)
@@ -115,8 +115,11 @@ def collate(batch: RolloutBatch, rows: list[int], pad_id: int = 0) -> MicroBatch
     seqs = [list(p) + list(c) for p, c in zip(prompts, comps, strict=True)]
     input_ids = _pad(seqs, L, pad_id, torch.long)
     attn = _pad([[1] * len(s) for s in seqs], L, 0, torch.long)
-    pos = _pad([[len(p) - 1 + t for t in range(len(c))] for p, c in zip(prompts, comps, strict=True)],
-               T, 0, torch.long)
+    # Padding repeats the row's first predicting position, so the smallest entry
+    # is the earliest position any row needs logits at (the worker asks the
+    # model for logits from there on only).
+    pos = torch.tensor([[len(p) - 1 + t for t in range(len(c))] + [len(p) - 1] * (T - len(c))
+                        for p, c in zip(prompts, comps, strict=True)], dtype=torch.long)
     for p in prompts:
         if len(p) == 0:
             raise ValueError("a sample has an empty prompt: the first completion token needs at least one "

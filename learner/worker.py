@@ -14,6 +14,7 @@ Tests: tests/e2e/test_learner.py (real DeepSpeed on gloo in Ray actors).
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import math
 import os
@@ -188,6 +189,9 @@ class LearnerWorker:
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
+        # transformers' causal LMs take `logits_to_keep` (lm_head on the last N
+        # positions only); a model class without it gets full logits.
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         self.hf_config = model.config
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         optimizer = torch.optim.AdamW(model.parameters(), lr=learner_cfg.lr, betas=tuple(learner_cfg.betas),
@@ -230,13 +234,22 @@ class LearnerWorker:
         the sampler is NOT replicated (the ratio cap bounds that mismatch).
         `lp_loss_*` is under logits / `loss_temperature` (the same tensor when
         the temperatures agree); only it carries gradient when they differ."""
+        kwargs = {}
+        first = 0
+        if self._logits_to_keep:
+            # Logits only from the earliest position that predicts a completion
+            # token on: the shortest prompt's positions cost neither lm_head
+            # work nor logits memory (and their gradient).
+            first = int(mb.predict_pos_B_T.min())
+            kwargs["logits_to_keep"] = mb.input_ids_B_L.shape[1] - first
         logits_B_L_V = self.engine(input_ids=mb.input_ids_B_L, attention_mask=mb.attention_mask_B_L,
-                                   use_cache=False).logits
-        B, L, V = logits_B_L_V.shape
+                                   use_cache=False, **kwargs).logits
+        B, L, V = logits_B_L_V.shape  # L counts from position `first`
         T = mb.predict_pos_B_T.shape[1]
         # Rows of the flattened logits that predict each completion token, and
         # the ids to score there: the token itself, then the teacher's top-k.
-        rows_N = (torch.arange(B, device=logits_B_L_V.device)[:, None] * L + mb.predict_pos_B_T).reshape(-1)
+        rows_N = (torch.arange(B, device=logits_B_L_V.device)[:, None] * L
+                  + (mb.predict_pos_B_T - first)).reshape(-1)
         ids_B_T_K = mb.completion_ids_B_T[..., None]
         if mb.teacher_top_ids_B_T_K is not None:
             ids_B_T_K = torch.cat([ids_B_T_K, mb.teacher_top_ids_B_T_K], dim=-1)

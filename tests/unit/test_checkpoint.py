@@ -131,7 +131,7 @@ def test_collate_positions_and_padding():
     assert mb.input_ids_B_L.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
     assert mb.attention_mask_B_L.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
     # logits at position p predict token p + 1
-    assert mb.predict_pos_B_T.tolist() == [[2, 3, 0], [0, 1, 2]]
+    assert mb.predict_pos_B_T.tolist() == [[2, 3, 2], [0, 1, 2]]  # padding: the row's first position
     assert mb.mask_B_T.tolist() == [[1, 0, 0], [1, 1, 1]]
     assert mb.teacher_top_ids_B_T_K.shape == (2, 3, 2)
     assert mb.teacher_top_lp_B_T_K[0, 1].tolist() == [-0.5, -math.inf]  # short row: absent category
