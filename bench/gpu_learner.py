@@ -29,7 +29,6 @@ Prints a table and writes every number to `--out` (JSON).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -46,8 +45,9 @@ import torch
 # Partition every parameter under ZeRO-3 (the default threshold keeps small
 # tensors whole on every rank, which would leave the tiny model unpartitioned).
 DS_OVERRIDES = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
-# Runs that checkpoint before their last step and are restored in a fresh worker.
-RESTORED = ("zero3-float32", "zero0-bfloat16")
+# Runs (ZeRO stage, dtype) that checkpoint before their last step and are
+# restored in a fresh worker.
+RESTORED = {"zero3-float32": (3, "float32"), "zero0-bfloat16": (0, "bfloat16")}
 
 
 def _port() -> int:
@@ -209,8 +209,7 @@ def rank_main(rank: int, world: int, port: int, args, work: str) -> dict:
 
     # Restore each checkpoint in a fresh worker; its next step must match the
     # uninterrupted run's last step.
-    for key in RESTORED:
-        zero, dtype = int(key[4]), key.split("-")[1]
+    for key, (zero, dtype) in RESTORED.items():
         w = _make_worker(rank, world, port, student, device, zero, dtype, args.steps, mt)
         info = w.load_checkpoint(str(Path(work) / f"ckpt-{key}"))
         m = _step(w, batch, world, rank, mt)
