@@ -85,6 +85,25 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 logger = logging.getLogger(__name__)
 
 
+class QuietRotaryReload(logging.Filter):
+    """Drops one record of vLLM's layerwise reload: "RotaryEmbedding: Failed
+    to load weights", logged at every update of an onednn-layout CPU sampler
+    (150 times in `make demo`). The layer's only tensor is its cos/sin cache,
+    a buffer no checkpoint or update carries, and vLLM puts it back unchanged
+    (vllm/model_executor/model_loader/reload/layerwise.py,
+    finalize_layerwise_processing). The same message for any other layer
+    still gets through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args
+                    and record.args[0] == "RotaryEmbedding")
+
+
+# Installed where the reload runs: this module is imported in every process
+# whose vLLM worker receives weights.
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(QuietRotaryReload())
+
+
 def checkpoint_layout(hf_config) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     """(name -> full shape of every loadable HF checkpoint weight, names a full
     update must contain) for a model config, without allocating weights

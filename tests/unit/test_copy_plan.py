@@ -155,3 +155,29 @@ def test_sources_that_share_memory_are_not_replayed():
         assert plan.refused == "two incoming tensors share memory"
         assert plan.load(model.load_weights, weights(2)) == 0
     assert_same(state(model), reference(weights(2)))
+
+
+def test_the_reload_rotary_warning_is_dropped_and_others_kept():
+    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights"
+    at every onednn update (its cos/sin cache is in no checkpoint, and vLLM
+    keeps it); rollout.weight_receiver filters that record on vLLM's own
+    logger and nothing else."""
+    import logging
+
+    import rollout.weight_receiver  # noqa: F401 - installs the filter
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    h = Keep(level=logging.DEBUG)
+    layerwise.logger.addHandler(h)
+    try:
+        layerwise.logger.warning("%s: Failed to load weights", "RotaryEmbedding")
+        layerwise.logger.warning("%s: Failed to load weights", "QKVParallelLinear")
+    finally:
+        layerwise.logger.removeHandler(h)
+    assert seen == ["QKVParallelLinear: Failed to load weights"]
