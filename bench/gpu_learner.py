@@ -236,8 +236,14 @@ def rank_main(rank: int, world: int, port: int, args, work: str) -> dict:
     tb = torch.load(Path(work) / "timing_batch.pt", weights_only=False)
     for zero, gc_on in ((0, False), (3, False), (3, True)):
         key = f"timing-zero{zero}-bfloat16" + ("-gradckpt" if gc_on else "")
+        base = 0.0
         if device == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+            # Still allocated by earlier workers: ZeRO-3 engines are not freed by
+            # `del` (an H200 probe kept 2.7 GiB after deleting one).
+            base = torch.cuda.memory_allocated() / 2**20
         w = _make_worker(rank, world, port, timing_model, device, zero, "bfloat16", args.timing_steps + 1,
                          args.timing_micro_tokens, gc_on)
         times = []
@@ -258,7 +264,8 @@ def rank_main(rank: int, world: int, port: int, args, work: str) -> dict:
             gathers.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else float("nan")
         res["runs"][key] = {"step_s": times[1:], "tokens": m["tokens"], "params": nparams,
-                            "gather_bf16_s": gathers, "loss_last": m["loss"], "peak_mem_mib": peak}
+                            "gather_bf16_s": gathers, "loss_last": m["loss"], "peak_mem_mib": peak - base,
+                            "allocated_before_mib": base}
         log(f"{key}: step {min(times[1:]):.3f}s, gather {min(gathers) * 1e3:.1f} ms")
         del w
         gc.collect()
@@ -426,11 +433,13 @@ def main(argv=None) -> int:
     print(f"\nTiming model {args.timing_model} ({r['timing-zero3-bfloat16']['params'] / 1e6:.1f}M params), "
           f"bf16, {r['timing-zero3-bfloat16']['tokens']:.0f} trained tokens per step")
     floor = c["copy_floor_s"]
-    print(f"{'run':<34}{'step s (min)':>14}{'peak MiB':>10}{'gather bf16 ms':>16}{'x device copy':>15}")
+    print(f"{'run':<34}{'step s (min)':>14}{'peak MiB':>10}{'(before)':>10}{'gather bf16 ms':>16}"
+          f"{'x device copy':>15}")
     for k, v in r.items():
         if k.startswith("timing-"):
             g = min(v["gather_bf16_s"])
-            print(f"{k[7:]:<34}{min(v['step_s']):>14.3f}{v['peak_mem_mib']:>10.0f}{g * 1e3:>16.2f}{g / floor:>15.1f}")
+            print(f"{k[7:]:<34}{min(v['step_s']):>14.3f}{v['peak_mem_mib']:>10.0f}{v['allocated_before_mib']:>10.0f}"
+                  f"{g * 1e3:>16.2f}{g / floor:>15.1f}")
     print(f"device copy of the same bytes: {floor * 1e3:.3f} ms")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
