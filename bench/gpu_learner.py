@@ -61,12 +61,26 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def hf_logprobs(path: str, prompts: list[list[int]], comps: list[list[int]], device: str) -> list[list[float]]:
+    """Reference: transformers on `device`, float32, one sequence at a time
+    (no padding): log p(completion token | everything before it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    out = []
+    with torch.no_grad():
+        for p, c in zip(prompts, comps, strict=True):
+            ids = torch.tensor([p + c], device=device)
+            logits = model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(c) - 1].double()
+            out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c, device=device)[:, None])
+                       .squeeze(-1).cpu().tolist())
+    return out
+
+
 def scored_batch(student_path: str, teacher_path: str, device: str, rows: int, seed: int = 0):
     """Ragged random completions after short prompts; sampler logprobs are
     the student's own (so the first step is on-policy), teacher logprobs the
     teacher's; two tokens masked."""
-    from transformers import AutoModelForCausalLM
-
     from rollout.types import RolloutBatch
 
     g = torch.Generator().manual_seed(seed)
@@ -77,23 +91,11 @@ def scored_batch(student_path: str, teacher_path: str, device: str, rows: int, s
     masks = [[1] * len(c) for c in comps]
     masks[0][0] = 0
     masks[-1][-1] = 0
-
-    def logprobs(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-        out = []
-        with torch.no_grad():
-            for p, c in zip(prompts, comps, strict=True):
-                ids = torch.tensor([p + c], device=device)
-                logits = model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(c) - 1].double()
-                out.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(c, device=device)[:, None])
-                           .squeeze(-1).cpu().tolist())
-        del model
-        return out
-
-    b = RolloutBatch(prompt_ids_B_T=prompts, completion_ids_B_T=comps, sampler_logprobs_B_T=logprobs(student_path),
+    b = RolloutBatch(prompt_ids_B_T=prompts, completion_ids_B_T=comps,
+                     sampler_logprobs_B_T=hf_logprobs(student_path, prompts, comps, device),
                      loss_mask_B_T=masks, policy_versions_B=[0] * rows, prompt_index_B=list(range(rows)),
                      finish_reasons_B=["length"] * rows)
-    b.teacher_logprobs_B_T = logprobs(teacher_path)
+    b.teacher_logprobs_B_T = hf_logprobs(teacher_path, prompts, comps, device)
     b.validate()
     return b
 
@@ -110,16 +112,11 @@ def _make_worker(rank, world, port, model_path, device, zero, dtype, steps, micr
 
 
 def _step(worker, batch, world, rank, micro_tokens):
-    from learner.batching import plan_micro_batches, sequence_lengths
+    from learner.batching import plan_micro_batches, rank_shard, sequence_lengths
     from learner.group import _token_denominator
 
-    plan = plan_micro_batches(sequence_lengths(batch), world, micro_tokens)
-    mbs = plan[rank]
-    rows = sorted(i for mb in mbs for i in mb)
-    local = {g: j for j, g in enumerate(rows)}
-    shard = batch.select(rows) if rows else None
-    return worker.train_step(shard, [[local[i] for i in mb] for mb in mbs],
-                             _token_denominator(batch, "token"), 1.0)
+    shard, local_mbs = rank_shard(batch, plan_micro_batches(sequence_lengths(batch), world, micro_tokens)[rank])
+    return worker.train_step(shard, local_mbs, _token_denominator(batch, "token"), 1.0)
 
 
 def _all_reduce_sum(x: float, device: str) -> float:
@@ -180,19 +177,9 @@ def rank_main(rank: int, world: int, port: int, args, work: str) -> dict:
             lp = w.logprobs(batch)
             exported = w.export_hf(str(Path(work) / "export"))
             if rank == 0:
-                from transformers import AutoModelForCausalLM
-
-                model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).to(device).eval()
-                diff = 0.0
-                with torch.no_grad():
-                    for p, c, mine in zip(batch.prompt_ids_B_T, batch.completion_ids_B_T, lp, strict=True):
-                        ids = torch.tensor([p + c], device=device)
-                        logits = model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(c) - 1].double()
-                        ref = torch.log_softmax(logits, -1).gather(
-                            -1, torch.tensor(c, device=device)[:, None]).squeeze(-1).cpu()
-                        diff = max(diff, float((ref - torch.tensor(mine)).abs().max()))
-                res["checks"]["export_logprob_max_abs_diff"] = diff
-                del model
+                ref = hf_logprobs(exported, batch.prompt_ids_B_T, batch.completion_ids_B_T, device)
+                res["checks"]["export_logprob_max_abs_diff"] = max(
+                    abs(a - b) for r, mine in zip(ref, lp, strict=True) for a, b in zip(r, mine, strict=True))
             # Gather for a weight push: bf16 copies in 64 MiB buckets (the NCCL sender's input).
             nbytes = sum(t.numel() for t in full.values()) * 2
             _sync(device)

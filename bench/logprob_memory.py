@@ -41,16 +41,10 @@ def _plain(logits_B_L_V, pos_B_T, ids_B_T_K, temperature):
     return torch.log_softmax(x / temperature if temperature != 1.0 else x, dim=-1).gather(-1, ids_B_T_K)
 
 
-def _chunked(logits_B_L_V, pos_B_T, ids_B_T_K, temperature, chunk_mb: int = 256):
-    import torch
+def _chunked(logits_B_L_V, pos_B_T, ids_B_T_K, temperature, chunk_mb: int = 64):
+    from learner.logprobs import completion_logprobs
 
-    from learner.logprobs import gathered_logprobs
-
-    B, L, V = logits_B_L_V.shape
-    T = pos_B_T.shape[1]
-    rows = (torch.arange(B, device=logits_B_L_V.device)[:, None] * L + pos_B_T).reshape(-1)
-    return gathered_logprobs(logits_B_L_V.reshape(B * L, V), rows, ids_B_T_K.reshape(B * T, -1),
-                             temperature, chunk_bytes=chunk_mb << 20).view(B, T, -1)
+    return completion_logprobs(logits_B_L_V, pos_B_T, ids_B_T_K, temperature, chunk_bytes=chunk_mb << 20)
 
 
 def child(variant: str, tokens: int, vocab: int, topk: int, device: str, temperature: float) -> dict:

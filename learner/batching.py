@@ -71,6 +71,15 @@ def plan_micro_batches(lengths: list[int], world_size: int, micro_batch_tokens: 
     return [m + [[] for _ in range(n - len(m))] for m in per_rank]
 
 
+def rank_shard(batch: RolloutBatch, micro_batches: list[list[int]]) -> tuple[RolloutBatch | None, list[list[int]]]:
+    """One rank's part of `batch` for its `micro_batches` (global row indices,
+    as plan_micro_batches gives them): the rows it trains (None when it has
+    only dummy passes) and its micro-batches as indices into those rows."""
+    rows = sorted(i for mb in micro_batches for i in mb)
+    local = {g: j for j, g in enumerate(rows)}
+    return (batch.select(rows) if rows else None), [[local[i] for i in mb] for mb in micro_batches]
+
+
 @dataclasses.dataclass
 class MicroBatch:
     """Padded tensors of one micro-batch (b rows, L = longest prompt+completion,

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from learner import checkpoint as ckpt
-from learner.batching import plan_micro_batches, sequence_lengths
+from learner.batching import plan_micro_batches, rank_shard, sequence_lengths
 from rollout.types import RolloutBatch
 from rollout.weight_sync import ParamSpec, WeightSyncClient
 
@@ -132,10 +132,8 @@ class LearnerGroup:
         denom = _token_denominator(batch, self.loss_cfg.normalize)
         refs = []
         for w, mbs in zip(self.workers, plan, strict=True):
-            rows = sorted(i for mb in mbs for i in mb)
-            local = {g: j for j, g in enumerate(rows)}
-            shard = batch.select(rows) if rows else None
-            refs.append(w.train_step.remote(shard, [[local[i] for i in mb] for mb in mbs], denom, temperature))
+            shard, local_mbs = rank_shard(batch, mbs)
+            refs.append(w.train_step.remote(shard, local_mbs, denom, temperature))
         per_rank = self._get(refs, f"train_step {step}")
         m = self._reduce(per_rank)
         m["learner/step"] = float(step)

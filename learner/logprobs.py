@@ -89,3 +89,16 @@ def gathered_logprobs(logits_M_V: torch.Tensor, rows_N: torch.Tensor, ids_N_K: t
         chunk_bytes = CHUNK_BYTES.get(logits_M_V.device.type, 64 << 20)
     chunk_rows = max(1, int(chunk_bytes // (4 * max(1, logits_M_V.shape[1]))))
     return _GatheredLogprobs.apply(logits_M_V, rows_N, ids_N_K, 1.0 / t, chunk_rows)
+
+
+def completion_logprobs(logits_B_L_V: torch.Tensor, predict_pos_B_T: torch.Tensor, ids_B_T_K: torch.Tensor,
+                        temperature: float = 1.0, first: int = 0, chunk_bytes: int | None = None) -> torch.Tensor:
+    """(B, T, K) log-probs of `ids_B_T_K` at each completion position of a
+    padded micro-batch: row b's logits at sequence position
+    `predict_pos_B_T[b, t]`, where `logits_B_L_V` starts at position `first`
+    (the model was asked for logits from there on)."""
+    B, L, V = logits_B_L_V.shape
+    T = predict_pos_B_T.shape[1]
+    rows_N = (torch.arange(B, device=logits_B_L_V.device)[:, None] * L + (predict_pos_B_T - first)).reshape(-1)
+    return gathered_logprobs(logits_B_L_V.reshape(B * L, V), rows_N, ids_B_T_K.reshape(B * T, -1), temperature,
+                             chunk_bytes).view(B, T, -1)

@@ -30,7 +30,7 @@ import torch
 
 from learner import checkpoint as ckpt
 from learner.batching import collate
-from learner.logprobs import gathered_logprobs
+from learner.logprobs import completion_logprobs
 from learner.losses import LossInputs, compute_loss
 from rollout.types import RolloutBatch
 from rollout.weight_sync import ParamSpec, dtype_name
@@ -104,9 +104,9 @@ def build_ds_config(learner_cfg, world_size: int, overrides: dict | None = None)
 
 
 def undo_init_optimizer_step(ds_optimizer) -> bool:
-    """Undo the zero-gradient `step()` that DeepSpeed's FP16 wrappers take at
-    construction (`FP16_UnfusedOptimizer.initialize_optimizer_states`: ZeRO-0
-    with bf16 wraps our torch AdamW in it). That step counts: the first real update then
+    """Undo the zero-gradient `step()` that DeepSpeed's `FP16_UnfusedOptimizer`
+    takes at construction (`initialize_optimizer_states`; ZeRO-0 with bf16
+    wraps our torch AdamW in it). That step counts: the first real update then
     uses Adam's step-2 bias correction and moments diluted by a zero gradient,
     about 0.74x the update (measured: bf16 ZeRO-0 loss after one step -0.714
     against -0.756 for bf16 ZeRO-1/2/3 and -0.761 for fp32), and AdamW's
@@ -244,26 +244,19 @@ class LearnerWorker:
             kwargs["logits_to_keep"] = mb.input_ids_B_L.shape[1] - first
         logits_B_L_V = self.engine(input_ids=mb.input_ids_B_L, attention_mask=mb.attention_mask_B_L,
                                    use_cache=False, **kwargs).logits
-        B, L, V = logits_B_L_V.shape  # L counts from position `first`
-        T = mb.predict_pos_B_T.shape[1]
-        # Rows of the flattened logits that predict each completion token, and
-        # the ids to score there: the token itself, then the teacher's top-k.
-        rows_N = (torch.arange(B, device=logits_B_L_V.device)[:, None] * L
-                  + (mb.predict_pos_B_T - first)).reshape(-1)
+        # Score the sampled token and, after it, the teacher's top-k ids.
         ids_B_T_K = mb.completion_ids_B_T[..., None]
         if mb.teacher_top_ids_B_T_K is not None:
             ids_B_T_K = torch.cat([ids_B_T_K, mb.teacher_top_ids_B_T_K], dim=-1)
-        flat_M_V = logits_B_L_V.reshape(B * L, V)
         loss_temperature = temperature if loss_temperature is None else loss_temperature
-        lp_loss_B_T_K = gathered_logprobs(flat_M_V, rows_N, ids_B_T_K.reshape(B * T, -1),
-                                          loss_temperature).view(B, T, -1)
+        lp_loss_B_T_K = completion_logprobs(logits_B_L_V, mb.predict_pos_B_T, ids_B_T_K, loss_temperature, first)
         lp_loss_B_T = lp_loss_B_T_K[..., 0]
         if (temperature or 1.0) == (loss_temperature or 1.0):
             lp_sampling_B_T = lp_loss_B_T
         else:
             with torch.no_grad():
-                lp_sampling_B_T = gathered_logprobs(flat_M_V, rows_N, mb.completion_ids_B_T.reshape(-1, 1),
-                                                    temperature).view(B, T)
+                lp_sampling_B_T = completion_logprobs(logits_B_L_V, mb.predict_pos_B_T,
+                                                      mb.completion_ids_B_T[..., None], temperature, first)[..., 0]
         top_B_T_K = None if mb.teacher_top_ids_B_T_K is None else lp_loss_B_T_K[..., 1:]
         return logits_B_L_V, lp_sampling_B_T, lp_loss_B_T, top_B_T_K
 
