@@ -199,6 +199,14 @@ class RolloutConfig:
     # Ray node (learner rank 0 checks the samplers' node ids when it connects),
     # else gloo.
     weight_sync_backend: Literal["auto", "nccl", "gloo", "shm"] = "auto"
+    # shm transport with cpu_gemm=plain samplers: after the first update the
+    # samplers keep the parameters it updates in one shared-memory region,
+    # which learner rank 0 writes every later update into directly. A push is
+    # then one copy of the weights whatever the number of samplers (without:
+    # one load per sampler), and the samplers on the node hold one copy of
+    # them in RAM between them. Samplers that cannot (cpu_gemm=onednn, models
+    # whose loading is not plain copies) keep their own weights.
+    shm_shared_weights: bool = True
     # Bucket size of one weight-sync transfer (MiB): bounds the extra memory
     # (gloo); with shm the unit of pipelining (the region holds the whole update).
     weight_sync_bucket_mb: int = 64

@@ -157,7 +157,8 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     if backend == "auto" and plan.uses_gpus:
         backend = "nccl"
     sync_kwargs = dict(backend=backend, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
-                       timeout_s=cfg.rollout.weight_sync_timeout_s, dtype=cfg.student.dtype)
+                       timeout_s=cfg.rollout.weight_sync_timeout_s, dtype=cfg.student.dtype,
+                       share_weights=cfg.rollout.shm_shared_weights)
     chosen = learners.init_weight_sync(pool, **sync_kwargs)
     print(f"[opd] weight sync over {chosen} (rollout.weight_sync_backend={cfg.rollout.weight_sync_backend})",
           flush=True)

@@ -182,16 +182,18 @@ class LearnerGroup:
         return ray.get(self.workers[0].param_specs.remote(dtype), timeout=self.timeout_s)
 
     def init_weight_sync(self, client: WeightSyncClient, backend: str = "gloo", bucket_bytes: int = 64 << 20,
-                         timeout_s: float = 600.0, dtype: str | None = None) -> str:
+                         timeout_s: float = 600.0, dtype: str | None = None, share_weights: bool = True) -> str:
         """Connect learner rank 0 to every sampler (once; again after a sampler
         restart). `backend`: "gloo" (CPU, any node), "shm" (CPU, samplers on
         rank 0's node), "nccl" (vLLM's NCCL engine) or "auto" (rank 0 picks:
         rollout.weight_sync.choose_backend); `dtype` casts the sent weights
-        (e.g. the samplers' "bfloat16"), None = the learner's dtype. Returns the
+        (e.g. the samplers' "bfloat16"), None = the learner's dtype;
+        `share_weights`: rollout.shm_shared_weights (shm only). Returns the
         transport rank 0 chose."""
         if backend not in ("auto", "gloo", "shm", "nccl"):
             raise ValueError(f"weight sync backend {backend!r} is not valid; use 'auto', 'gloo', 'shm' or 'nccl'")
-        chosen = self._all(lambda w: w.init_weight_sync.remote(client, backend, bucket_bytes, timeout_s, dtype),
+        chosen = self._all(lambda w: w.init_weight_sync.remote(client, backend, bucket_bytes, timeout_s, dtype,
+                                                                   share_weights),
                            "init_weight_sync")[0]
         self._sync_backend = chosen
         return chosen

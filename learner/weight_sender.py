@@ -66,17 +66,22 @@ import torch
 from rollout.weight_sync import (
     HEADER_ABORT,
     HEADER_OK,
+    SHM_DATA_OFFSET,
     SHM_DIR,
     GlooUpdateInfo,
     ParamSpec,
     WeightSyncClient,
     WeightSyncError,
     choose_backend,
+    dest_views,
     dtype_name,
     gloo_allreduce_sum,
     gloo_broadcast,
+    layout_id,
     map_region,
     open_gloo_group,
+    param_slots,
+    plan_param_region,
     plan_region,
     region_header,
 )
@@ -195,7 +200,10 @@ class GlooWeightSender:
                     logger.warning("abort_weight_update after a failed start also failed: %s", e)
             raise
         exe = ThreadPoolExecutor(max_workers=1)
-        fut = exe.submit(self.client.update_weights, dataclasses.asdict(info))
+        # One RPC less when the client can finish the update on each sampler as its receive ends.
+        commits = bool(getattr(self.client, "commits_on_update", False))
+        args = (dataclasses.asdict(info), True, version) if commits else (dataclasses.asdict(info),)
+        fut = exe.submit(self.client.update_weights, *args)
         try:
             vote = torch.zeros(1, dtype=torch.int64)
             gloo_allreduce_sum(self._group, vote, "the update's accept/reject vote")
@@ -217,10 +225,12 @@ class GlooWeightSender:
             # Never join a thread that may be stuck in a dead transfer.
             exe.shutdown(wait=False)
         t1 = time.perf_counter()
-        self.client.finish_weight_update(version)
+        if not commits:
+            self.client.finish_weight_update(version)
         t2 = time.perf_counter()
         # Phases: start RPC + vote (samplers validated), streaming the buckets,
-        # waiting for the samplers' loads to finish, the finish RPC.
+        # waiting for the samplers' loads (and, with `commits_on_update`, their
+        # commit) to finish, the finish RPC (0 with `commits_on_update`).
         self.last_stats = {"sync/start_vote_s": t_vote - t0, "sync/stream_s": t_stream - t_vote,
                            "sync/drain_s": t1 - t_stream, "sync/finish_s": t2 - t1, "sync/total_s": t2 - t0,
                            "sync/bytes": float(sum(s.nbytes for s in specs)), "sync/buckets": float(len(buckets)),
@@ -294,10 +304,16 @@ class ShmWeightSender(GlooWeightSender):
 
     def __init__(self, client: WeightSyncClient, master_address: str, master_port: int,
                  world_size: int | None = None, bucket_bytes: int = 64 << 20, timeout_s: float = 600.0,
-                 group_name: str = "opd_weight_sync", shm_dir: str = SHM_DIR):
+                 group_name: str = "opd_weight_sync", shm_dir: str = SHM_DIR, share_weights: bool = True,
+                 copy_threads: int = 0):
         super().__init__(client, master_address, master_port, world_size=world_size, bucket_bytes=bucket_bytes,
                          timeout_s=timeout_s, group_name=group_name)
         self.shm_dir = shm_dir
+        # Shared mode (rollout.shm_shared_weights): see `_share`.
+        self.share_weights = share_weights
+        self.copy_threads = int(copy_threads)  # torch threads of the shared-mode copy; 0 = every core here
+        self._shared: _SharedRegion | None = None
+        self.shared_refused: str | None = None  # why the samplers do not share a region (None: they do, or untried)
         self._mmap = None
         self._region: torch.Tensor | None = None
         self._path: str | None = None
@@ -307,11 +323,71 @@ class ShmWeightSender(GlooWeightSender):
 
     def connect(self) -> None:
         # A new group means fresh receiver engines that have mapped nothing:
-        # give them a new region (the old file may be unlinked already).
+        # give them a new region (the old file may be unlinked already), and
+        # pack again until every one of them has a layout to share.
         self._release_region()
+        self._drop_shared()
         super().connect()
 
+    def send(self, version: int, specs: Sequence[ParamSpec], tensors: Iterable) -> None:
+        super().send(version, specs, tensors)
+        self.last_stats["sync/shared"] = float(self._shared is not None and self._shared.covers(specs))
+        if self._shared is None and self.share_weights and self.shared_refused is None:
+            self._share(specs)
+
+    def _share(self, specs: Sequence[ParamSpec]) -> None:
+        """After a packed update every sampler served: ask each worker for the
+        layout of its parameters (rollout.copy_plan.param_layout, known once
+        its in-place load was replayed). When all are equal, create one region
+        laid out like them: the next update is written straight into it and
+        every worker adopts it as its parameter memory (shared mode). From
+        then on a push is one copy of each byte, done here, whatever the
+        number of samplers, and the samplers hold one copy of the weights
+        between them. Samplers that load layerwise (rollout.cpu_gemm=onednn)
+        or layouts that differ keep the packed path (`shared_refused` says
+        why)."""
+        ask = getattr(self.client, "shared_weight_layouts", None)
+        if ask is None:
+            self.shared_refused = "the sampler client cannot report parameter layouts"
+            return
+        try:
+            answers = ask([s.name for s in specs])
+        except Exception as e:  # the update itself went through: keep packing
+            self.shared_refused = f"the samplers could not report their parameter layouts: {e}"
+            logger.warning("weight sync: %s", self.shared_refused)
+            return
+        why = next((a["why"] for a in answers if a["layout"] is None), None)
+        ids = {a["id"] for a in answers if a["layout"] is not None}
+        if why is None and len(ids) > 1:
+            why = f"the samplers' parameter layouts differ ({len(ids)} kinds)"
+        if why is not None:
+            # A sampler that has not replayed every name yet may after the next
+            # update; anything else (onednn layout, refused replay) is final.
+            if "not replayed yet" not in why:
+                self.shared_refused = why
+                logger.info("weight sync: samplers keep their own weights (%s)", why)
+            return
+        layout = answers[0]["layout"]
+        self._shared = _SharedRegion(layout, *self._new_region(plan_param_region(layout)[1], "shared"))
+        # Packed updates are over until the group is re-formed (`connect`):
+        # free the packing region (weights adopted into it keep their slots).
+        self._release_region()
+        logger.info("weight sync: %d sampler workers share one region of parameters (%s, %.1f MiB)",
+                    len(answers), self._shared.path, self._shared.region.numel() / 2**20)
+
+    def _drop_shared(self) -> None:
+        if self._shared is not None and self._shared.unlink.alive:
+            self._shared.unlink()
+        # The samplers' parameters keep the mapping alive until they unshare.
+        self._shared = None
+        self.shared_refused = None
+
     def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
+        shared = self._shared
+        if shared is not None and shared.covers(specs):
+            info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
+            return dataclasses.replace(info, shm_path=shared.path, shm_token=shared.token,
+                                       shm_bytes=shared.region.numel(), shm_layout=shared.id)
         info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
         offsets, nbytes = plan_region(info.bucket_nbytes())
         if self._region is None or self._region.numel() < nbytes:
@@ -360,7 +436,14 @@ class ShmWeightSender(GlooWeightSender):
         keep their own flat copy of the weights). The slots then belong to
         these parameters: sending other tensors under their names would
         overwrite them. Parameters without a slot are left alone. Returns the
-        bytes now resident in the region."""
+        bytes now resident in the region.
+
+        In shared mode the parameters move into a private mirror of the
+        samplers' shared region instead (same layout, each tensor where the
+        samplers' copy of it lies): a push then starts with one bulk copy of
+        the mirror into the shared region."""
+        if self._shared is not None:
+            return self._shared.adopt(params)
         resident = 0
         with torch.no_grad():
             for name, p in params:
@@ -375,29 +458,35 @@ class ShmWeightSender(GlooWeightSender):
 
     def _create_region(self, nbytes: int) -> None:
         self._release_region()
+        self._mmap, self._region, self._path, self._token, self._unlink = self._new_region(nbytes, "weights")
+
+    def _new_region(self, nbytes: int, kind: str):
+        """(mmap, uint8 tensor, path, token, finalizer that unlinks the file)
+        of a new region under shm_dir holding `nbytes`, its header written."""
         st = os.statvfs(self.shm_dir)
         free = st.f_bavail * st.f_frsize
         if free < nbytes:
             raise self._no_room(nbytes, free)
-        path = os.path.join(self.shm_dir, f"opd-weights-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        path = os.path.join(self.shm_dir, f"opd-{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         # Unlinked at the first accepted vote, or when this sender goes away.
-        self._unlink = weakref.finalize(self, _unlink_quietly, path)
+        unlink = weakref.finalize(self, _unlink_quietly, path)
         try:
             try:
                 # Reserve every page now: a full tmpfs then fails here, not as a
                 # SIGBUS in the middle of packing.
                 os.posix_fallocate(fd, 0, nbytes)
             except OSError as e:
-                self._unlink()
+                unlink()
                 raise self._no_room(nbytes, free, e) from e
-            self._mmap, self._region = map_region(fd, nbytes)
+            mm, region = map_region(fd, nbytes)
         finally:
             os.close(fd)
-        self._path, self._token = path, uuid.uuid4().hex
-        header = region_header(self._token)
-        self._region[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        token = uuid.uuid4().hex
+        header = region_header(token)
+        region[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         logger.info("weight sync: shared-memory region %s (%.1f MiB)", path, nbytes / 2**20)
+        return mm, region, path, token, unlink
 
     def _no_room(self, nbytes: int, free: int, err: OSError | None = None) -> WeightSyncError:
         return WeightSyncError(
@@ -409,8 +498,51 @@ class ShmWeightSender(GlooWeightSender):
     def _accepted(self, info: GlooUpdateInfo) -> None:
         # Every worker has mapped the region (mapping is part of its vote):
         # drop the name, so the memory goes away with the last mapping.
-        if self._unlink is not None and self._unlink.alive:
-            self._unlink()
+        unlink = self._shared.unlink if info.shm_layout is not None else self._unlink
+        if unlink is not None and unlink.alive:
+            unlink()
+
+    def _stream(self, info: GlooUpdateInfo, buckets: list[list[ParamSpec]], tensors: Iterator[torch.Tensor]) -> int:
+        if info.shm_layout is None:
+            return super()._stream(info, buckets, tensors)
+        # Shared mode: every tensor goes straight to where the samplers' copies
+        # would put it (their live parameters; they serve nothing until finish).
+        # The header of bucket b says it is written; the workers load nothing.
+        shared = self._shared
+        dests = shared.dests
+        resident = 0
+        before, n = torch.get_num_threads(), self.copy_threads or len(os.sched_getaffinity(0))
+        if n > before:
+            torch._C.set_num_threads(n)  # the learner's actor runs 1 thread; the samplers are idle now
+        header = torch.zeros(2, dtype=torch.int64)
+        try:
+            with torch.no_grad():
+                if shared.mirrored:
+                    # Adopted weights are already laid out like the samplers':
+                    # one copy of the whole region moves them (and anything
+                    # else the mirror holds, which the loop below overwrites).
+                    shared.region[SHM_DATA_OFFSET:].copy_(shared.mirror[SHM_DATA_OFFSET:])
+                for b, bucket in enumerate(buckets):
+                    try:
+                        for spec in bucket:
+                            t = next(tensors).detach()
+                            if shared.mirrored and shared.in_mirror(spec.name, t):
+                                resident += spec.nbytes
+                                continue
+                            for view in dests[spec.name]:
+                                view.copy_(t)
+                        if b == len(buckets) - 1:
+                            next(tensors, None)  # the iterator's end check, before the last header
+                    except BaseException:
+                        header[0], header[1] = HEADER_ABORT, 0
+                        gloo_broadcast(self._group, header, f"the abort header of bucket {b}")
+                        raise
+                    header[0], header[1] = HEADER_OK, sum(s.nbytes for s in bucket)
+                    gloo_broadcast(self._group, header, f"the header of bucket {b}")
+        finally:
+            if n > before:
+                torch._C.set_num_threads(before)
+        return resident
 
     def _bucket_memory(self, info: GlooUpdateInfo, b: int) -> torch.Tensor:
         return self._region[info.bucket_offsets[b]:]
@@ -434,6 +566,82 @@ class ShmWeightSender(GlooWeightSender):
     def shutdown(self) -> None:
         super().shutdown()
         self._release_region()
+        self._drop_shared()
+
+
+@dataclasses.dataclass
+class _SharedRegion:
+    """The samplers' shared parameter memory (ShmWeightSender shared mode)."""
+
+    layout: dict
+    mmap: object
+    region: torch.Tensor
+    path: str
+    token: str
+    unlink: weakref.finalize
+    id: str = ""
+    dests: dict = dataclasses.field(default_factory=dict)
+    # The learner's private copy of the layout (ShmWeightSender.adopt): its
+    # parameters live there, each where the samplers' copy of it lies.
+    mirror_mmap: object = None
+    mirror: torch.Tensor | None = None
+    mirror_dests: dict = dataclasses.field(default_factory=dict)
+    mirrored: bool = False  # some parameter lives in the mirror
+
+    def __post_init__(self) -> None:
+        self.id = layout_id(self.layout)
+        self.dests = dest_views(self._filled_slots(self.region), self.layout)
+
+    def _filled_slots(self, region: torch.Tensor) -> list[torch.Tensor]:
+        slots = param_slots(region, self.layout)
+        for slot, value in zip(slots, self.layout["fill"], strict=True):
+            if value is not None:
+                slot.fill_(value)  # what no copy writes (e.g. vocabulary padding), as the samplers hold it
+        return slots
+
+    def adopt(self, params: Iterable[tuple[str, torch.nn.Parameter]]) -> int:
+        """Move each parameter whose update is one whole contiguous copy into
+        its place in the mirror (`param.data` = a tensor with its own storage
+        over the mirror, as ShmWeightSender.slot gives); returns the bytes
+        resident there."""
+        import mmap
+        import warnings
+
+        if self.mirror is None:
+            nbytes = self.region.numel()
+            self.mirror_mmap = mmap.mmap(-1, nbytes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.mirror = torch.frombuffer(self.mirror_mmap, dtype=torch.uint8, count=nbytes)
+            self.mirror_dests = dest_views(self._filled_slots(self.mirror), self.layout)
+        base, resident = self.mirror.data_ptr(), 0
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for name, p in params:
+                views = self.mirror_dests.get(name, [])
+                if len(views) != 1 or not views[0].is_contiguous() or views[0].dtype != p.dtype \
+                        or views[0].shape != p.shape:
+                    continue
+                v = views[0]
+                if p.data_ptr() != v.data_ptr():
+                    own = torch.frombuffer(self.mirror_mmap, dtype=v.dtype, count=v.numel(),
+                                           offset=v.data_ptr() - base).view(v.shape)
+                    own.copy_(p.detach())
+                    p.data = own
+                resident += v.numel() * v.element_size()
+        self.mirrored = self.mirrored or resident > 0
+        return resident
+
+    def in_mirror(self, name: str, t: torch.Tensor) -> bool:
+        views = self.mirror_dests.get(name, [])
+        return len(views) == 1 and t.data_ptr() == views[0].data_ptr() and t.dtype == views[0].dtype
+
+    def covers(self, specs: Sequence[ParamSpec]) -> bool:
+        """Every tensor of `specs` has its place here, as it was recorded
+        (same dtype and shape); else the update is packed."""
+        d = self.layout["dests"]
+        return all(s.name in d and d[s.name][0] == s.dtype and tuple(d[s.name][1]) == tuple(s.shape)
+                   for s in specs)
 
 
 class _VersionedClient:
@@ -540,16 +748,20 @@ def samplers_on_this_node(client) -> bool | None:
 
 
 def make_sender(client: WeightSyncClient, backend: str, master_address: str, master_port: int,
-                bucket_bytes: int = 64 << 20, timeout_s: float = 600.0):
+                bucket_bytes: int = 64 << 20, timeout_s: float = 600.0, share_weights: bool = True):
     """The sender for `rollout.weight_sync_backend=backend` ("auto", "gloo",
     "shm", "nccl"); "auto" is resolved here, on learner rank 0, where the
-    samplers' and our own node are known. Not connected yet."""
+    samplers' and our own node are known. `share_weights`:
+    rollout.shm_shared_weights (shm only). Not connected yet."""
     if backend == "auto":
         has_gpu = torch.cuda.is_available()
         backend = choose_backend("auto", has_gpu, None if has_gpu else samplers_on_this_node(client))
     else:
         choose_backend(backend, has_gpu=True)  # validates the name
-    cls = {"gloo": GlooWeightSender, "shm": ShmWeightSender, "nccl": NcclWeightSender}[backend]
+    if backend == "shm":
+        return ShmWeightSender(client, master_address, master_port, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
+                               share_weights=share_weights)
+    cls = {"gloo": GlooWeightSender, "nccl": NcclWeightSender}[backend]
     return cls(client, master_address, master_port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
 
 

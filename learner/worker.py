@@ -453,7 +453,7 @@ class LearnerWorker:
     # --------------------------------------------------------- weight sync
 
     def init_weight_sync(self, client, backend: str, bucket_bytes: int, timeout_s: float,
-                         dtype: str | None = None) -> str | None:
+                         dtype: str | None = None, share_weights: bool = True) -> str | None:
         """Rank 0 builds the sender for `backend` ("auto", "gloo", "shm",
         "nccl"; "auto" resolved here: shm when every sampler shares this
         actor's Ray node, see learner/weight_sender.make_sender) and
@@ -474,7 +474,8 @@ class LearnerWorker:
                 pass
             self._sender = None
         addr, port = node_address()
-        self._sender = make_sender(client, backend, addr, port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
+        self._sender = make_sender(client, backend, addr, port, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
+                                   share_weights=share_weights)
         self._sender.connect()
         return self._sender.backend
 

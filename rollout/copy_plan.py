@@ -16,6 +16,14 @@ sliced source, a destination that is not model memory, two copies or a fill
 and a copy into the same memory, where order would matter)
 makes the plan refuse the whole load, and every update keeps going through
 `load_weights`. No vLLM import: the logic is tested on plain torch modules.
+
+`param_layout(plan, named_params)` turns a complete plan into a layout the
+learner can write to directly (rollout.weight_sync.plan_param_region): each
+parameter that receives copies gets a slot of a shared-memory region, and
+each checkpoint name the (offset, shape, strides) of its copies inside those
+slots. Samplers whose layouts are equal keep their weights in one such
+region, which the learner updates with one copy per byte (the shm
+transport's "shared" mode, rollout/weight_receiver.py).
 """
 
 from __future__ import annotations
@@ -105,6 +113,11 @@ class CopyPlan:
             self._record(load_fn, new)
         return len(known)
 
+    def copies(self) -> dict[str, tuple[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]]]:
+        """name -> ((shape, dtype) it arrives as, the views of model memory it
+        is copied into), for every replayed name."""
+        return {n: (self._shapes[n], self._copies[n]) for n in self._shapes}
+
     def _record(self, load_fn: Callable[[list], object], weights: list[tuple[str, torch.Tensor]]) -> None:
         incoming = {t.data_ptr(): (n, t) for n, t in weights if t.numel() > 0}
         if len(incoming) != sum(1 for _, t in weights if t.numel() > 0):
@@ -135,3 +148,68 @@ class CopyPlan:
         for name, t in weights:
             self._copies[name] = [d for n, d in rec.copies if n == name]
             self._shapes[name] = (tuple(t.shape), t.dtype)
+
+
+def param_layout(plan: CopyPlan, named_params: Iterable[tuple[str, torch.Tensor]],
+                 names: Sequence[str]) -> tuple[dict | None, str | None]:
+    """(layout, None), or (None, why not), for writing the checkpoint tensors
+    `names` straight into the memory of the parameters their replayed copies
+    land in. The layout (JSON-able, equal for equal models):
+
+        {"params": [[name, dtype, shape], ...],       # the parameters that receive copies
+         "fill": [value or None, ...],                # per parameter: the value of every element
+                                                      #   no copy writes (e.g. vocabulary padding)
+         "dests": {ckpt_name: [dtype, shape, [[param index, element offset, shape, strides], ...]]}}
+
+    Refused when replay is off, a name is not replayed, a copy lands outside
+    the parameters (a buffer) or in another dtype than its parameter's, a
+    parameter is not contiguous, or what no copy writes is not one finite
+    value (a shared copy could not hold it)."""
+    if plan.refused is not None:
+        return None, f"copy replay is off ({plan.refused})"
+    copies = plan.copies()
+    missing = [n for n in names if n not in copies]
+    if missing:
+        return None, f"{len(missing)} names are not replayed yet (first: {missing[0]!r})"
+    params = [(n, p) for n, p in named_params if p.numel() > 0]
+    spans = [_span(p) for _, p in params]
+    index: dict[int, int] = {}
+    written_by: dict[int, list[tuple[int, torch.Tensor]]] = {}  # param -> (element offset, view)
+    dests: dict[str, list] = {}
+    for name in names:
+        (shape, dtype), views = copies[name]
+        out = []
+        for v in views:
+            span = _span(v)
+            hit = [i for i, s in enumerate(spans) if s[0] <= span[0] and span[1] <= s[1]]
+            if not hit:
+                return None, f"a copy of {name!r} lands outside the model's parameters"
+            i = hit[0]
+            p = params[i][1]
+            if v.dtype != p.dtype:
+                return None, f"a copy of {name!r} writes {v.dtype} into a {p.dtype} parameter"
+            if not p.is_contiguous():
+                return None, f"parameter {params[i][0]!r} is not contiguous"
+            off = (v.data_ptr() - p.data_ptr()) // p.element_size()
+            out.append([index.setdefault(i, len(index)), off, list(v.shape), list(v.stride())])
+            written_by.setdefault(i, []).append((off, v))
+        dests[name] = [str(dtype).removeprefix("torch."), list(shape), out]
+    used = sorted(index, key=index.get)
+    fills = []
+    for i in used:
+        p = params[i][1]
+        written = torch.zeros(p.numel(), dtype=torch.bool)
+        for off, v in written_by[i]:
+            written.as_strided(v.shape, v.stride(), off).fill_(True)
+        rest = p.detach().reshape(-1)[~written]
+        if rest.numel() == 0:
+            fills.append(None)
+            continue
+        value = rest[0].item()
+        if not torch.isfinite(rest[:1]).all() or not bool((rest == rest[0]).all()):
+            return None, f"parameter {params[i][0]!r} holds {rest.numel()} elements no copy writes, not all one value"
+        fills.append(value)
+    layout = {"params": [[params[i][0], str(params[i][1].dtype).removeprefix("torch."), list(params[i][1].shape)]
+                         for i in used],
+              "fill": fills, "dests": dests}
+    return layout, None

@@ -241,8 +241,13 @@ class SamplerPool:
     def start_weight_update(self) -> None:
         self._fanout("start_weight_update", [(s.start_weight_update, ()) for s in self.samplers])
 
-    def update_weights(self, update_info: dict) -> None:
-        self._fanout("update_weights", [(s.update_weights, (update_info,)) for s in self.samplers])
+    # update_weights(commit=True) also finishes the update on each sampler.
+    commits_on_update = True
+
+    def update_weights(self, update_info: dict, commit: bool = False,
+                       weight_version: str | int | None = None) -> None:
+        self._fanout("update_weights", [(s.update_weights, (update_info, commit, weight_version))
+                                        for s in self.samplers])
 
     def finish_weight_update(self, weight_version: str | int | None = None) -> None:
         self._fanout("finish_weight_update", [(s.finish_weight_update, (weight_version,)) for s in self.samplers])
@@ -251,6 +256,13 @@ class SamplerPool:
         """Close an open update on every sampler (after a partial failure of
         start_weight_update, or a sender that died before update_weights)."""
         self._fanout("abort_weight_update", [(s.abort_weight_update, ()) for s in self.samplers])
+
+    def shared_weight_layouts(self, names: list[str]) -> list[dict]:
+        """Every sampler worker's parameter layout for the update `names`
+        (learner/weight_sender.ShmWeightSender shared mode), in rank order."""
+        answers = self._fanout("shared_weight_layouts", [(s.shared_weight_layouts, (list(names),))
+                                                         for s in self.samplers])
+        return [a for per_sampler in answers for a in per_sampler]
 
     def validate_update(self, update_info: dict) -> list[str]:
         problems = self._fanout("validate_update", [(s.validate_update, (update_info,)) for s in self.samplers])

@@ -209,6 +209,17 @@ class SamplerActor:
         `opd_weight_state`: dirty, last error, load path, copy replay)."""
         return self.llm.collective_rpc("opd_weight_state")
 
+    def shared_weight_layouts(self, names: list[str]) -> list[dict]:
+        """Each engine worker's answer to "can the update `names` be written
+        straight into your parameters?" (rollout.weight_receiver
+        `opd_shared_layout`: {"layout", "id", "why"}). Waits for a running
+        generate: the layout is read from the live model."""
+        self._acquire_engine()
+        try:
+            return self.llm.collective_rpc("opd_shared_layout", args=(list(names),))
+        finally:
+            self._release_engine()
+
     def needs_full_update(self) -> str | None:
         return self._needs_full_update
 
@@ -335,9 +346,12 @@ class SamplerActor:
             self._close_update()
             raise WeightSyncError(f"sampler {self.index}: start_weight_update failed: {e}", "start") from None
 
-    def update_weights(self, update_info: dict) -> None:
+    def update_weights(self, update_info: dict, commit: bool = False,
+                       weight_version: str | int | None = None) -> None:
         """Receive one whole update (blocks in the transfer: the sender
-        broadcasts concurrently)."""
+        broadcasts concurrently). `commit`: then finish it here
+        (`finish_weight_update(weight_version)`) instead of in a call of its
+        own: one RPC less per push; the sender decides (`commits_on_update`)."""
         if not self._update_open:
             raise WeightSyncError(f"sampler {self.index}: update_weights without start_weight_update", "transfer")
         try:
@@ -348,6 +362,8 @@ class SamplerActor:
                                   f"(still serving version {self._version}"
                                   f"{'; weights mixed, needs a full update' if self._needs_full_update else ''}): {e}",
                                   "transfer") from None
+        if commit:
+            self.finish_weight_update(weight_version)
 
     def finish_weight_update(self, weight_version: str | int | None = None) -> None:
         """Commit: the new weights serve from here on, with `weight_version`

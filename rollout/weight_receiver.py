@@ -73,8 +73,11 @@ from rollout.weight_sync import (
     check_update_specs,
     gloo_allreduce_sum,
     gloo_broadcast,
+    layout_id,
     open_gloo_group,
     open_region,
+    param_slots,
+    plan_param_region,
     unpack_bucket,
 )
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
@@ -240,14 +243,19 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             raise WeightSyncError(f"weight update v{update_info.version} was rejected by another participant "
                                   "(see its error); nothing was modified", stage="validate")
 
+        shared = update_info.shm_layout is not None
         in_place = plain_gemm_loaded(self.model)
-        if not in_place:
+        if not shared:
+            self._unshare()
+        if not in_place and not shared:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
             initialize_layerwise_reload(self.model)
             self._layerwise_open = True
         self._reload_open = True
-        loaded_any = False
+        # Shared mode: the sender writes into the parameters themselves once
+        # the vote passed, so once they are the region, any failure mixes them.
+        loaded_any = shared and self._sharing(update_info)
         try:
             header = torch.zeros(2, dtype=torch.int64)
             for b, specs in enumerate(update_info.buckets()):
@@ -260,6 +268,8 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                 if sent != nbytes:
                     raise WeightSyncError(f"bucket {b} header says {sent} bytes, the update info describes {nbytes}",
                                           stage="transfer")
+                if shared:
+                    continue  # written into the shared parameters by the sender
                 flat = self.bucket_bytes(update_info, b, nbytes)
                 with torch.no_grad():
                     if in_place:
@@ -270,10 +280,23 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                         self.model.load_weights(list(unpack_bucket(flat, specs)))
                 del flat
                 loaded_any = True
+            if shared:
+                self._share(update_info)
         except BaseException as e:
             self.last_error = f"{type(e).__name__}: {e}"
             self._abort_reload(dirty=loaded_any)
             raise
+
+    # Shared mode hooks (ShmWeightTransferEngine implements them).
+    def _sharing(self, info: GlooUpdateInfo) -> bool:
+        return False
+
+    def _share(self, info: GlooUpdateInfo) -> None:
+        raise WeightSyncError(f"this sampler's weight-transfer engine is {GLOO_BACKEND_NAME}: it cannot keep its "
+                              "weights in a shared-memory region", stage="transfer")
+
+    def _unshare(self) -> None:
+        pass
 
     def finish_weight_update(self) -> None:
         if not self._reload_open:
@@ -308,24 +331,126 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 class ShmWeightTransferEngine(GlooWeightTransferEngine):
     """vLLM weight-transfer engine reading the buckets in place from the
     learner's shared-memory region; control messages (vote, headers) over
-    the gloo group. Accepts plain gloo updates too (no region named)."""
+    the gloo group. Accepts plain gloo updates too (no region named).
+
+    Shared mode (an update with `shm_layout`): the region is laid out like
+    this worker's parameters (rollout.copy_plan.param_layout, reported by
+    `shared_layout`); the sender writes every tensor straight into it, and
+    at the end of the first such update the worker rebinds the parameters
+    that receive copies to their slots (`param.data = slot`). Every worker
+    with the same layout does the same, so the samplers on this node then
+    hold one copy of the weights, and later updates into the same region
+    load nothing here. vLLM's plain-GEMM layers read `layer.weight` at every
+    call, so the rebind is seen by the next forward. A packed update (the
+    learner re-formed the group, or shared mode is off) first gives the
+    parameters private copies again (`_unshare`)."""
 
     def __init__(self, config, vllm_config, device, model) -> None:
         super().__init__(config, vllm_config, device, model)
         self._region_key: tuple[str, str, int] | None = None
         self._region = None  # uint8 tensor over the mapping (it keeps the mmap alive)
+        # Shared mode: the region mapped for the update in flight, and the one adopted.
+        self._shared_next: tuple[tuple[str, str, int], torch.Tensor, dict] | None = None
+        self._shared_key: tuple[str, str, int] | None = None
+        self._shared_id: str | None = None
+        self._shared_params: list[torch.nn.Parameter] = []
+        self._layout_cache: tuple[tuple, dict | None, str | None] | None = None
+
+    def shared_layout(self, names: list[str]) -> tuple[dict | None, str | None]:
+        """(layout of the parameters the update `names` is copied into, None)
+        or (None, why this worker cannot share them)."""
+        if not plain_gemm_loaded(self.model):
+            return None, "the sampler loads updates through vLLM's layerwise reload (rollout.cpu_gemm=onednn)"
+        if self._copy_plan is None:
+            return None, "0 names are not replayed yet (no in-place load happened)"
+        key = (tuple(names), self._copy_plan.size(), self._copy_plan.refused)
+        if self._layout_cache is None or self._layout_cache[0] != key:
+            from rollout.copy_plan import param_layout
+
+            self._layout_cache = (key, *param_layout(self._copy_plan, self.model.named_parameters(), names))
+        return self._layout_cache[1], self._layout_cache[2]
 
     def check(self, info: GlooUpdateInfo) -> list[str]:
         shm_path = info.shm_path
         if shm_path is None:
             return super().check(info)
-        problems = super().check(dataclasses.replace(info, shm_path=None))
+        problems = super().check(dataclasses.replace(info, shm_path=None, shm_layout=None))
         try:
             info.validate()
-            self._map(shm_path, info.shm_token, info.shm_bytes)
+            if info.shm_layout is None:
+                self._map(shm_path, info.shm_token, info.shm_bytes)
+            else:
+                problems += self._check_shared(info)
         except (ValueError, WeightSyncError) as e:
             problems.append(str(e))
         return problems
+
+    def _check_shared(self, info: GlooUpdateInfo) -> list[str]:
+        key = (info.shm_path, info.shm_token, info.shm_bytes)
+        if key == self._shared_key:
+            mine = self._shared_id  # the region these parameters already live in
+        else:
+            layout, why = self.shared_layout(info.names)
+            if layout is None:
+                return [f"the learner writes into a shared parameter region but this worker cannot share its "
+                        f"parameters: {why}; set rollout.shm_shared_weights=false"]
+            mine = layout_id(layout)
+            if plan_param_region(layout)[1] > info.shm_bytes:
+                return [f"the shared parameter region holds {info.shm_bytes} bytes, this worker's parameters "
+                        f"need {plan_param_region(layout)[1]}"]
+            if self._shared_next is None or self._shared_next[0] != key:
+                # Mapped at its first update: the sender unlinks the file once
+                # every worker voted, so if that update failed, the next one
+                # into the same region finds it only through this mapping.
+                self._shared_next = (key, open_region(*key)[1], layout)
+            else:
+                self._shared_next = (key, self._shared_next[1], layout)
+        if mine != info.shm_layout:
+            return [f"the learner's shared parameter layout {info.shm_layout} is not this worker's ({mine}): "
+                    "the samplers' models differ; set rollout.shm_shared_weights=false"]
+        return []
+
+    def _sharing(self, info: GlooUpdateInfo) -> bool:
+        """True when the parameters already live in `info`'s region."""
+        return (info.shm_path, info.shm_token, info.shm_bytes) == self._shared_key
+
+    def _share(self, info: GlooUpdateInfo) -> None:
+        """Every bucket of a shared-mode update was written: adopt the region
+        as this worker's parameter memory (no-op when it already is)."""
+        if self._sharing(info):
+            return
+        key, region, layout = self._shared_next
+        self._unshare()
+        params = dict(self.model.named_parameters())
+        adopted = []
+        for (name, _, _), slot in zip(layout["params"], param_slots(region, layout), strict=True):
+            p = params[name]
+            if p.shape != slot.shape or p.dtype != slot.dtype:
+                raise WeightSyncError(f"shared slot of {name} is {slot.dtype} {list(slot.shape)}, the parameter "
+                                      f"{p.dtype} {list(p.shape)}", stage="transfer")
+            adopted.append((p, slot))
+        for p, slot in adopted:
+            p.data = slot
+        self._shared_params = [p for p, _ in adopted]
+        self._shared_key, self._shared_id, self._shared_next = key, layout_id(layout), None
+        # The replay plan's views point at the old memory: record afresh if packed updates come back.
+        self._copy_plan, self._layout_cache = None, None
+        logger.info("opd_shm weight receiver: %d parameters now live in the shared region %s",
+                    len(adopted), key[0])
+
+    def _unshare(self) -> None:
+        """Give shared parameters private memory again (before a packed update)."""
+        if self._shared_key is None:
+            return
+        with torch.no_grad():
+            for p in self._shared_params:
+                p.data = p.data.clone()
+        self._shared_params, self._shared_key, self._shared_id = [], None, None
+        self._copy_plan, self._layout_cache = None, None
+
+    def shared_region(self) -> str | None:
+        """The shared region's path while the parameters live in it."""
+        return None if self._shared_key is None else self._shared_key[0]
 
     def _map(self, path: str, token: str, nbytes: int) -> None:
         key = (path, token, nbytes)
@@ -347,6 +472,7 @@ class ShmWeightTransferEngine(GlooWeightTransferEngine):
     def shutdown(self) -> None:
         super().shutdown()
         self._region = self._region_key = None
+        self._shared_next = None
 
 
 class WeightSyncWorkerExtension:
@@ -358,13 +484,26 @@ class WeightSyncWorkerExtension:
         "load": how updates are loaded, "in_place" or "layerwise_reload",
         "replayed_names": checkpoint names whose in-place load is replayed as
         plain copies (rollout.copy_plan), "replay_refused": why replay is
-        off for this model (None while it is on)}."""
+        off for this model (None while it is on), "shared_region": the
+        shared-memory region the parameters live in (shm shared mode; None:
+        their own memory)}."""
         engine = getattr(self, "weight_transfer_engine", None)
         plan = getattr(engine, "_copy_plan", None)
+        shared = getattr(engine, "shared_region", None)
         return {"dirty": bool(getattr(engine, "dirty", False)), "last_error": getattr(engine, "last_error", None),
                 "load": "in_place" if plain_gemm_loaded(self.model_runner.model) else "layerwise_reload",
                 "replayed_names": plan.size() if plan is not None else 0,
-                "replay_refused": plan.refused if plan is not None else None}
+                "replay_refused": plan.refused if plan is not None else None,
+                "shared_region": shared() if shared is not None else None}
+
+    def opd_shared_layout(self, names: list[str]) -> dict:
+        """{"layout", "id", "why"}: how the update `names` can be written
+        straight into this worker's parameters (shm shared mode), or why not."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        if not hasattr(engine, "shared_layout"):
+            return {"layout": None, "id": None, "why": "the sampler's weight-transfer engine is not opd_shm"}
+        layout, why = engine.shared_layout(list(names))
+        return {"layout": layout, "id": None if layout is None else layout_id(layout), "why": why}
 
     def opd_check_update(self, update_info: dict) -> list[str]:
         """Problems of an update against this worker's model (empty = valid);

@@ -120,6 +120,11 @@ class GlooUpdateInfo:
     shm_token: str | None = None  # written at the region's start: proves the mapped file is the sender's
     shm_bytes: int = 0  # the region's size
     bucket_offsets: list[int] | None = None  # where bucket b starts in the region
+    # Shared mode (shm only): the region is not a staging area but the
+    # samplers' own parameter memory, laid out by the layout with this id
+    # (`layout_id`, `plan_param_region`); the sender writes each tensor
+    # straight into the slots its copies land in, the workers load nothing.
+    shm_layout: str | None = None
 
     def specs(self) -> list[ParamSpec]:
         return [ParamSpec(n, d, tuple(s)) for n, d, s in zip(self.names, self.dtype_names, self.shapes, strict=True)]
@@ -142,7 +147,9 @@ class GlooUpdateInfo:
             raise ValueError(f"weight update: bad bucket_ends {self.bucket_ends} for {n} parameters")
         for d in self.dtype_names:
             dtype_from_name(d)
-        if self.shm_path is not None:
+        if self.shm_layout is not None and (self.shm_path is None or not self.shm_token):
+            raise ValueError(f"weight update: shared layout {self.shm_layout} without a shared-memory region")
+        if self.shm_path is not None and self.shm_layout is None:
             offsets = self.bucket_offsets or []
             if len(offsets) != len(self.bucket_ends) or not self.shm_token:
                 raise ValueError(f"weight update: shared-memory region {self.shm_path} with {len(offsets)} bucket "
@@ -236,6 +243,9 @@ class WeightSyncClient(Protocol):
     def start_weight_update(self) -> None: ...
 
     def update_weights(self, update_info: dict) -> None: ...
+    # Optional: a client with `commits_on_update = True` takes
+    # update_weights(info, commit=True, weight_version=v), which finishes the
+    # update on every sampler whose receive succeeded (no finish call).
 
     def finish_weight_update(self, weight_version: str | None = None) -> None: ...
 
@@ -427,6 +437,52 @@ def open_region(path: str, token: str, nbytes: int):
         raise WeightSyncError(f"{path} is not the learner's weight-sync region (its token differs): this sampler "
                               f"sees another /dev/shm than the learner; {hint}", stage="init")
     return mm, region
+
+
+def layout_id(layout: dict) -> str:
+    """A short digest of a shared-parameter layout (rollout.copy_plan.param_layout):
+    equal for samplers that can share one region."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_param_region(layout: dict) -> tuple[list[int], int]:
+    """(start offset of each parameter slot, region size) of a shared-parameter
+    region: the header, then the layout's parameters in order, each on a
+    SHM_ALIGN boundary. Both sides compute it from the layout alone."""
+    return plan_region([dtype_from_name(d).itemsize * _numel(shape) for _, d, shape in layout["params"]])
+
+
+def param_slots(region: torch.Tensor, layout: dict) -> list[torch.Tensor]:
+    """The layout's parameters as tensors over `region` (uint8, the whole
+    mapping): slot i has parameter i's dtype and shape."""
+    offsets, _ = plan_param_region(layout)
+    out = []
+    for off, (_, d, shape) in zip(offsets, layout["params"], strict=True):
+        dt = dtype_from_name(d)
+        out.append(region[off: off + dt.itemsize * _numel(shape)].view(dt).view(shape))
+    return out
+
+
+def dest_views(slots: Sequence[torch.Tensor], layout: dict) -> dict[str, list[torch.Tensor]]:
+    """Checkpoint name -> the views of `slots` its tensor is copied into."""
+    out = {}
+    for name, (_, _, dests) in layout["dests"].items():
+        views = []
+        for i, off, shape, strides in dests:
+            flat = slots[i].view(-1)
+            views.append(flat.as_strided(shape, strides, flat.storage_offset() + off))
+        out[name] = views
+    return out
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def choose_backend(requested: str, has_gpu: bool, same_node: bool | None = None) -> str:

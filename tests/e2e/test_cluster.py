@@ -79,7 +79,8 @@ def assert_offline_wandb(run_dir: Path) -> None:
 def test_sync_run_logs_everything_and_kl_falls(ray_session, teacher_server, tmp_path):
     run_dir = tmp_path / "sync"
     rc = run_in_process(base_overrides(run_dir, teacher_server, steps=6)
-                        + ["eval.every_steps=6", "learner.lr=2e-3", "train.prompts_per_step=16"])
+                        + ["eval.every_steps=6", "learner.lr=2e-3", "train.prompts_per_step=16",
+                           "rollout.cpu_gemm=plain"])
     assert rc == 0
     rows = read_metrics(run_dir)
     assert_namespaces(rows)
@@ -89,12 +90,16 @@ def test_sync_run_logs_everything_and_kl_falls(ray_session, teacher_server, tmp_
     # The method works: the student's reverse KL to the teacher, measured on
     # its own held-out completions, falls.
     assert evals[6] < 0.9 * evals[0], evals
-    # ZeRO-0 fp32 over shm: after the first push, learner rank 0 trains its
-    # weights inside the shared-memory region (learner.shm_resident_weights),
-    # so later pushes pack nothing, and the samplers still serve exactly what
-    # the learner trained (sampler vs learner logprobs of every step's tokens).
+    # ZeRO-0 fp32 over shm, plain-GEMM samplers: after the first (packed)
+    # push the samplers keep their weights in one shared region
+    # (rollout.shm_shared_weights) and learner rank 0 trains its own in a
+    # mirror of it (learner.shm_resident_weights), so every later push is one
+    # bulk copy into the samplers' weights; the samplers still serve exactly
+    # what the learner trained (sampler vs learner logprobs of every step's
+    # tokens). The async run below covers the default oneDNN layout.
     steps = [r for r in rows if "sync/bytes" in r]
     assert len(steps) == 6 and steps[0]["sync/adopted_bytes"] == steps[0]["sync/bytes"] > 0
+    assert [r["sync/shared"] for r in steps] == [0.0] + [1.0] * 5, steps
     assert all(r["sync/resident_bytes"] == r["sync/bytes"] for r in steps[1:]), steps
     assert max(r["learner/logprob_abs_diff"] for r in rows if "learner/logprob_abs_diff" in r) < 1e-3
     assert_offline_wandb(run_dir)

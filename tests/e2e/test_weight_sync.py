@@ -95,14 +95,33 @@ def test_push_makes_every_sampler_serve_the_new_weights(sampler_pair, student_hf
             assert max(abs(a - b) for a, b in zip(c.sampler_logprobs, ref, strict=True)) < 1e-4
     if sender.backend == "shm":
         # Every worker mapped the region before voting; the sender then
-        # unlinked it, so nothing is left behind in /dev/shm.
-        assert sender._path is not None and not os.path.exists(sender._path)
+        # unlinked it, so nothing is left behind in /dev/shm (nor of the
+        # shared region created for the next update, in place layouts).
+        assert [f for f in os.listdir("/dev/shm") if f.startswith(f"opd-weights-{os.getpid()}-")] == []
+        assert sender.last_stats["sync/shared"] == 0.0  # the first update is always packed
         newer = perturbed(student_hf, seed=11)
-        push(sender, 2, newer)  # the same (unlinked) region is rewritten for the next update
+        push(sender, 2, newer)
         assert pool.weight_versions() == [2, 2]
         assert max_score_diff(pool, newer) < 1e-4
+        states = [st for s in pool.samplers for st in ray.get(s.weight_states.remote())]
+        if load == "in_place":
+            # rollout.shm_shared_weights: after the first update the samplers'
+            # layouts were equal, so update 2 was written straight into one
+            # region that both samplers' parameters now live in (one copy of
+            # the weights for the two, one copy per push).
+            assert sender.shared_refused is None
+            assert sender.last_stats["sync/shared"] == 1.0
+            regions = {st["shared_region"] for st in states}
+            assert len(regions) == 1 and None not in regions, states
+            assert not os.path.exists(regions.pop())  # unlinked once mapped, like the packed region
+        else:
+            assert sender.last_stats["sync/shared"] == 0.0
+            assert "layerwise reload" in sender.shared_refused
+            assert all(st["shared_region"] is None for st in states), states
         # learner.shm_resident_weights: the weights move into their region
-        # slots and are trained there in place; a push then packs nothing.
+        # slots and are trained there in place; a packed push then packs
+        # nothing. Shared: their slots in a private mirror of the shared
+        # region, so a push is one bulk copy of it.
         nbytes = sender.last_stats["sync/bytes"]
         assert sender.adopt(newer.named_parameters()) == nbytes
         with torch.no_grad():
@@ -111,6 +130,7 @@ def test_push_makes_every_sampler_serve_the_new_weights(sampler_pair, student_hf
         assert max_score_diff(pool, newer) > 1e-3  # ... which the samplers do not see yet
         push(sender, 3, newer)
         assert sender.last_stats["sync/resident_bytes"] == nbytes
+        assert sender.last_stats["sync/shared"] == (load == "in_place")
         assert pool.weight_versions() == [3, 3]
         assert max_score_diff(pool, newer) < 1e-4
         push(sender, 4, new)  # what the later tests expect to be served (packed over newer's slots)
@@ -229,6 +249,46 @@ def test_restarted_sampler_serves_only_after_receiving_current_weights(sampler_p
     assert pool.weight_versions() == [version, version]
     assert max_score_diff(pool, current) < 1e-4
     assert [c.policy_version for g in pool.generate([[5, 6], [7, 8]], n=1) for c in g] == [version, version]
+
+
+def test_a_failed_first_write_into_a_shared_region_leaves_the_samplers_clean(sampler_pair, student_hf):
+    """rollout.shm_shared_weights: the samplers' parameters move into a new
+    shared region only at the end of the first update written into it. A
+    learner that fails half-way through that update has written nothing of
+    theirs: they keep serving their version, with nothing to repair."""
+    from tests.fixtures.sampler import free_port
+
+    pool, sender = sampler_pair
+    version = pool.weight_versions()[0]
+    sender.reconnect(free_port())  # a new group packs again, then offers a new shared region
+    current = perturbed(student_hf, seed=12)
+    push(sender, version + 1, current)
+    assert sender.last_stats["sync/shared"] == 0.0
+    states = [st for s in pool.samplers for st in ray.get(s.weight_states.remote())]
+    assert all(st["shared_region"] is None for st in states), states  # private again after the packed update
+    if pool._factory[1].cpu_gemm != "plain":
+        assert sender._shared is None and "layerwise reload" in sender.shared_refused
+        return
+    assert sender._shared is not None
+    named = [(n, p.detach()) for n, p in perturbed(student_hf, seed=13).named_parameters()]
+
+    def dying():
+        for i, item in enumerate(named):
+            if i == len(named) // 2:
+                raise RuntimeError("simulated gather failure on the learner")
+            yield item
+
+    with pytest.raises(RuntimeError, match="simulated gather failure"):
+        sender.send(version + 2, specs_from_named(named), dying())
+    assert pool.weight_versions() == [version + 1] * 2
+    assert [ray.get(s.needs_full_update.remote()) for s in pool.samplers] == [None, None]
+    assert max_score_diff(pool, current) < 1e-4
+    fresh = perturbed(student_hf, seed=14)
+    push(sender, version + 2, fresh)
+    assert sender.last_stats["sync/shared"] == 1.0
+    regions = {st["shared_region"] for s in pool.samplers for st in ray.get(s.weight_states.remote())}
+    assert len(regions) == 1 and None not in regions
+    assert max_score_diff(pool, fresh) < 1e-4
 
 
 def test_auto_picks_shm_when_every_sampler_is_on_this_node(sampler_pair):

@@ -9,7 +9,8 @@ does anything a replay of copies would not reproduce.
 import pytest
 import torch
 
-from rollout.copy_plan import CopyPlan
+from rollout.copy_plan import CopyPlan, param_layout
+from rollout.weight_sync import dest_views, layout_id, param_slots, plan_param_region
 
 QKV = {"q": 0, "k": 2, "v": 4}
 
@@ -40,6 +41,8 @@ class Toy(torch.nn.Module):
             elif name == "emb":
                 self.emb.data[: w.shape[0]].copy_(w)
                 self.emb.data[w.shape[0]:].fill_(0.0)
+                if self.mode == "uneven_pad":
+                    self.emb.data[-1].fill_(1.0)
                 if self.mode == "fill_over_copy":
                     self.emb.data[0].fill_(1.0)
             elif name == "norm":
@@ -51,6 +54,8 @@ class Toy(torch.nn.Module):
                     self.norm.data.copy_(w)
                 if self.mode == "scaled":
                     self.norm.data.mul_(2.0)
+                if self.mode == "buffer":
+                    self.scale.copy_(w)
             elif name == "lm_head" and self.mode == "tied_copy":
                 self.emb.data[: w.shape[0]].copy_(w)  # last writer wins: order matters
             elif name == "lm_head":
@@ -155,6 +160,70 @@ def test_sources_that_share_memory_are_not_replayed():
         assert plan.refused == "two incoming tensors share memory"
         assert plan.load(model.load_weights, weights(2)) == 0
     assert_same(state(model), reference(weights(2)))
+
+
+NAMES = [n for n, _ in weights(0)]
+
+
+def loaded(mode: str = "ok", seed: int = 1, vocab: int = 3):
+    model = Toy(mode)
+    plan = plan_for(model)
+    with torch.no_grad():
+        plan.load(model.load_weights, weights(seed, vocab))
+    return model, plan
+
+
+def test_a_shared_region_laid_out_by_the_plan_holds_what_the_loader_would():
+    """The shm transport's shared mode: the sender writes each tensor into the
+    region through the layout's views, the sampler's parameters become the
+    region's slots; the model must then equal a model loaded by its own loader."""
+    model, plan = loaded()
+    layout, why = param_layout(plan, model.named_parameters(), NAMES)
+    assert why is None
+    assert [p[0] for p in layout["params"]] == ["qkv", "emb", "norm"]  # the buffer is not shared
+    assert layout["fill"] == [None, 0.0, None]  # the vocabulary padding: one value, no copy writes it
+    # Sender side: a fresh region, its fills, then the tensors through the views.
+    offsets, nbytes = plan_param_region(layout)
+    assert offsets[0] >= 4096 and all(o % 4096 == 0 for o in offsets)
+    region = torch.full((nbytes,), 0xAB, dtype=torch.uint8)  # garbage: the fills must cover it
+    slots = param_slots(region, layout)
+    for slot, value in zip(slots, layout["fill"], strict=True):
+        if value is not None:
+            slot.fill_(value)
+    dests = dest_views(slots, layout)
+    assert {n: len(v) for n, v in dests.items()} == {"q": 1, "k": 1, "v": 1, "emb": 1, "norm": 1, "lm_head": 0}
+    for name, t in weights(2):
+        for view in dests[name]:
+            view.copy_(t)
+    # Receiver side: the parameters adopt their slots.
+    params = dict(model.named_parameters())
+    for (name, _, _), slot in zip(layout["params"], slots, strict=True):
+        params[name].data = slot
+    assert_same(state(model), reference(weights(2)))
+    # The next write lands in the model directly.
+    for name, t in weights(3):
+        for view in dests[name]:
+            view.copy_(t)
+    assert_same(state(model), reference(weights(3)))
+
+
+def test_equal_models_have_one_layout_id_and_other_shapes_another():
+    a, b = loaded(seed=1), loaded(seed=2)
+    c = loaded(vocab=4)
+    ids = [layout_id(param_layout(plan, m.named_parameters(), NAMES)[0]) for m, plan in (a, b, c)]
+    assert ids[0] == ids[1] != ids[2]
+
+
+@pytest.mark.parametrize("mode,names,why", [
+    ("scaled", NAMES, "copy replay is off"),
+    ("ok", NAMES + ["extra"], "not replayed yet"),
+    ("buffer", NAMES, "lands outside the model's parameters"),
+    ("uneven_pad", NAMES, "not all one value"),
+])
+def test_what_a_shared_region_cannot_hold_is_refused(mode, names, why):
+    model, plan = loaded(mode)
+    layout, reason = param_layout(plan, model.named_parameters(), names)
+    assert layout is None and why in reason, reason
 
 
 def test_the_reload_rotary_warning_is_dropped_and_others_kept():
