@@ -187,29 +187,31 @@ class GlooWeightSender:
         info = self._plan(version, specs)
         buckets = info.buckets()
 
-        try:
-            self.client.start_weight_update()
-        except BaseException:
-            # Some samplers may have opened the update: close it there, or
-            # they would refuse to sample until their timeout.
-            abort = getattr(self.client, "abort_weight_update", None)
-            if abort is not None:
-                try:
-                    abort()
-                except Exception as e:  # the start error is the one to report
-                    logger.warning("abort_weight_update after a failed start also failed: %s", e)
-            raise
+        # Two RPCs less per push when the client can open the update on each
+        # sampler as its receive starts (a sampler that cannot start votes
+        # reject) and finish it as its receive ends (`fused_updates`).
+        fused = bool(getattr(self.client, "fused_updates", False))
+        if not fused:
+            try:
+                self.client.start_weight_update()
+            except BaseException:
+                # Some samplers may have opened the update: close it there, or
+                # they would refuse to sample until their timeout.
+                self._abort_open_updates("a failed start")
+                raise
         exe = ThreadPoolExecutor(max_workers=1)
-        # One RPC less when the client can finish the update on each sampler as its receive ends.
-        commits = bool(getattr(self.client, "commits_on_update", False))
-        args = (dataclasses.asdict(info), True, version) if commits else (dataclasses.asdict(info),)
+        args = (dataclasses.asdict(info), True, version) if fused else (dataclasses.asdict(info),)
         fut = exe.submit(self.client.update_weights, *args)
         try:
             vote = torch.zeros(1, dtype=torch.int64)
             gloo_allreduce_sum(self._group, vote, "the update's accept/reject vote")
             t_vote = time.perf_counter()
             if vote.item() != 0:
-                fut.result(timeout=self.timeout_s)  # raises the samplers' reason
+                try:
+                    fut.result(timeout=self.timeout_s)  # raises the samplers' reason
+                finally:
+                    if fused:  # e.g. a stale update left open on a sampler, which refused to start
+                        self._abort_open_updates("a rejected update")
                 raise WeightSyncError(f"weight update v{version} was rejected by a sampler", "validate")
             self._accepted(info)
             try:
@@ -225,16 +227,24 @@ class GlooWeightSender:
             # Never join a thread that may be stuck in a dead transfer.
             exe.shutdown(wait=False)
         t1 = time.perf_counter()
-        if not commits:
+        if not fused:
             self.client.finish_weight_update(version)
         t2 = time.perf_counter()
-        # Phases: start RPC + vote (samplers validated), streaming the buckets,
-        # waiting for the samplers' loads (and, with `commits_on_update`, their
-        # commit) to finish, the finish RPC (0 with `commits_on_update`).
+        # Phases: start RPC (none when fused) + vote (samplers validated),
+        # streaming the buckets, waiting for the samplers' loads (and, fused,
+        # their commit) to finish, the finish RPC (none when fused).
         self.last_stats = {"sync/start_vote_s": t_vote - t0, "sync/stream_s": t_stream - t_vote,
                            "sync/drain_s": t1 - t_stream, "sync/finish_s": t2 - t1, "sync/total_s": t2 - t0,
                            "sync/bytes": float(sum(s.nbytes for s in specs)), "sync/buckets": float(len(buckets)),
                            "sync/resident_bytes": float(resident)}
+
+    def _abort_open_updates(self, after: str) -> None:
+        abort = getattr(self.client, "abort_weight_update", None)
+        if abort is not None:
+            try:
+                abort()
+            except Exception as e:  # the first error is the one to report
+                logger.warning("abort_weight_update after %s also failed: %s", after, e)
 
     def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
         """The update info of one send; makes sure the packing memory fits it."""
@@ -507,7 +517,9 @@ class ShmWeightSender(GlooWeightSender):
             return super()._stream(info, buckets, tensors)
         # Shared mode: every tensor goes straight to where the samplers' copies
         # would put it (their live parameters; they serve nothing until finish).
-        # The header of bucket b says it is written; the workers load nothing.
+        # One header after the last tensor says all of it is written (the
+        # workers load nothing, so waking them per bucket would only take
+        # cores from the copy); an abort header if the stream fails.
         shared = self._shared
         dests = shared.dests
         resident = 0
@@ -522,23 +534,21 @@ class ShmWeightSender(GlooWeightSender):
                     # one copy of the whole region moves them (and anything
                     # else the mirror holds, which the loop below overwrites).
                     shared.region[SHM_DATA_OFFSET:].copy_(shared.mirror[SHM_DATA_OFFSET:])
-                for b, bucket in enumerate(buckets):
-                    try:
-                        for spec in bucket:
-                            t = next(tensors).detach()
-                            if shared.mirrored and shared.in_mirror(spec.name, t):
-                                resident += spec.nbytes
-                                continue
-                            for view in dests[spec.name]:
-                                view.copy_(t)
-                        if b == len(buckets) - 1:
-                            next(tensors, None)  # the iterator's end check, before the last header
-                    except BaseException:
-                        header[0], header[1] = HEADER_ABORT, 0
-                        gloo_broadcast(self._group, header, f"the abort header of bucket {b}")
-                        raise
-                    header[0], header[1] = HEADER_OK, sum(s.nbytes for s in bucket)
-                    gloo_broadcast(self._group, header, f"the header of bucket {b}")
+                try:
+                    for spec in (s for bucket in buckets for s in bucket):
+                        t = next(tensors).detach()
+                        if shared.mirrored and shared.in_mirror(spec.name, t):
+                            resident += spec.nbytes
+                            continue
+                        for view in dests[spec.name]:
+                            view.copy_(t)
+                    next(tensors, None)  # the iterator's end check, before the header
+                except BaseException:
+                    header[0], header[1] = HEADER_ABORT, 0
+                    gloo_broadcast(self._group, header, "the abort header of a shared update")
+                    raise
+                header[0], header[1] = HEADER_OK, sum(s.nbytes for bucket in buckets for s in bucket)
+                gloo_broadcast(self._group, header, "the header of a shared update")
         finally:
             if n > before:
                 torch._C.set_num_threads(before)

@@ -241,12 +241,13 @@ class SamplerPool:
     def start_weight_update(self) -> None:
         self._fanout("start_weight_update", [(s.start_weight_update, ()) for s in self.samplers])
 
-    # update_weights(commit=True) also finishes the update on each sampler.
-    commits_on_update = True
+    # update_weights(info, fused=True, weight_version=v) also starts the
+    # update on each sampler first and finishes it after (SamplerActor.update_weights).
+    fused_updates = True
 
-    def update_weights(self, update_info: dict, commit: bool = False,
+    def update_weights(self, update_info: dict, fused: bool = False,
                        weight_version: str | int | None = None) -> None:
-        self._fanout("update_weights", [(s.update_weights, (update_info, commit, weight_version))
+        self._fanout("update_weights", [(s.update_weights, (update_info, fused, weight_version))
                                         for s in self.samplers])
 
     def finish_weight_update(self, weight_version: str | int | None = None) -> None:

@@ -39,6 +39,7 @@ Created by `SamplerPool.create(...)`; directly:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -46,6 +47,8 @@ from typing import Any, Union
 
 from rollout.types import Completion
 from rollout.weight_sync import WeightSyncError, choose_backend, engine_backend  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 # A prompt: token ids, plain text, or chat messages [{"role", "content"}, ...].
 Prompt = Union[list[int], str, list[dict]]
@@ -346,12 +349,23 @@ class SamplerActor:
             self._close_update()
             raise WeightSyncError(f"sampler {self.index}: start_weight_update failed: {e}", "start") from None
 
-    def update_weights(self, update_info: dict, commit: bool = False,
+    def update_weights(self, update_info: dict, fused: bool = False,
                        weight_version: str | int | None = None) -> None:
         """Receive one whole update (blocks in the transfer: the sender
-        broadcasts concurrently). `commit`: then finish it here
-        (`finish_weight_update(weight_version)`) instead of in a call of its
-        own: one RPC less per push; the sender decides (`commits_on_update`)."""
+        broadcasts concurrently). `fused`: start it here first, and finish it
+        (`finish_weight_update(weight_version)`) after: two RPCs less per push
+        (the sender decides: `SamplerPool.fused_updates`). If the start fails
+        this sampler still joins the group's accept vote, with a reject, so
+        nobody waits for it and nothing is loaded anywhere."""
+        if fused:
+            try:
+                self.start_weight_update()
+            except WeightSyncError as e:
+                try:
+                    self.llm.collective_rpc("opd_reject_update", args=(str(e),))
+                except Exception as e2:  # noqa: BLE001 - the start error is the one to report
+                    log.warning("sampler %d: could not vote reject after a failed start: %s", self.index, e2)
+                raise
         if not self._update_open:
             raise WeightSyncError(f"sampler {self.index}: update_weights without start_weight_update", "transfer")
         try:
@@ -362,7 +376,7 @@ class SamplerActor:
                                   f"(still serving version {self._version}"
                                   f"{'; weights mixed, needs a full update' if self._needs_full_update else ''}): {e}",
                                   "transfer") from None
-        if commit:
+        if fused:
             self.finish_weight_update(weight_version)
 
     def finish_weight_update(self, weight_version: str | int | None = None) -> None:

@@ -258,13 +258,16 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         loaded_any = shared and self._sharing(update_info)
         try:
             header = torch.zeros(2, dtype=torch.int64)
-            for b, specs in enumerate(update_info.buckets()):
+            # Shared mode: one header for the whole update (the sender writes
+            # every bucket into our parameters before it).
+            buckets = [update_info.specs()] if shared else update_info.buckets()
+            for b, specs in enumerate(buckets):
                 nbytes = sum(s.nbytes for s in specs)
                 gloo_broadcast(self._group, header, f"the header of bucket {b}")
                 status, sent = int(header[0]), int(header[1])
                 if status != HEADER_OK:
                     raise WeightSyncError(f"the sender aborted weight update v{update_info.version} at bucket {b} "
-                                          f"of {len(update_info.bucket_ends)}", stage="transfer")
+                                          f"of {len(buckets)}", stage="transfer")
                 if sent != nbytes:
                     raise WeightSyncError(f"bucket {b} header says {sent} bytes, the update info describes {nbytes}",
                                           stage="transfer")
@@ -520,6 +523,17 @@ class WeightSyncWorkerExtension:
         except ValueError as e:
             return [str(e)]
         return check_update_specs(info.specs(), expected, required)
+
+    def opd_reject_update(self, reason: str) -> None:
+        """Join the accept vote of an update this worker cannot take (its
+        sampler could not open it, see SamplerActor.update_weights(fused=True))
+        with a reject: the sender and every other worker then raise before
+        any weight is touched, instead of waiting for this one."""
+        engine = getattr(self, "weight_transfer_engine", None)
+        group = getattr(engine, "_group", None)
+        if group is None:
+            raise WeightSyncError(f"cannot vote reject ({reason}): this worker is not in a weight-sync group", "init")
+        gloo_allreduce_sum(group, torch.tensor([1], dtype=torch.int64), "the update's accept/reject vote")
 
     def opd_abort_weight_update(self) -> None:
         """Close a session left open by a sender that died between start and

@@ -243,9 +243,11 @@ class WeightSyncClient(Protocol):
     def start_weight_update(self) -> None: ...
 
     def update_weights(self, update_info: dict) -> None: ...
-    # Optional: a client with `commits_on_update = True` takes
-    # update_weights(info, commit=True, weight_version=v), which finishes the
-    # update on every sampler whose receive succeeded (no finish call).
+    # Optional: a client with `fused_updates = True` takes
+    # update_weights(info, True, weight_version=v), which also starts the
+    # update on every sampler (one that cannot votes reject, so the group
+    # never waits for it) and finishes it on every sampler whose receive
+    # succeeded: no start or finish call.
 
     def finish_weight_update(self, weight_version: str | None = None) -> None: ...
 
