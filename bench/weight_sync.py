@@ -3,7 +3,8 @@
 over each CPU transport (gloo, shm), next to the floor: one plain in-memory
 `Tensor.copy_` of the same bytes on this machine. `ratio` divides by one copy of
 the model's bytes; `x delivered` by one copy of the bytes the push writes (k
-samplers hold k copies, so for 2 samplers the floor of twice the bytes).
+samplers holding k copies: for 2 samplers the floor of twice the bytes;
+source `shared`: the samplers hold one copy between them, so one copy).
 
     .venv/bin/python -m bench.weight_sync                       # all sizes, both transports, both GEMM layouts
     .venv/bin/python -m bench.weight_sync --models student-25m --backends shm --cpu-gemm plain --repeats 5
@@ -19,7 +20,19 @@ both transports) serve every row of a model; they re-join a fresh group for
 each (transport, sampler count); each GEMM layout gets its own pair. Phases (from the sender's last_stats):
 start+vote = start RPC and the accept vote, stream = packing + shipping all
 buckets, drain = waiting for the samplers' loads after the last bucket,
-finish = the finish RPC.
+finish = the finish RPC (SamplerPool fuses start and finish into the
+update_weights call, so those RPCs are 0 and the commit is in drain).
+
+Sources (shm): `packed` (the weights in the model's own memory, packed into
+the region per push), `resident` (learner.shm_resident_weights: moved into
+their region slots first, so nothing is packed; each sampler then copies the
+region into its own weights), `shared` (plain layout, rollout.shm_shared_weights:
+the samplers' weights live in one shared region, the sender copies each
+tensor into it, the samplers load nothing), `shared+res` (both: the sender's
+weights live in a private mirror of the shared layout, a push is one bulk
+copy). `sampler USS MiB`: the private memory of the k samplers after the row
+(shared mappings excluded: with `shared` the weights are in one region for
+all of them).
 """
 
 from __future__ import annotations
@@ -72,25 +85,50 @@ def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str], cp
     rollout = RolloutConfig(weight_sync_bucket_mb=bucket_mb, kv_cache_gib=1.0, max_new_tokens=8, cpu_gemm=cpu_gemm,
                             weight_load_threads=load_threads)
     both = SamplerPool.create(path, rollout, StudentConfig(max_model_len=256), num_samplers=2)
+    import psutil
+    import ray
+
+    pids = ray.get([s.pid.remote() for s in both.samplers])
     rows = []
+    version = 0
     try:
         floor = copy_floor_s(nbytes, max(5, repeats))
         # A push into k samplers writes k copies: the floor of the bytes delivered.
         floor_delivered = {1: floor, 2: copy_floor_s(2 * nbytes, max(5, repeats))}
         for backend in backends:
-            cls = {"gloo": GlooWeightSender, "shm": ShmWeightSender}[backend]
             for k in (1, 2):
                 pool = SamplerPool(both.samplers[:k], timeout_s=600)
-                sender = cls(pool, "127.0.0.1", _port(), bucket_bytes=bucket_mb << 20, timeout_s=600)
-                sender.connect()
-                version = 1
-                sender.send(version, specs, live())  # warm-up (first reload builds the layout, maps the region)
                 # packed: the weights live in the model's own memory and are
                 # packed into the region (or the gloo buffer) per push; resident
                 # (shm only): moved into their region slots first, as learner
-                # rank 0 does with learner.shm_resident_weights.
-                for source in ("packed", "resident") if backend == "shm" else ("packed",):
-                    if source == "resident":
+                # rank 0 does with learner.shm_resident_weights; both with every
+                # sampler loading its own copy. shared (shm, plain layout:
+                # rollout.shm_shared_weights): the samplers' parameters live in
+                # one region the sender writes into.
+                sources = ["packed", "resident"] if backend == "shm" else ["packed"]
+                if backend == "shm" and cpu_gemm == "plain":
+                    sources += ["shared", "shared+res"]
+                sender = None
+                for source in sources:
+                    shared_mode = source.startswith("shared")
+                    if sender is None or source == "shared":
+                        if sender is not None:
+                            sender.shutdown()
+                        if backend == "gloo":
+                            sender = GlooWeightSender(pool, "127.0.0.1", _port(), bucket_bytes=bucket_mb << 20,
+                                                      timeout_s=600)
+                        else:
+                            sender = ShmWeightSender(pool, "127.0.0.1", _port(), bucket_bytes=bucket_mb << 20,
+                                                     timeout_s=600, share_weights=shared_mode)
+                        sender.connect()
+                        # Warm-up: the first reload builds the layout and maps the region;
+                        # shared: the first update records the copies, the second one
+                        # creates the shared region and the samplers adopt it.
+                        for _ in range(2 if shared_mode else 1):
+                            version += 1
+                            sender.send(version, specs, live())
+                    if source in ("resident", "shared+res"):
+                        # shared+res: into the sender's private mirror of the shared layout.
                         assert sender.adopt(model.named_parameters()) == nbytes
                     times, phases = [], []
                     for _ in range(repeats):
@@ -101,12 +139,19 @@ def bench_model(name: str, repeats: int, bucket_mb: int, backends: list[str], cp
                         phases.append(sender.last_stats)
                     assert pool.weight_versions() == [version] * k
                     resident = statistics.median(p["sync/resident_bytes"] for p in phases)
-                    assert resident == (nbytes if source == "resident" else 0), (source, resident)
+                    assert resident == (nbytes if source in ("resident", "shared+res") else 0), (source, resident)
+                    shared = [p.get("sync/shared", 0.0) for p in phases]
+                    assert all(x == shared_mode for x in shared), (source, shared, sender.shared_refused)
                     push = statistics.median(times)
+                    # Private memory of the k samplers (shared mappings, e.g. a shared
+                    # weight region, are not in it).
+                    uss = sum(psutil.Process(pid).memory_full_info().uss for pid in pids[:k]) / 2**20
+                    # Shared: one copy of the bytes reaches every sampler.
+                    delivered = floor if shared_mode else floor_delivered[k]
                     rows.append(dict(model=name, backend=backend, gemm=cpu_gemm, source=source, load_threads=load_threads,
                                      params_m=sum(s.numel for s in specs) / 1e6, mib=nbytes / 2**20, samplers=k,
-                                     push_s=push, floor_s=floor, ratio=push / floor,
-                                     ratio_delivered=push / floor_delivered[k],
+                                     push_s=push, floor_s=floor, ratio=push / floor, uss_mib=uss,
+                                     ratio_delivered=push / delivered,
                                      **{key.removeprefix("sync/"): statistics.median(p[key] for p in phases)
                                         for key in ("sync/start_vote_s", "sync/stream_s", "sync/drain_s",
                                                     "sync/finish_s")}))
@@ -145,14 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nweight sync push (median of {args.repeats}), bucket {args.bucket_mb} MiB, fp32; gloo = loopback TCP, "
           f"shm = /dev/shm region + gloo headers")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine => noisy)")
-    print(f"{'model':<14}{'params':>9}{'MiB':>9}{'gemm':>8}{'load thr':>9}{'transport':>10}{'source':>9}{'samplers':>9}{'push s':>9}"
+    print(f"{'model':<14}{'params':>9}{'MiB':>9}{'gemm':>8}{'load thr':>9}{'transport':>10}{'source':>11}{'samplers':>9}{'push s':>9}"
           f"{'copy floor s':>13}"
-          f"{'ratio':>8}{'x delivered':>12}   | start+vote  stream  drain  finish (s)")
+          f"{'ratio':>8}{'x delivered':>12}{'sampler USS MiB':>16}   | start+vote  stream  drain  finish (s)")
     for r in rows:
         print(f"{r['model']:<14}{r['params_m']:>8.1f}M{r['mib']:>9.1f}{r['gemm']:>8}"
-              f"{(r['load_threads'] or 'auto') if r['gemm'] == 'plain' else '-':>9}{r['backend']:>10}{r['source']:>9}"
+              f"{(r['load_threads'] or 'auto') if r['gemm'] == 'plain' else '-':>9}{r['backend']:>10}{r['source']:>11}"
               f"{r['samplers']:>9}"
-              f"{r['push_s']:>9.3f}{r['floor_s']:>13.4f}{r['ratio']:>7.1f}x{r['ratio_delivered']:>11.1f}x"
+              f"{r['push_s']:>9.3f}{r['floor_s']:>13.4f}{r['ratio']:>7.1f}x{r['ratio_delivered']:>11.1f}x{r['uss_mib']:>16.0f}"
               f"   | {r['start_vote_s']:>10.3f}"
               f"{r['stream_s']:>8.3f}{r['drain_s']:>7.3f}{r['finish_s']:>8.3f}")
 

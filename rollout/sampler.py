@@ -184,6 +184,10 @@ class SamplerActor:
     def weight_version(self) -> int:
         return self._version
 
+    def pid(self) -> int:
+        """This actor's process id (its in-process vLLM engine runs here too)."""
+        return os.getpid()
+
     def node_id(self) -> str:
         """The Ray node this sampler (and its vLLM workers) runs on."""
         import ray

@@ -438,6 +438,11 @@ class ShmWeightTransferEngine(GlooWeightTransferEngine):
         self._shared_key, self._shared_id, self._shared_next = key, layout_id(layout), None
         # The replay plan's views point at the old memory: record afresh if packed updates come back.
         self._copy_plan, self._layout_cache = None, None
+        # Nor is the packing region used any more (the sender freed it; a later
+        # packed update names a new one), and the parameters' old memory is
+        # free: give both back to the OS (glibc keeps freed heap memory).
+        self._region = self._region_key = None
+        _release_freed_memory()
         logger.info("opd_shm weight receiver: %d parameters now live in the shared region %s",
                     len(adopted), key[0])
 
@@ -476,6 +481,19 @@ class ShmWeightTransferEngine(GlooWeightTransferEngine):
         super().shutdown()
         self._region = self._region_key = None
         self._shared_next = None
+
+
+def _release_freed_memory() -> None:
+    """glibc's malloc_trim(0): return freed heap memory to the OS (without
+    it, parameters moved into a shared region stay resident as free heap)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused by later allocations instead
+        pass
 
 
 class WeightSyncWorkerExtension:
