@@ -36,6 +36,14 @@ by a new one on `connect`/`reconnect` (a restarted sampler maps the new
 one). It is rewritten only by the next update, after every sampler finished
 this one (vLLM's layerwise reload keeps views of it until then).
 
+Shared mode (`share_weights`, rollout.shm_shared_weights): after a packed
+update every sampler served, the sender asks each worker for its parameter
+layout (`client.shared_weight_layouts`); when all are equal it creates one
+region laid out like them and writes later updates straight into it: the
+workers rebind their parameters to it at the end of the first one, so they
+load nothing and share one copy of the weights (`_share`). A re-formed group
+(`connect`) packs again.
+
 With `adopt(named_parameters)` (learner rank 0 calls it after a push when
 learner.shm_resident_weights applies: ZeRO-0, fp32, the parameters' own dtype
 sent) the parameters move into their slots of the region and are trained
@@ -43,6 +51,8 @@ there in place; the next pushes find each tensor already at its slot and
 pack nothing, so the samplers' loads are the only copy. Adopted tensors have
 their own storage over the mapping (torch.save writes only them) and keep
 the mapping alive after the region is replaced or the sender shut down.
+In shared mode `adopt` moves them into a private mirror of the shared
+layout instead, so a push starts with one bulk copy of the mirror.
 
 `NcclWeightSender` (GPU) wraps vLLM's official `NCCLTrainerWeightTransferEngine`
 behind the same `send(version, specs, tensors)`; it imports vllm lazily (the

@@ -22,7 +22,20 @@ Three transports share this contract (`rollout.weight_sync_backend`; see
 The sampler side is always driven through vLLM's four control-plane calls
 (init_weight_transfer_engine / start_weight_update / update_weights /
 finish_weight_update), exposed by each sampler actor; `WeightSyncClient` is
-what the sender holds to call them on all samplers at once.
+what the sender holds to call them on all samplers at once. A client with
+`fused_updates` (rollout.pool.SamplerPool) runs start and finish inside its
+update_weights call on each sampler (two Ray round trips less per push); a
+sampler that cannot start still joins the accept vote, with a reject.
+
+Shared mode (shm only, rollout.shm_shared_weights): once every worker has
+recorded its in-place load as plain copies (rollout/copy_plan.py) and their
+parameter layouts are equal, the sender creates a region laid out like those
+parameters (`plan_param_region`, `param_slots`, `dest_views`), writes each
+update straight to where the workers' copies would land, and the workers
+adopt the region as their parameter memory at the end of the first such
+update (`shm_layout` names the layout). One copy per push whatever the
+number of samplers, one copy of the weights in RAM for all of them; the
+header then comes once, after the last write.
 
 Wire format: the parameters of one update, in the order of
 `GlooUpdateInfo.names`, are cut into buckets at `bucket_ends`; a bucket is its
