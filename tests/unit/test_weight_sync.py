@@ -79,6 +79,12 @@ def test_update_info_survives_the_dict_round_trip_and_validates():
     bad = dataclasses.replace(info, bucket_ends=[2, 1])
     with pytest.raises(ValueError, match="bad bucket_ends"):
         bad.validate()
+    # Shared mode: a layout id names the region the samplers' weights live in;
+    # no bucket offsets (nothing is packed), but a region it must have.
+    shared = dataclasses.replace(info, shm_path="/dev/shm/x", shm_token="t", shm_bytes=1 << 20, shm_layout="abc")
+    GlooUpdateInfo(**dataclasses.asdict(shared)).validate()
+    with pytest.raises(ValueError, match="shared layout abc without a shared-memory region"):
+        dataclasses.replace(info, shm_layout="abc").validate()
 
 
 def test_check_update_specs_names_every_problem():
