@@ -94,6 +94,8 @@ from rollout.weight_sync import (
     plan_param_region,
     plan_region,
     region_header,
+    tensor_over,
+    torch_threads,
 )
 
 logger = logging.getLogger(__name__)
@@ -324,14 +326,12 @@ class ShmWeightSender(GlooWeightSender):
 
     def __init__(self, client: WeightSyncClient, master_address: str, master_port: int,
                  world_size: int | None = None, bucket_bytes: int = 64 << 20, timeout_s: float = 600.0,
-                 group_name: str = "opd_weight_sync", shm_dir: str = SHM_DIR, share_weights: bool = True,
-                 copy_threads: int = 0):
+                 group_name: str = "opd_weight_sync", shm_dir: str = SHM_DIR, share_weights: bool = True):
         super().__init__(client, master_address, master_port, world_size=world_size, bucket_bytes=bucket_bytes,
                          timeout_s=timeout_s, group_name=group_name)
         self.shm_dir = shm_dir
         # Shared mode (rollout.shm_shared_weights): see `_share`.
         self.share_weights = share_weights
-        self.copy_threads = int(copy_threads)  # torch threads of the shared-mode copy; 0 = every core here
         self._shared: _SharedRegion | None = None
         self.shared_refused: str | None = None  # why the samplers do not share a region (None: they do, or untried)
         self._mmap = None
@@ -403,12 +403,11 @@ class ShmWeightSender(GlooWeightSender):
         self.shared_refused = None
 
     def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
+        info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
         shared = self._shared
         if shared is not None and shared.covers(specs):
-            info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
             return dataclasses.replace(info, shm_path=shared.path, shm_token=shared.token,
                                        shm_bytes=shared.region.numel(), shm_layout=shared.id)
-        info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
         offsets, nbytes = plan_region(info.bucket_nbytes())
         if self._region is None or self._region.numel() < nbytes:
             self._create_region(nbytes)
@@ -435,15 +434,9 @@ class ShmWeightSender(GlooWeightSender):
         off, spec = entry
         if spec.torch_dtype != dtype or tuple(spec.shape) != tuple(shape):
             return None
-        itemsize = dtype.itemsize
-        if off % itemsize:
+        if off % dtype.itemsize:
             return None
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # frombuffer on a writable mmap: nothing to warn about
-            return torch.frombuffer(self._mmap, dtype=dtype, count=spec.nbytes // itemsize,
-                                    offset=off).view(tuple(shape))
+        return tensor_over(self._mmap, dtype, off, shape)
 
     def adopt(self, params: Iterable[tuple[str, torch.nn.Parameter]]) -> int:
         """Move each parameter's data into its slot of the region (copy, then
@@ -533,11 +526,9 @@ class ShmWeightSender(GlooWeightSender):
         shared = self._shared
         dests = shared.dests
         resident = 0
-        before, n = torch.get_num_threads(), self.copy_threads or len(os.sched_getaffinity(0))
-        if n > before:
-            torch._C.set_num_threads(n)  # the learner's actor runs 1 thread; the samplers are idle now
         header = torch.zeros(2, dtype=torch.int64)
-        try:
+        # Every core: the learner's actor runs 1 thread, and the samplers are idle now.
+        with torch_threads(len(os.sched_getaffinity(0))):
             with torch.no_grad():
                 if shared.mirrored:
                     # Adopted weights are already laid out like the samplers':
@@ -559,9 +550,6 @@ class ShmWeightSender(GlooWeightSender):
                     raise
                 header[0], header[1] = HEADER_OK, sum(s.nbytes for bucket in buckets for s in bucket)
                 gloo_broadcast(self._group, header, "the header of a shared update")
-        finally:
-            if n > before:
-                torch._C.set_num_threads(before)
         return resident
 
     def _bucket_memory(self, info: GlooUpdateInfo, b: int) -> torch.Tensor:
@@ -625,18 +613,14 @@ class _SharedRegion:
         over the mirror, as ShmWeightSender.slot gives); returns the bytes
         resident there."""
         import mmap
-        import warnings
 
         if self.mirror is None:
             nbytes = self.region.numel()
             self.mirror_mmap = mmap.mmap(-1, nbytes)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.mirror = torch.frombuffer(self.mirror_mmap, dtype=torch.uint8, count=nbytes)
+            self.mirror = tensor_over(self.mirror_mmap, torch.uint8, 0, (nbytes,))
             self.mirror_dests = dest_views(self._filled_slots(self.mirror), self.layout)
         base, resident = self.mirror.data_ptr(), 0
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.no_grad():
             for name, p in params:
                 views = self.mirror_dests.get(name, [])
                 if len(views) != 1 or not views[0].is_contiguous() or views[0].dtype != p.dtype \
@@ -644,8 +628,7 @@ class _SharedRegion:
                     continue
                 v = views[0]
                 if p.data_ptr() != v.data_ptr():
-                    own = torch.frombuffer(self.mirror_mmap, dtype=v.dtype, count=v.numel(),
-                                           offset=v.data_ptr() - base).view(v.shape)
+                    own = tensor_over(self.mirror_mmap, v.dtype, v.data_ptr() - base, v.shape)
                     own.copy_(p.detach())
                     p.data = own
                 resident += v.numel() * v.element_size()

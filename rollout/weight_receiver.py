@@ -78,6 +78,7 @@ from rollout.weight_sync import (
     open_region,
     param_slots,
     plan_param_region,
+    torch_threads,
     unpack_bucket,
 )
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
@@ -180,16 +181,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         `torch.set_num_threads` after pinning; the engine serves nothing
         during an update, so the copy may use more, and the engine's own
         count is restored after."""
-        before, n = torch.get_num_threads(), self.load_threads()
-        if n > before:
-            torch._C.set_num_threads(n)  # the original: vLLM replaced torch.set_num_threads
-        try:
+        with torch_threads(self.load_threads()):
             if self._copy_plan is None:
                 self._copy_plan = CopyPlan([*self.model.parameters(), *self.model.buffers()])
             self._copy_plan.load(self.model.load_weights, weights)
-        finally:
-            if n > before:
-                torch._C.set_num_threads(before)
 
     def load_threads(self) -> int:
         """rollout.weight_load_threads (passed as OPD_WEIGHT_LOAD_THREADS by
@@ -353,7 +348,8 @@ class ShmWeightTransferEngine(GlooWeightTransferEngine):
         self._region_key: tuple[str, str, int] | None = None
         self._region = None  # uint8 tensor over the mapping (it keeps the mmap alive)
         # Shared mode: the region mapped for the update in flight, and the one adopted.
-        self._shared_next: tuple[tuple[str, str, int], torch.Tensor, dict] | None = None
+        # (region key, its mapping, layout, layout id)
+        self._shared_next: tuple[tuple[str, str, int], torch.Tensor, dict, str] | None = None
         self._shared_key: tuple[str, str, int] | None = None
         self._shared_id: str | None = None
         self._shared_params: list[torch.nn.Parameter] = []
@@ -398,16 +394,15 @@ class ShmWeightTransferEngine(GlooWeightTransferEngine):
                 return [f"the learner writes into a shared parameter region but this worker cannot share its "
                         f"parameters: {why}; set rollout.shm_shared_weights=false"]
             mine = layout_id(layout)
-            if plan_param_region(layout)[1] > info.shm_bytes:
+            need = plan_param_region(layout)[1]
+            if need > info.shm_bytes:
                 return [f"the shared parameter region holds {info.shm_bytes} bytes, this worker's parameters "
-                        f"need {plan_param_region(layout)[1]}"]
-            if self._shared_next is None or self._shared_next[0] != key:
-                # Mapped at its first update: the sender unlinks the file once
-                # every worker voted, so if that update failed, the next one
-                # into the same region finds it only through this mapping.
-                self._shared_next = (key, open_region(*key)[1], layout)
-            else:
-                self._shared_next = (key, self._shared_next[1], layout)
+                        f"need {need}"]
+            # Mapped at its first update: the sender unlinks the file once every
+            # worker voted, so if that update failed, the next one into the
+            # same region finds it only through this mapping.
+            mapped = self._shared_next[1] if self._shared_next and self._shared_next[0] == key else None
+            self._shared_next = (key, mapped if mapped is not None else open_region(*key)[1], layout, mine)
         if mine != info.shm_layout:
             return [f"the learner's shared parameter layout {info.shm_layout} is not this worker's ({mine}): "
                     "the samplers' models differ; set rollout.shm_shared_weights=false"]
@@ -422,7 +417,7 @@ class ShmWeightTransferEngine(GlooWeightTransferEngine):
         as this worker's parameter memory (no-op when it already is)."""
         if self._sharing(info):
             return
-        key, region, layout = self._shared_next
+        key, region, layout, lid = self._shared_next
         self._unshare()
         params = dict(self.model.named_parameters())
         adopted = []
@@ -435,7 +430,7 @@ class ShmWeightTransferEngine(GlooWeightTransferEngine):
         for p, slot in adopted:
             p.data = slot
         self._shared_params = [p for p, _ in adopted]
-        self._shared_key, self._shared_id, self._shared_next = key, layout_id(layout), None
+        self._shared_key, self._shared_id, self._shared_next = key, lid, None
         # The replay plan's views point at the old memory: record afresh if packed updates come back.
         self._copy_plan, self._layout_cache = None, None
         # Nor is the packing region used any more (the sender freed it; a later

@@ -57,7 +57,9 @@ This module imports torch only (no vllm, no deepspeed): both sides use it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -467,7 +469,7 @@ def plan_param_region(layout: dict) -> tuple[list[int], int]:
     """(start offset of each parameter slot, region size) of a shared-parameter
     region: the header, then the layout's parameters in order, each on a
     SHM_ALIGN boundary. Both sides compute it from the layout alone."""
-    return plan_region([dtype_from_name(d).itemsize * _numel(shape) for _, d, shape in layout["params"]])
+    return plan_region([dtype_from_name(d).itemsize * math.prod(shape) for _, d, shape in layout["params"]])
 
 
 def param_slots(region: torch.Tensor, layout: dict) -> list[torch.Tensor]:
@@ -477,7 +479,7 @@ def param_slots(region: torch.Tensor, layout: dict) -> list[torch.Tensor]:
     out = []
     for off, (_, d, shape) in zip(offsets, layout["params"], strict=True):
         dt = dtype_from_name(d)
-        out.append(region[off: off + dt.itemsize * _numel(shape)].view(dt).view(shape))
+        out.append(region[off: off + dt.itemsize * math.prod(shape)].view(dt).view(shape))
     return out
 
 
@@ -493,11 +495,30 @@ def dest_views(slots: Sequence[torch.Tensor], layout: dict) -> dict[str, list[to
     return out
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def tensor_over(buffer, dtype: torch.dtype, offset: int, shape: Sequence[int]) -> torch.Tensor:
+    """A `dtype` tensor of `shape` at byte `offset` of `buffer` (an mmap) with
+    its own storage, so torch.save and safetensors write only it, not the
+    whole mapping; it keeps the mapping alive."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer on a writable mmap: nothing to warn about
+        return torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=offset).view(tuple(shape))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with at least `n` torch threads (a weight copy while the
+    engine serves nothing). Uses torch._C.set_num_threads: vLLM replaces
+    torch.set_num_threads with a no-op in a CPU engine after pinning it."""
+    before = torch.get_num_threads()
+    if n > before:
+        torch._C.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > before:
+            torch._C.set_num_threads(before)
 
 
 def choose_backend(requested: str, has_gpu: bool, same_node: bool | None = None) -> str:
