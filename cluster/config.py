@@ -48,14 +48,15 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class StudentConfig:
-    # Student checkpoint: a local Hugging Face directory, a hub id the cluster
-    # can reach, or `tiny:NAME` for a tiny model built locally (cluster/tiny_models.py).
-    model: str = "tiny:student"
-    # Weight dtype in the samplers (and the learner's compute dtype unless
-    # learner.dtype says otherwise).
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Student checkpoint (required): a local Hugging Face directory, a hub id
+    # (e.g. Qwen/Qwen3-1.7B), or `tiny:NAME` for a tiny model built locally
+    # (cluster/tiny_models.py, tests and the demo).
+    model: str | None = None
+    # Weight dtype in the samplers: "auto" is bfloat16 when the run has GPUs,
+    # float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Longest prompt + completion the samplers accept (tokens).
-    max_model_len: int = 512
+    max_model_len: int = 4096
 
     def problems(self) -> list[str]:
         return _positive(self, "max_model_len")
@@ -65,22 +66,32 @@ class StudentConfig:
 class TeacherConfig:
     # URL of a running teacher_server (e.g. http://teacher-node:8000). When
     # null, the driver starts `python -m teacher_server --model teacher.model`
-    # itself on 127.0.0.1 and stops it at the end.
+    # itself, in a Ray actor that books its GPUs and CPUs, and stops it at the
+    # end (cluster/teacher_proc.py).
     url: str | None = None
     # Model the driver serves when `url` is null (same forms as student.model).
-    model: str | None = "tiny:teacher"
+    model: str | None = None
     # File holding the API key sent as `Authorization: Bearer ...` (the key is
-    # never logged). For a self-started server the same key is configured on it.
+    # never logged). For a self-started server the same key is configured on
+    # it; null there = a random key made for the run.
     api_key_file: str | None = None
-    # Teacher weight dtype for a self-started server.
-    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    # Teacher weight dtype for a self-started server: "auto" is bfloat16 when
+    # the run has GPUs, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Max sequence length of a self-started server.
-    max_model_len: int = 512
+    max_model_len: int = 4096
     # Tensor parallel size of a self-started server (GPUs it takes).
     tensor_parallel_size: int = 1
     # KV cache of a self-started server on CPU (GiB).
     kv_cache_gib: float = 1.0
-    # Softmax temperature applied to the teacher's logits before scoring.
+    # Ray CPUs a self-started server's actor books (its GPUs:
+    # tensor_parallel_size when the run has GPUs).
+    cpus: float = 1.0
+    # Softmax temperature applied to the teacher's logits before scoring (the
+    # target of the loss). loss.kind=reverse_kl requires it to equal
+    # rollout.temperature (then the student learns the teacher itself); the
+    # top-k losses fit the student at 1 to the teacher at this temperature.
+    # eval/reverse_kl always scores at 1.
     temperature: float = 1.0
     # Top-k teacher support fetched per position (needed by the *_topk and jsd
     # losses; 0 = only the sampled token's logprob).
@@ -101,9 +112,7 @@ class TeacherConfig:
         out = _positive(self, "max_model_len", "tensor_parallel_size", "kv_cache_gib", "temperature",
                         "max_tokens_per_request", "max_concurrency", "request_timeout_s",
                         "unavailable_timeout_s", "startup_timeout_s")
-        if self.url is None and not self.model:
-            out.append("teacher: set either teacher.url (a running teacher_server) or teacher.model "
-                       "(the driver starts one); both are null")
+        out += _non_negative(self, "cpus")
         if self.top_k < 0:
             out.append(f"teacher.top_k: {self.top_k} is negative; use 0 (sampled token only) or K > 0")
         return out
@@ -111,11 +120,11 @@ class TeacherConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # Training prompts: a JSONL or Parquet file, or a `datasets` dataset saved
-    # with save_to_disk, each record with a `prompt` (text) or `messages`
-    # (chat) field; `answer` and other fields are carried through.
-    # `tiny:arithmetic` builds the arithmetic task of recipes/ locally.
-    train: str = "tiny:arithmetic"
+    # Training prompts (required): a JSONL or Parquet file, or a `datasets`
+    # dataset saved with save_to_disk, each record with a `prompt` (text) or
+    # `messages` (chat) field; `answer` and other fields are carried through.
+    # `tiny:arithmetic` builds the demo's arithmetic task locally.
+    train: str | None = None
     # Held-out prompts in the same format; null takes `eval_size` records off
     # the end of the training file instead.
     eval: str | None = None
@@ -126,7 +135,7 @@ class DataConfig:
     # Shuffle the prompt stream (deterministically by run.seed, per epoch).
     shuffle: bool = True
     # Prompts longer than this (tokens) are an error naming the record.
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = 1024
 
     def problems(self) -> list[str]:
         return _positive(self, "max_prompt_tokens") + _non_negative(self, "eval_size")
@@ -139,12 +148,17 @@ class RolloutConfig:
     # Completions sampled per prompt (n).
     samples_per_prompt: int = 4
     # Longest completion (tokens).
-    max_new_tokens: int = 64
-    # Sampling temperature.
+    max_new_tokens: int = 1024
+    # Sampling temperature T (0 = greedy). loss.kind=reverse_kl trains the
+    # distribution sampled from, softmax(logits / T), toward the teacher at
+    # teacher.temperature, which must equal T (> 0); for the top-k losses and
+    # sft T only chooses the states trained on (README, "Temperatures").
     temperature: float = 1.0
-    # Nucleus sampling mass (1.0 = off).
+    # Nucleus sampling mass (1.0 = off) and top-k sampling (0 = off). The
+    # learner scores tokens under the same truncation (vLLM's rule, repeated
+    # on its logits: learner/logprobs.py), so the importance ratio stays 1
+    # on-policy; reverse_kl then trains the truncated policy (learner/losses.py).
     top_p: float = 1.0
-    # Top-k sampling (0 = off).
     top_k: int = 0
     # Strings that end a completion (besides the EOS token).
     stop: tuple[str, ...] = ()
@@ -156,8 +170,10 @@ class RolloutConfig:
     tensor_parallel_size: int = 1
     # CPUs reserved per sampler actor in the placement group.
     cpus_per_sampler: float = 1.0
-    # GPU memory fraction vLLM may use (GPU only).
-    gpu_memory_utilization: float = 0.5
+    # GPU memory fraction a sampler's vLLM engine may use (GPU only; vLLM's
+    # default). Lower it when placement.gpus_per_bundle < 1 puts other roles
+    # on the same GPU.
+    gpu_memory_utilization: float = 0.9
     # KV cache per sampler on CPU (GiB, VLLM_CPU_KVCACHE_SPACE).
     kv_cache_gib: float = 1.0
     # CPU threads of a CPU sampler: "auto" (every core the sampler's process
@@ -188,8 +204,9 @@ class RolloutConfig:
     # the same time. vLLM pins a CPU engine's torch to fewer threads (one on a
     # 2-core box), which halves the copy's speed (bench/README.md).
     weight_load_threads: int = 0
-    # Run vLLM without CUDA graphs / compilation (always on for CPU).
-    enforce_eager: bool = True
+    # Run vLLM without CUDA graphs / torch.compile (faster start, slower
+    # decoding on GPU). CPU samplers always run eager.
+    enforce_eager: bool = False
     # Weight transport learner rank 0 -> samplers: "nccl" (vLLM's official NCCL
     # weight-transfer engine, GPU), "shm" (CPU: bytes through one /dev/shm
     # region, control over gloo; every sampler on learner rank 0's node, and
@@ -259,17 +276,21 @@ class LearnerConfig:
     world_size: int = 1
     # DeepSpeed ZeRO stage (0 = plain data parallel).
     zero_stage: Literal[0, 1, 2, 3] = 0
-    # Training precision: fp32 master weights always; "bfloat16" computes in bf16.
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # Peak learning rate (AdamW).
-    lr: float = 1e-4
+    # Training precision: fp32 master weights always; "bfloat16" computes in
+    # bf16; "auto" is bfloat16 when the run has GPUs, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Peak learning rate (AdamW). 1e-6 is the usual full fine-tuning value of
+    # RL-style trainers (OpenRLHF, verl); LoRA and tiny models take more.
+    lr: float = 1e-6
     # Linear warmup steps from 0 to `lr`.
     warmup_steps: int = 0
     # Schedule after warmup.
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     # Final learning rate as a fraction of `lr` (cosine/linear).
     min_lr_ratio: float = 0.0
-    # AdamW weight decay.
+    # AdamW weight decay. Decoupled decay shrinks every weight each step
+    # whatever the gradient, so even a policy with zero advantages moves
+    # (self-distillation stays bitwise still only at 0, the default).
     weight_decay: float = 0.0
     # AdamW betas.
     betas: tuple[float, float] = (0.9, 0.999)
@@ -310,7 +331,7 @@ LOSS_KINDS = ("reverse_kl", "reverse_kl_topk", "forward_kl_topk", "jsd", "sft")
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    # reverse_kl: the seed's on-policy distillation (sampled-token reverse KL
+    # reverse_kl: on-policy distillation ("On-Policy Distillation", TML 2025) (sampled-token reverse KL
     #   as a per-token advantage, importance-sampling loss).
     # reverse_kl_topk / forward_kl_topk / jsd: divergences over the teacher's
     #   top-k support (teacher.top_k > 0).
@@ -328,13 +349,14 @@ class LossConfig:
     # sequence, then over sequences.
     normalize: Literal["token", "sequence"] = "token"
     # Generalized JSD interpolation (0 -> forward KL, 1 -> reverse KL, in the
-    # seed's D_JSD(beta) convention with P = teacher).
+    # GKD's D_JSD(beta) convention with P = teacher).
     jsd_beta: float = 0.5
-    # (added by the learner) Probability outside the teacher's top-k in the
-    # *_topk and jsd losses: "renormalize" restricts both distributions to the
-    # top-k and renormalises; "bucket" adds one tail category holding each
-    # side's remaining mass (penalises student mass outside the top-k).
-    topk_tail: Literal["renormalize", "bucket"] = "renormalize"
+    # Probability outside the teacher's top-k in the *_topk and jsd losses:
+    # "bucket" adds one tail category holding each side's remaining mass (the
+    # student's exact, from the learner's full logits), so student mass where
+    # the teacher has little is penalised; "renormalize" restricts both
+    # distributions to the top-k and renormalises (ignores that mass).
+    topk_tail: Literal["renormalize", "bucket"] = "bucket"
 
     def problems(self) -> list[str]:
         out = _positive(self, "ratio_cap")
@@ -383,11 +405,61 @@ class EvalConfig:
     num_prompts: int = 32
     # Completions per held-out prompt.
     samples_per_prompt: int = 1
-    # Sampling temperature of eval completions (reverse KL is measured on them).
+    # Sampling temperature of the completions that are graded (eval/accuracy;
+    # 0 = greedy). eval/reverse_kl is always measured on completions sampled at
+    # temperature 1 against the teacher at temperature 1, whatever this says;
+    # at a value other than 1 the graded completions are a second pass.
     temperature: float = 1.0
+    # How eval/accuracy scores a completion: "exact" (stripped completion ==
+    # stripped `answer`), "last_number" (the completion's last number vs the
+    # answer, numerically), "boxed" (the last \boxed{...} vs the answer), or
+    # "package.module:function" called as function(completion: str, record:
+    # dict) -> float in [0, 1] (cluster/task_fns.py). null: "exact" on records
+    # that have an `answer`; without answers no accuracy is logged.
+    grader: str | None = None
 
     def problems(self) -> list[str]:
-        return _non_negative(self, "every_steps") + _positive(self, "num_prompts", "samples_per_prompt")
+        out = _non_negative(self, "every_steps", "temperature") + _positive(self, "num_prompts",
+                                                                            "samples_per_prompt")
+        if self.grader is not None:
+            from cluster.task_fns import resolve_grader
+
+            try:
+                resolve_grader(self.grader)
+            except ValueError as e:
+                out.append(str(e))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    # A task reward beside the distillation signal: "package.module:function"
+    # called once per sampled completion as function(completion: str, record:
+    # dict) -> float (cluster/task_fns.py). null = no reward.
+    fn: str | None = None
+    # Weight of the reward advantage in loss.kind=reverse_kl: the per-token
+    # advantage is loss.kl_coef * (lp_teacher - lp_sampler) + coef * (R - b),
+    # R the completion's reward (the same for all its tokens), b the mean
+    # reward of the prompt's samples (the group baseline). 0 = the reward is
+    # computed and logged (reward/mean, reward/std) but not trained on.
+    # loss.kl_coef=0 with coef > 0 is plain RL with a group baseline.
+    coef: float = 0.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.fn is not None:
+            from cluster.task_fns import resolve_reward
+
+            try:
+                resolve_reward(self.fn)
+            except ValueError as e:
+                out.append(str(e))
+        elif self.coef != 0.0:
+            out.append(f"reward.coef: {self.coef} but reward.fn is null; set reward.fn to a "
+                       "\"package.module:function\" that scores a completion, or reward.coef=0")
+        if not (self.coef == self.coef and abs(self.coef) != float("inf")):
+            out.append(f"reward.coef: {self.coef} is not a finite number")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,7 +497,7 @@ class LogConfig:
 class RunConfig:
     # Run directory: metrics.jsonl, checkpoints/, the final export, the
     # resolved config, wandb's offline files.
-    dir: str = "runs/demo"
+    dir: str = "runs/opd"
     # Seed of everything (prompt order, sampling, init of the learner's RNG).
     seed: int = 0
     # Continue from the latest checkpoint in run.dir (same as --resume).
@@ -434,11 +506,16 @@ class RunConfig:
     save_every_steps: int = 10
     # Checkpoints kept (older ones are deleted after a newer one is complete).
     keep_checkpoints: int = 2
-    # Export the final student in Hugging Face format to <run.dir>/final.
+    # Export the final student in Hugging Face format to <run.dir>/final
+    # (sharded safetensors in the training dtype, config, generation config,
+    # tokenizer: loads in transformers and vLLM).
     export_final: bool = True
+    # Also export every N steps to <run.dir>/exports/step_NNNNNNNN (0 = off;
+    # all are kept; the last step's export is final/ when export_final).
+    export_every_steps: int = 0
 
     def problems(self) -> list[str]:
-        return _non_negative(self, "save_every_steps") + _positive(self, "keep_checkpoints")
+        return _non_negative(self, "save_every_steps", "export_every_steps") + _positive(self, "keep_checkpoints")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,6 +549,8 @@ class Config:
     learner: LearnerConfig = LearnerConfig()
     # The distillation objective.
     loss: LossConfig = LossConfig()
+    # An optional task reward added to the objective.
+    reward: RewardConfig = RewardConfig()
     # The loop.
     train: TrainConfig = TrainConfig()
     # Held-out evaluation.
@@ -484,8 +563,19 @@ class Config:
     placement: PlacementConfig = PlacementConfig()
 
     def problems(self) -> list[str]:
-        """Cross-section checks (each section checks its own fields)."""
+        """Required keys and cross-section checks (each section checks its own
+        fields; a section missing from the input is not built, so required
+        keys are checked here)."""
         out = []
+        if not self.student.model:
+            out.append("student.model: required; set it to a local Hugging Face model directory or a hub id "
+                       "(e.g. student.model=Qwen/Qwen3-1.7B)")
+        if not self.data.train:
+            out.append("data.train: required; set it to a JSONL or Parquet file of prompts, or a directory "
+                       "written by datasets' save_to_disk (e.g. data.train=/data/prompts.jsonl)")
+        if self.teacher.url is None and not self.teacher.model:
+            out.append("teacher: set either teacher.url (a running teacher_server) or teacher.model "
+                       "(the driver starts one); both are null")
         if self.loss.kind in ("reverse_kl_topk", "forward_kl_topk", "jsd") and self.teacher.top_k <= 0:
             out.append(f"loss.kind={self.loss.kind} needs the teacher's top-k support: set teacher.top_k "
                        f"to K > 0 (e.g. teacher.top_k=20); it is {self.teacher.top_k}")
@@ -499,6 +589,7 @@ class Config:
         if self.train.sample_from == "teacher" and self.train.mode == "async":
             out.append("train.mode=async overlaps student sampling with training; with "
                        "train.sample_from=teacher there is no student sampling: use train.mode=sync")
+        out += self._temperature_and_reward_problems()
         if self.data.max_prompt_tokens + self.rollout.max_new_tokens > self.student.max_model_len:
             out.append(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_new_tokens "
                        f"({self.rollout.max_new_tokens}) exceeds student.max_model_len "
@@ -508,6 +599,74 @@ class Config:
             out.append(f"data.max_prompt_tokens + rollout.max_new_tokens "
                        f"({self.data.max_prompt_tokens + self.rollout.max_new_tokens}) exceeds "
                        f"teacher.max_model_len ({self.teacher.max_model_len})")
+        out += self._gpu_placement_problems()
+        return out
+
+    def _gpu_placement_problems(self) -> list[str]:
+        """placement.gpus_per_bundle against the samplers: a sampler's bundle
+        (and actor) holds gpus_per_bundle x rollout.tensor_parallel_size GPUs
+        (cluster/placement.py), and each engine worker and learner rank uses one."""
+        g, tp = self.placement.gpus_per_bundle, self.rollout.tensor_parallel_size
+        if g is None or g == 0:
+            return []
+        if g < 0:
+            return [f"placement.gpus_per_bundle: {g} is negative; use 0 (a CPU-only run), 1, a fraction "
+                    "below 1 (roles share a GPU), or null (1 when the cluster has GPUs, else 0)"]
+        if g > 1:
+            return [f"placement.gpus_per_bundle: {g} GPUs per bundle, but a learner rank and each sampler engine "
+                    "worker use one GPU (the rest would idle, and Ray refuses fractions above 1); use 1 (or a "
+                    "fraction below 1 to share GPUs), and rollout.tensor_parallel_size for bigger samplers"]
+        out = []
+        if g < 1 and tp > 1:
+            out.append(f"placement.gpus_per_bundle={g} with rollout.tensor_parallel_size={tp}: each of a "
+                       f"sampler's {tp} engine workers needs a GPU of its own, but its bundle would hold "
+                       f"{g * tp:g}; use placement.gpus_per_bundle=1 (or rollout.tensor_parallel_size=1)")
+        if g < 1 and self.rollout.gpu_memory_utilization > g:
+            out.append(f"rollout.gpu_memory_utilization ({self.rollout.gpu_memory_utilization}) exceeds "
+                       f"placement.gpus_per_bundle ({g}): a sampler shares its GPU, but vLLM would claim "
+                       f"{self.rollout.gpu_memory_utilization:.0%} of its memory; set "
+                       f"rollout.gpu_memory_utilization <= {g}")
+        return out
+
+    def _temperature_and_reward_problems(self) -> list[str]:
+        """The temperature rule (README, "What a run trains toward, and what it logs")
+        and the reward's requirements.
+
+        reverse_kl trains the distribution the samplers draw from,
+        q_T = softmax(logits / T) with T = rollout.temperature, toward the
+        teacher as scored, softmax(teacher logits / T') with T' =
+        teacher.temperature. At T' = T its fixed point is student logits =
+        teacher logits (+ a constant), i.e. the student equals the teacher at
+        every temperature, T = 1 included (the method samples and scores at
+        1, as tinker-cookbook does); at T' != T it is a rescaled teacher
+        (student logits = T / T' x the teacher's), so that is refused. The
+        top-k losses and sft fit the student at T = 1 to their target (the
+        teacher at T', or the given tokens); rollout.temperature only chooses
+        the states, any value (greedy included) is coherent, and T' != 1 is
+        the deliberate choice of a tempered target."""
+        out = []
+        on_policy_pg = self.loss.kind == "reverse_kl" and self.train.sample_from == "student"
+        t_roll, t_teach = self.rollout.temperature, self.teacher.temperature
+        if on_policy_pg and t_roll == 0:
+            out.append("rollout.temperature: 0 (greedy) with loss.kind=reverse_kl: on-policy distillation needs "
+                       "samples from the student's distribution, and greedy decoding has none (no importance "
+                       "ratio, no sampled KL); use rollout.temperature > 0 (1.0, as in the method)")
+        elif on_policy_pg and t_teach != t_roll:
+            out.append(f"teacher.temperature ({t_teach}) differs from rollout.temperature ({t_roll}) with "
+                       f"loss.kind=reverse_kl: the advantage lp_teacher - lp_sampler compares the student sampled "
+                       f"at rollout.temperature with the teacher scored at teacher.temperature, and at different "
+                       f"temperatures the student learns a rescaled teacher (logits -> {t_roll / t_teach:.3g} x the "
+                       f"teacher's); set teacher.temperature={t_roll} (the method samples and scores at 1.0)")
+        if self.reward.coef != 0.0:
+            if self.loss.kind != "reverse_kl":
+                out.append(f"reward.coef: {self.reward.coef} with loss.kind={self.loss.kind}: the reward advantage "
+                           "enters the policy-gradient loss only; use loss.kind=reverse_kl (with loss.kl_coef=0 "
+                           "for plain RL) or reward.coef=0")
+            if self.rollout.samples_per_prompt < 2:
+                out.append(f"reward.coef: {self.reward.coef} with rollout.samples_per_prompt="
+                           f"{self.rollout.samples_per_prompt}: the baseline is the mean reward of a prompt's "
+                           "samples, so one sample per prompt makes every reward advantage 0; use "
+                           "rollout.samples_per_prompt >= 2")
         return out
 
 

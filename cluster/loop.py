@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import math
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from cluster.checkpoint import save_checkpoint
 from cluster.config import Config
-from cluster.stages import completion_table, evaluate, sample_completions, score_completions
+from cluster.stages import completion_table, evaluate, reward_completions, sample_completions, score_completions
 from rollout.types import RolloutBatch
 
 
@@ -68,28 +69,76 @@ def _actor_died(e: BaseException) -> bool:
     return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
-def restart_dead_samplers(ctx: RunContext, cause: BaseException, next_push: str) -> dict:
-    """Restart every sampler that no longer answers and rebuild the
-    weight-sync group over the pool; re-raise `cause` when every sampler is
-    alive (the failure was something else, e.g. a dead learner rank). The
-    caller pushes weights before anyone samples again."""
+def samplers_to_restart(pool, timeout_s: float = 60.0) -> dict[int, str]:
+    """{sampler index: why} for every sampler that must be replaced: one that
+    does not answer, and one stuck inside a weight receive its sender gave up
+    (SamplerActor.stuck_in_weight_receive: an NCCL broadcast whose sender
+    aborted never returns, and only a new process frees that worker)."""
     import ray
 
-    t0 = time.monotonic()
-    dead = []
-    for i, s in enumerate(ctx.pool.samplers):
+    refs = [(s.ready.remote(), s.stuck_in_weight_receive.remote() if hasattr(s, "stuck_in_weight_receive")
+             else None) for s in pool.samplers]
+    deadline = time.monotonic() + timeout_s
+    out = {}
+    for i, (ready, stuck) in enumerate(refs):
         try:
-            ray.get(s.ready.remote(), timeout=60)
-        except Exception:  # noqa: BLE001 - any failure to answer counts as dead
-            dead.append(i)
-    if not dead:
+            ray.get(ready, timeout=max(0.0, deadline - time.monotonic()))
+            why = None if stuck is None else ray.get(stuck, timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001 - any failure to answer counts as dead
+            out[i] = f"died ({type(e).__name__})"
+            continue
+        if why:
+            out[i] = f"stuck in a weight receive ({why})"
+    return out
+
+
+def release_stuck_sampler(pool, i: int) -> None:
+    """Kill the engine processes of sampler i (stuck in a receive) before the
+    actor is replaced, so the GPU memory they hold is free for its successor
+    (best effort: the restart goes ahead either way)."""
+    import ray
+
+    try:
+        ray.get(pool.samplers[i].kill_engine_processes.remote(), timeout=60)
+    except Exception as e:  # noqa: BLE001
+        print(f"[opd] could not kill the engine processes of stuck sampler {i}: {e}", flush=True)
+
+
+def weight_sync_timed_out(e: BaseException) -> bool:
+    """The push failed because the weight-sync deadline passed: the sender
+    aborted its transfer group (learner/weight_sender.NcclWeightSender), so the
+    group must be re-formed even when every sampler is healthy."""
+    from rollout.weight_sync import WeightSyncError
+
+    cause = getattr(e, "cause", None) or e  # a RayTaskError carries the actor's exception
+    return isinstance(cause, WeightSyncError) and cause.stage == "timeout"
+
+
+def restart_dead_samplers(ctx: RunContext, cause: BaseException, next_push: str) -> dict:
+    """Restart every sampler that died or is stuck in an abandoned weight
+    receive (`samplers_to_restart`) and rebuild the weight-sync group over the
+    pool; re-raise `cause` when no sampler needs it and the group is intact
+    (the failure was something else, e.g. a dead learner rank). The caller
+    pushes weights before anyone samples again."""
+    t0 = time.monotonic()
+    bad = samplers_to_restart(ctx.pool)
+    if not bad and not weight_sync_timed_out(cause):
         raise cause  # not a dead sampler: nothing to recover
-    print(f"[opd] sampler(s) {dead} died ({type(cause).__name__}); restarting them and {next_push}", flush=True)
-    for i in dead:
+    if bad:
+        why = "; ".join(f"{i}: {w}" for i, w in sorted(bad.items()))
+        print(f"[opd] sampler(s) {sorted(bad)} need a restart ({why}; after {type(cause).__name__}); restarting "
+              f"them and {next_push}", flush=True)
+    else:
+        first = str(cause).splitlines()[0][:300]
+        print(f"[opd] the weight push timed out and its transfer group was aborted ({first}); re-forming the "
+              f"group and {next_push}", flush=True)
+    for i in sorted(bad):
+        if bad[i].startswith("stuck"):
+            release_stuck_sampler(ctx.pool, i)
         ctx.pool.restart(i)
     ctx.learners.init_weight_sync(ctx.pool, **ctx.sync_kwargs)
-    ctx.sampler_restarts += len(dead)
-    return {"rollout/sampler_restarts": len(dead), "time/sampler_recovery_s": time.monotonic() - t0}
+    ctx.sampler_restarts += len(bad)
+    return {"rollout/sampler_restarts": len(bad), "time/sampler_recovery_s": time.monotonic() - t0}
 
 
 def recover_samplers(ctx: RunContext, cause: BaseException) -> dict:
@@ -125,7 +174,17 @@ def sampling_seed(ctx: RunContext, step: int) -> int:
 
 def train_on(ctx: RunContext, batch) -> dict:
     t0 = time.monotonic()
-    m = ctx.learners.train_step(batch, step=ctx.step, temperature=ctx.cfg.rollout.temperature)
+    r = ctx.cfg.rollout
+    # Student samples carry logprobs of the top-k / nucleus-truncated
+    # distribution, which the learner then scores too; off-policy rows carry
+    # the student's untruncated score (pool.score).
+    truncated = ctx.cfg.train.sample_from == "student"
+    m = ctx.learners.train_step(batch, step=ctx.step, temperature=r.temperature,
+                                top_k=r.top_k if truncated else 0, top_p=r.top_p if truncated else 1.0)
+    if ctx.cfg.train.sample_from == "teacher" and "learner/reverse_kl" in m:
+        # On the teacher's samples mean(lp_student - lp_teacher) is minus the
+        # sampled forward KL: log it under the name of what it estimates.
+        m["learner/forward_kl"] = -m.pop("learner/reverse_kl")
     ctx.trained_tokens += batch.num_trained_tokens
     return {**m, "time/train_s": time.monotonic() - t0}
 
@@ -133,9 +192,11 @@ def train_on(ctx: RunContext, batch) -> dict:
 def sync_weights(ctx: RunContext) -> dict:
     """Push the learner's weights as the next version. A sampler that dies
     during the push (the push fails however it fails: a dead sampler shows up
-    as a failed RPC inside the learner) is restarted and the push is redone
-    to the whole pool, so no live sampler is left mid-update; any other
-    failure (a dead learner rank) is raised."""
+    as a failed RPC inside the learner), or is left stuck in a receive the
+    sender gave up (a push past rollout.weight_sync_timeout_s), is restarted,
+    the group re-formed and the push redone to the whole pool, so no live
+    sampler is left mid-update; any other failure (a dead learner rank) is
+    raised."""
     t0 = time.monotonic()
     new_version = ctx.version + 1
     recovery: dict = {}
@@ -159,6 +220,15 @@ def checkpoint(ctx: RunContext) -> Path:
     return save_checkpoint(ctx.run_dir, ctx.step, ctx.learners.save, state, ctx.cfg.run.keep_checkpoints)
 
 
+def export(ctx: RunContext) -> Path:
+    """Hugging Face export of the current student to
+    <run.dir>/exports/step_NNNNNNNN (run.export_every_steps); every learner
+    rank takes part (a ZeRO-3 gather), rank 0 writes."""
+    path = ctx.learners.export_hf(ctx.run_dir / "exports" / f"step_{ctx.step:08d}")
+    print(f"[opd] step {ctx.step}: student exported to {path}", flush=True)
+    return path
+
+
 def maybe_eval(ctx: RunContext, force: bool = False) -> dict:
     every = ctx.cfg.eval.every_steps
     if not ctx.eval_records or every == 0:
@@ -166,13 +236,12 @@ def maybe_eval(ctx: RunContext, force: bool = False) -> dict:
     if not force and ctx.step % every != 0:
         return {}
     m, rec = with_sampler_recovery(ctx, evaluate, ctx.pool, ctx.teacher, ctx.eval_records, ctx.cfg.eval,
-                                   ctx.cfg.rollout, ctx.cfg.teacher, ctx.tokenizer,
-                                   seed=sampling_seed(ctx, 10_000_000 + ctx.step))
+                                   ctx.tokenizer, seed=sampling_seed(ctx, 10_000_000 + ctx.step))
     return {**m, **rec}
 
 
 def finish_step(ctx: RunContext, metrics: dict, t0: float, batch) -> None:
-    """Eval, log, progress line, periodic checkpoint for the step just done."""
+    """Eval, log, progress line, periodic checkpoint and export for the step just done."""
     cfg = ctx.cfg
     last = ctx.step >= cfg.train.steps
     metrics.update(maybe_eval(ctx, force=last))
@@ -196,7 +265,10 @@ def finish_step(ctx: RunContext, metrics: dict, t0: float, batch) -> None:
     if ctx.step % cfg.log.print_every_steps == 0 or last:
         ev = metrics.get("eval/reverse_kl")
         acc = metrics.get("eval/accuracy")
-        print(f"[opd] step {ctx.step}/{cfg.train.steps} | kl {metrics.get('teacher/reverse_kl', float('nan')):.4f}"
+        kl_key = "teacher/forward_kl" if cfg.train.sample_from == "teacher" else "teacher/reverse_kl"
+        print(f"[opd] step {ctx.step}/{cfg.train.steps} | {kl_key.split('/')[1]} "
+              f"{metrics.get(kl_key, float('nan')):.4f}"
+              + (f" | reward {metrics['reward/mean']:.4f}" if "reward/mean" in metrics else "")
               + (f" | eval_kl {ev:.4f}" if ev is not None else "")
               + (f" | eval_acc {acc:.3f}" if acc is not None else "")
               + f" | loss {metrics.get('learner/loss', float('nan')):.4f}"
@@ -204,6 +276,9 @@ def finish_step(ctx: RunContext, metrics: dict, t0: float, batch) -> None:
               flush=True)
     if cfg.run.save_every_steps and ctx.step % cfg.run.save_every_steps == 0 and not last:
         checkpoint(ctx)
+    if cfg.run.export_every_steps and ctx.step % cfg.run.export_every_steps == 0 \
+            and not (last and cfg.run.export_final):  # then the driver writes final/
+        export(ctx)
 
 
 def log_baseline_eval(ctx: RunContext) -> None:
@@ -230,7 +305,11 @@ def chunk_seed(seed: int, i: int) -> int:
 
 # Per-chunk metrics that are averages: merged weighted by (key of the weight).
 _WEIGHTED = {"rollout/finished_frac": "rollout/completions", "teacher/reverse_kl": "teacher/tokens_scored",
-             "teacher/mean_logprob": "teacher/tokens_scored"}
+             "teacher/forward_kl": "teacher/tokens_scored", "teacher/mean_logprob": "teacher/tokens_scored",
+             "reward/mean": "rollout/completions"}
+# Standard deviations: pooled from the chunks' (std, mean, count) as the std
+# of all the values together.
+_POOLED_STD = {"reward/std": ("reward/mean", "rollout/completions")}
 # Rates: recomputed from merged totals as numerator / seconds.
 _RATES = {"rollout/tokens_per_s": ("rollout/completion_tokens", "time/sample_s"),
           "teacher/tokens_per_s": ("teacher/tokens_scored", "time/teacher_s")}
@@ -243,7 +322,7 @@ def merge_chunk_metrics(parts: list[dict]) -> dict:
     out: dict = {}
     for m in parts:
         for k, v in m.items():
-            if k in _WEIGHTED or k in _RATES or k == "rollout/mean_completion_len":
+            if k in _WEIGHTED or k in _RATES or k in _POOLED_STD or k == "rollout/mean_completion_len":
                 continue
             out[k] = out.get(k, 0) + v
     for k, w in _WEIGHTED.items():
@@ -251,6 +330,13 @@ def merge_chunk_metrics(parts: list[dict]) -> dict:
         if pairs:
             tot = sum(x for _, x in pairs)
             out[k] = sum(v * x for v, x in pairs) / tot if tot else sum(v for v, _ in pairs) / len(pairs)
+    for k, (mean_key, w) in _POOLED_STD.items():
+        triples = [(m[k], m[mean_key], m.get(w, 0)) for m in parts if k in m]
+        tot = sum(n for _, _, n in triples)
+        if triples and tot:
+            mu = sum(mu_i * n for _, mu_i, n in triples) / tot
+            var = sum(n * (sd * sd + (mu_i - mu) ** 2) for sd, mu_i, n in triples) / tot
+            out[k] = math.sqrt(max(var, 0.0))
     for k, (num, den) in _RATES.items():
         if any(k in m for m in parts):
             out[k] = out.get(num, 0) / max(out.get(den, 0), 1e-9)
@@ -285,27 +371,37 @@ def rollout_and_score(ctx: RunContext, records: list, seed: int, recover: bool =
     t0 = time.monotonic()
 
     def sample(part: list, s: int):
+        """(completions, (rewards, reward advantages), metrics) of one chunk."""
         args = (ctx.pool, ctx.teacher, part, cfg.rollout, s, cfg.train.sample_from)
         if recover:
             (comps, m), rec = with_sampler_recovery(ctx, sample_completions, *args)
-            return comps, {**m, **rec}
-        return sample_completions(*args)
+            m = {**m, **rec}
+        else:
+            comps, m = sample_completions(*args)
+        rewards = (None, None)
+        if cfg.reward.fn is not None:
+            r, adv, m_reward = reward_completions(comps, part, cfg.reward, ctx.tokenizer)
+            rewards = (r, adv)
+            m.update(m_reward)
+        return comps, rewards, m
 
-    def score(comps: list, part: list):
-        return score_completions(ctx.teacher, comps, part, cfg.teacher, cfg.loss, student_scorer=scorer)
+    def score(comps: list, rewards: tuple, part: list):
+        return score_completions(ctx.teacher, comps, part, cfg.teacher, cfg.loss, student_scorer=scorer,
+                                 sample_from=cfg.train.sample_from, rewards=rewards[0],
+                                 reward_advantages=rewards[1])
 
     parts = split_records(records, cfg.train.rollout_chunks)
     if len(parts) == 1:
-        comps, m = sample(records, seed)
-        batch, m2 = score(comps, records)
+        comps, rewards, m = sample(records, seed)
+        batch, m2 = score(comps, rewards, records)
         return batch, {**m, **m2, "time/rollout_s": time.monotonic() - t0}
     ex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-score")
     futs, sample_metrics = [], []
     try:
         for i, part in enumerate(parts):
-            comps, m = sample(part, chunk_seed(seed, i))
+            comps, rewards, m = sample(part, chunk_seed(seed, i))
             sample_metrics.append(m)
-            futs.append(ex.submit(score, comps, part))
+            futs.append(ex.submit(score, comps, rewards, part))
         t_sampled = time.monotonic()
         scored = [f.result() for f in futs]
     finally:

@@ -6,9 +6,14 @@ Called by the driver (cluster/train.py) before any actor starts:
     plan = make_placement(cfg.placement, cfg.rollout, cfg.learner, ray_info)
     plan.sampler_strategies[i]  -> scheduling strategy of sampler actor i
     plan.learner_strategies[r]  -> scheduling strategy of learner rank r
+    plan.gpus_per_sampler(cfg.rollout), plan.gpus_per_bundle -> num_gpus of a sampler / learner actor
 
 One placement group per role: samplers (one bundle per sampler engine, with
-`tensor_parallel_size` GPUs on GPU) and learners (one bundle per rank). Each
+`gpus_per_bundle x tensor_parallel_size` GPUs on GPU) and learners (one bundle
+per rank, `gpus_per_bundle` GPUs). Every actor requests exactly what its bundle
+holds: Ray sets CUDA_VISIBLE_DEVICES to those GPUs only (an actor with
+num_gpus=0 sees every GPU of its node), and a request larger than the bundle
+is refused ("cannot fit into any bundles"). Each
 group uses `placement.strategy` (PACK / SPREAD / STRICT_*), so a user can keep
 a role on one node or spread it. Ray reserves the bundles atomically, so a run
 that does not fit fails at start with a message instead of half-starting.
@@ -72,6 +77,13 @@ class PlacementPlan:
     def uses_gpus(self) -> bool:
         return self.gpus_per_bundle > 0
 
+    def gpus_per_sampler(self, rcfg: RolloutConfig) -> float:
+        """GPUs each sampler actor requests: exactly what its bundle holds
+        (`SamplerPool.create(num_gpus_per_sampler=...)`). The driver never asks
+        its own hardware: under `ray job submit` it usually runs on a GPU-less
+        head node. Learner ranks request `gpus_per_bundle`, as their bundles hold."""
+        return sampler_gpus(self.gpus_per_bundle, rcfg.tensor_parallel_size)
+
     def describe(self) -> dict:
         """Which node each bundle landed on (written to <run.dir>/placement.json)."""
         from ray.util import placement_group_table
@@ -94,13 +106,20 @@ class PlacementPlan:
                 pass
 
 
+def sampler_gpus(gpus_per_bundle: float, tensor_parallel_size: int) -> float:
+    """GPUs of one sampler bundle, and of the sampler actor placed in it:
+    `gpus_per_bundle` per engine worker (a fraction < 1 shares a GPU; config
+    validation allows it only with tensor_parallel_size 1)."""
+    return gpus_per_bundle * tensor_parallel_size if gpus_per_bundle > 0 else 0.0
+
+
 def bundles_for(pcfg: PlacementConfig, rcfg: RolloutConfig, lcfg: LearnerConfig,
                 gpus_per_bundle: float) -> tuple[list[dict], list[dict]]:
     """The resource bundles of the sampler and learner groups."""
     sampler = {"CPU": rcfg.cpus_per_sampler}
     learner = {"CPU": lcfg.cpus_per_worker}
     if gpus_per_bundle > 0:
-        sampler["GPU"] = gpus_per_bundle * rcfg.tensor_parallel_size
+        sampler["GPU"] = sampler_gpus(gpus_per_bundle, rcfg.tensor_parallel_size)
         learner["GPU"] = gpus_per_bundle
     if pcfg.sampler_resource:
         sampler[pcfg.sampler_resource] = 0.001
@@ -110,7 +129,11 @@ def bundles_for(pcfg: PlacementConfig, rcfg: RolloutConfig, lcfg: LearnerConfig,
 
 
 def make_placement(pcfg: PlacementConfig, rcfg: RolloutConfig, lcfg: LearnerConfig, info: RayInfo,
-                   timeout_s: float = 300.0) -> PlacementPlan:
+                   timeout_s: float = 300.0, teacher_tensor_parallel_size: int = 0) -> PlacementPlan:
+    """`teacher_tensor_parallel_size`: the GPUs a driver-started teacher
+    books beside the groups when the run has GPUs (its own Ray actor,
+    cluster/teacher_proc.py; 0 = the teacher runs elsewhere): they count in
+    the GPU check."""
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -118,12 +141,16 @@ def make_placement(pcfg: PlacementConfig, rcfg: RolloutConfig, lcfg: LearnerConf
     if gpus is None:
         gpus = 1.0 if info.cluster_gpus > 0 else 0.0
     s_bundles, l_bundles = bundles_for(pcfg, rcfg, lcfg, gpus)
-    need_gpu = sum(b.get("GPU", 0) for b in s_bundles + l_bundles)
+    teacher_gpus = teacher_tensor_parallel_size if gpus > 0 else 0
+    need_gpu = sum(b.get("GPU", 0) for b in s_bundles + l_bundles) + teacher_gpus
     if need_gpu > info.cluster_gpus:
+        teacher = f" + {teacher_gpus} for the teacher the driver starts (teacher.tensor_parallel_size)" \
+            if teacher_gpus else ""
         raise PlacementError(
             f"the run needs {need_gpu:g} GPUs ({rcfg.num_samplers} samplers x {rcfg.tensor_parallel_size} "
-            f"+ {lcfg.world_size} learner ranks, placement.gpus_per_bundle={gpus:g}) but the Ray cluster has "
-            f"{info.cluster_gpus:g}; lower rollout.num_samplers / learner.world_size, or set "
+            f"+ {lcfg.world_size} learner ranks, placement.gpus_per_bundle={gpus:g}{teacher}) but the Ray cluster "
+            f"has {info.cluster_gpus:g}; lower rollout.num_samplers / learner.world_size"
+            f"{', serve the teacher elsewhere (teacher.url)' if teacher_gpus else ''}, or set "
             f"placement.gpus_per_bundle=0 for a CPU-only run")
     s_pg = placement_group(s_bundles, strategy=pcfg.strategy, name="opd-samplers")
     l_pg = placement_group(l_bundles, strategy=pcfg.strategy, name="opd-learners")

@@ -211,8 +211,9 @@ def publish_dir(final: Path, write, done_marker: str, replace: bool = False) -> 
 
 
 def resolve_model(ref: str) -> str:
-    """`tiny:NAME` -> a built local directory; anything else is returned as is
-    (a local path or a hub id the cluster can reach)."""
+    """`tiny:NAME` -> a built local directory; anything else is returned as is.
+    (For tests and benchmarks; the driver resolves every form, hub ids
+    included, with cluster/models.py: resolve_model.)"""
     if ref.startswith(TINY_PREFIX):
         return str(build_model(ref[len(TINY_PREFIX):]))
     return ref

@@ -9,13 +9,17 @@ cluster; under `ray job submit` it joins the cluster it was submitted to. When
 stops it at the end.
 
 Order of work: validate the config (all problems at once, before anything
-starts) -> run dir + resolved config -> Ray + placement groups -> teacher ->
-samplers + learners -> (resume) -> the sync or async loop -> final checkpoint
-and Hugging Face export -> teardown. SIGTERM (e.g. `ray job stop`) finishes the
+starts) -> run dir + resolved config -> models resolved to local directories
+(hub ids through the Hugging Face cache, cluster/models.py) -> prompts ->
+tokenizer check against the teacher -> Ray + placement groups -> teacher ->
+samplers + learners -> (resume) -> the sync or async loop (Hugging Face
+exports every run.export_every_steps) -> final checkpoint and Hugging Face
+export -> teardown. SIGTERM (e.g. `ray job stop`) finishes the
 current step, checkpoints and exits 0; `--resume` continues from there.
 
 Exit codes: 0 done (or stopped by SIGTERM after checkpointing), 2 bad config
-or input, 3 the teacher stayed unavailable (a checkpoint was written), 4 a
+or input (a model that does not resolve, a teacher tokenizer that maps ids
+differently, bad data), 3 the teacher stayed unavailable (a checkpoint was written), 4 a
 learner worker died (every learner call has a timeout, so this never hangs),
 1 other errors. A dead sampler is restarted, re-sent the current weights, and
 its step retried (`rollout/sampler_restarts`).
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import dataclasses
 import json
 import os
 import signal
@@ -40,8 +45,11 @@ from cluster.checkpoint import clean_partial, latest_checkpoint, read_driver_sta
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.loop import RunContext, checkpoint, do_async_training, do_sync_training
 from cluster.metrics_log import MetricsLogger
+from cluster.task_fns import TaskFunctionError
 from cluster.tiny_data import resolve_data
-from cluster.tiny_models import resolve_model
+from rollout.prompts import PromptDataError
+from rollout.teacher_client import TeacherUnavailableError, TokenizerMismatchError
+from cluster.models import check_student_on_nodes, hf_env, resolve_models
 
 
 class WorkerDied(RuntimeError):
@@ -57,7 +65,8 @@ def _is_actor_death(e: BaseException) -> bool:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="opd-train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", "-c", default=None, help="YAML config (default: all defaults = the demo)")
+    ap.add_argument("--config", "-c", default=None, help="YAML config (configs/demo.yaml is the embedded demo; student.model, "
+                    "teacher.url or teacher.model, and data.train are required)")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.dir")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5 train.steps=10")
     return ap.parse_args(argv)
@@ -70,7 +79,19 @@ def actor_env(cfg: Config) -> dict[str, str]:
     for k in ("OPD_CACHE_DIR", "DS_ACCELERATOR", "VLLM_CPU_OMP_THREADS_BIND", "WANDB_MODE"):
         if k in os.environ:
             env[k] = os.environ[k]
+    env.update(hf_env())  # the same Hugging Face cache settings on every node (cluster/models.py)
     return env
+
+
+def with_concrete_dtypes(cfg: Config, uses_gpus: bool) -> Config:
+    """`cfg` with every "auto" dtype (student, teacher, learner) made
+    concrete for the run's hardware: bfloat16 with GPUs, float32 on CPU."""
+    from rollout.weight_sync import concrete_dtype
+
+    def fix(section):
+        return dataclasses.replace(section, dtype=concrete_dtype(section.dtype, uses_gpus))
+
+    return dataclasses.replace(cfg, student=fix(cfg.student), teacher=fix(cfg.teacher), learner=fix(cfg.learner))
 
 
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
@@ -94,63 +115,102 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     from learner.group import LearnerGroup
     from rollout.prompts import load_prompt_sources
     from rollout.pool import SamplerPool
-    from rollout.teacher_client import TeacherClient
+    from rollout.teacher_client import TeacherClient, check_tokenizers
+    from teacher_server.protocol import load_tokenizer_info, tokenizer_info
 
-    student_path = resolve_model(cfg.student.model)
-    teacher_path = resolve_model(cfg.teacher.model) if cfg.teacher.url is None else None
+    # Models first (tiny: builds, local directories, hub ids through the HF
+    # cache), once: everything after gets the resolved local directories.
+    student, teacher_model = resolve_models(cfg.student.model, cfg.teacher.model if cfg.teacher.url is None else None)
+    student_path = student.path
+    teacher_path = teacher_model.path if teacher_model is not None else None
+    if student.repo_id or (teacher_model and teacher_model.repo_id):
+        print(f"[opd] models: student {student_path}" + (f", teacher {teacher_path}" if teacher_path else ""),
+              flush=True)
     train_path, eval_path = resolve_data(cfg.data.train, cfg.data.eval)
     data_cfg = __import__("dataclasses").replace(cfg.data, train=train_path, eval=eval_path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
-    # Prompts first: bad data fails in seconds, before any actor starts.
+    # Prompts next: bad data fails in seconds, before any actor starts.
     stream, eval_records = load_prompt_sources(data_cfg, tokenizer, seed=cfg.run.seed)
     if resume_state is not None:
         stream.load_state_dict(resume_state["stream"])
+    student_tok = tokenizer_info(tokenizer)
+    if teacher_path is not None:
+        # The driver serves the teacher: compare the two tokenizers on disk
+        # before anything starts (the server loads the same files).
+        check_tokenizers(student_tok, load_tokenizer_info(teacher_path), student_path, cfg.teacher.model)
 
-    # The teacher (a process, or a wait for teacher.url) starts on a side
-    # thread while Ray, the samplers and the learners start: each takes about a
-    # minute on CPU, and they do not depend on each other. A teacher that fails
-    # to start fails the run at the next checkpoint below.
-    print(f"[opd] starting teacher ({cfg.teacher.url or teacher_path})", flush=True)
+    # The teacher starts on a side thread (a wait for teacher.url, or a
+    # teacher_server the driver serves in its own Ray actor, which books its
+    # GPUs: cluster/teacher_proc.py) while the samplers and the learners
+    # start: each takes about a minute on CPU, and they do not depend on each
+    # other. A teacher that fails to start fails the run at the next check
+    # below.
     tex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher-start")
-    teacher_fut = tex.submit(start_teacher, cfg.teacher, teacher_path, run_dir)
-    tex.shutdown(wait=False)
+    teacher_start: dict = {}
+
+    def start_teacher_soon(tcfg, **kwargs) -> None:
+        print(f"[opd] starting teacher ({tcfg.url or teacher_path})", flush=True)
+        teacher_start["fut"] = tex.submit(start_teacher, tcfg, teacher_path, run_dir, **kwargs)
+        tex.shutdown(wait=False)
 
     def stop_teacher() -> None:
         try:
-            handle = teacher_fut.result()
-        except BaseException:  # noqa: BLE001 - it never started (start_teacher cleaned up)
+            handle = teacher_start["fut"].result()
+        except BaseException:  # noqa: BLE001 - never started, or it failed (start_teacher cleaned up)
             return
         handle.stop()
 
-    teardown.append(stop_teacher)
-
     def teacher_failed_fast() -> None:
-        if teacher_fut.done() and teacher_fut.exception() is not None:
-            teacher_fut.result()  # raises the teacher's start error
+        fut = teacher_start.get("fut")
+        if fut is not None and fut.done() and fut.exception() is not None:
+            fut.result()  # raises the teacher's start error
+
+    if cfg.teacher.url:
+        # A running teacher: check its tokenizer before Ray or any actor starts
+        # (only its hash travels unless they differ).
+        start_teacher_soon(cfg.teacher)
+        teacher_start["fut"].result()
+        with TeacherClient.from_config(cfg.teacher, cfg.teacher.url) as probe:
+            probe.check_tokenizer(student_tok, student_name=student_path)
 
     info = connect(cfg.placement, env_vars=actor_env(cfg))
     import ray
 
     if info.started_local:
         teardown.append(ray.shutdown)
-    plan = make_placement(cfg.placement, cfg.rollout, cfg.learner, info)
+    teardown.append(stop_teacher)  # before ray.shutdown: the server is stopped through its actor
+    plan = make_placement(cfg.placement, cfg.rollout, cfg.learner, info,
+                          teacher_tensor_parallel_size=0 if cfg.teacher.url else cfg.teacher.tensor_parallel_size)
     teardown.append(plan.remove)
-    (run_dir / "placement.json").write_text(json.dumps(plan.describe(), indent=1))
+    cfg = with_concrete_dtypes(cfg, plan.uses_gpus)
+    if not cfg.teacher.url:
+        # After the groups are reserved: the teacher takes GPUs they left.
+        start_teacher_soon(cfg.teacher, num_gpus=cfg.teacher.tensor_parallel_size if plan.uses_gpus else 0,
+                           model_ref=teacher_model)
+    layout = plan.describe()
+    (run_dir / "placement.json").write_text(json.dumps(layout, indent=1))
+    # Every other node the samplers and learners landed on must see the
+    # student's directory (or fetch the same hub snapshot) before they start.
+    driver_node = ray.get_runtime_context().get_node_id()
+    check_student_on_nodes(student, [n for role in ("samplers", "learners") for n in layout[role]["node_ids"]
+                                     if n != driver_node])
     print(f"[opd] starting {cfg.rollout.num_samplers} sampler(s) and {cfg.learner.world_size} learner rank(s)"
           f" ({'GPU' if plan.uses_gpus else 'CPU'})", flush=True)
     teacher_failed_fast()
     pool = SamplerPool.create(student_path, cfg.rollout, cfg.student, num_samplers=cfg.rollout.num_samplers,
-                              scheduling_strategies=plan.sampler_strategies)
+                              scheduling_strategies=plan.sampler_strategies,
+                              num_gpus_per_sampler=plan.gpus_per_sampler(cfg.rollout))
     teardown.append(pool.shutdown)
     teacher_failed_fast()
     learners = LearnerGroup.create(student_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
                                    scheduling_strategies=plan.learner_strategies,
                                    num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps)
     teardown.append(learners.shutdown)
-    teacher_proc = teacher_fut.result()
-    teacher = TeacherClient.from_config(cfg.teacher, teacher_proc.url)
+    teacher_proc = teacher_start["fut"].result()
+    # A driver-started server's key (teacher.api_key_file, or one made for the run).
+    teacher = TeacherClient.from_config(dataclasses.replace(cfg.teacher, api_key_file=teacher_proc.api_key_file),
+                                        teacher_proc.url)
     teardown.append(teacher.close)
-    teacher.check_tokenizer(student_path)
     # On CPU "auto" stays "auto": learner rank 0 picks shm when every sampler
     # is on its Ray node, else gloo (the samplers' "opd_shm" engine takes both).
     backend = cfg.rollout.weight_sync_backend
@@ -206,7 +266,7 @@ def run(cfg: Config, resume: bool = False) -> int:
                     f"a learner worker died ({type(e).__name__}: {str(e).splitlines()[0][:300]}); the run stops "
                     f"instead of hanging. Last checkpoint: {last or 'none'}; rerun with --resume to continue "
                     f"from it") from e
-            if type(e).__name__ == "TeacherUnavailableError":
+            if isinstance(e, TeacherUnavailableError):
                 # Keep what was trained: the learners hold a consistent state
                 # for ctx.step (the failed step never reached them).
                 path = checkpoint(ctx)
@@ -238,15 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"[opd] {e}", file=sys.stderr)
         return 2
+    except (PromptDataError, TokenizerMismatchError, TaskFunctionError) as e:
+        # Bad input found by the run itself: the data, the teacher's
+        # tokenizer, the user's grader or reward on a record.
+        print(f"[opd] {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - classify the known failure kinds for the exit code
-        name = type(e).__name__
-        if name in ("PromptDataError", "TokenizerMismatchError"):
-            print(f"[opd] {e}", file=sys.stderr)
-            return 2
         if isinstance(e, WorkerDied):
             print(f"[opd] {e}", file=sys.stderr)
             return 4
-        if name == "TeacherUnavailableError":
+        if isinstance(e, TeacherUnavailableError):
             print(f"[opd] {e}\n[opd] the last checkpoint is intact; rerun with --resume once the teacher is up",
                   file=sys.stderr)
             return 3

@@ -7,7 +7,8 @@ rank surfaces as an error (its peers' collectives time out) instead of a hang.
 
     group = LearnerGroup.create(model_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
                                 scheduling_strategies=[...], total_steps=cfg.train.steps)
-    metrics = group.train_step(batch, step=k, temperature=cfg.rollout.temperature)
+    metrics = group.train_step(batch, step=k, temperature=cfg.rollout.temperature,
+                               top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
     group.init_weight_sync(pool)            # once, after the samplers are up
     group.push_weights(pool, version=k + 1)
     group.save(run_dir / "checkpoints", client_state={...}, keep=2)
@@ -44,6 +45,7 @@ class LearnerGroup:
         self.loss_cfg = loss_cfg
         self.timeout_s = learner_cfg.collective_timeout_s
         self._sync_backend: str | None = None
+        self._sync_wait_s = self.timeout_s  # how long a weight-sync call may take (init_weight_sync)
 
     @classmethod
     def create(cls, model_path: str, learner_cfg, loss_cfg, seed: int, scheduling_strategies: list | None = None,
@@ -92,17 +94,19 @@ class LearnerGroup:
 
     # ----------------------------------------------------------- plumbing
 
-    def _get(self, refs: list, what: str = "learner call"):
+    def _get(self, refs: list, what: str = "learner call", timeout_s: float | None = None):
         import ray
 
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
-            return ray.get(refs, timeout=self.timeout_s)
+            return ray.get(refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as e:
             raise TimeoutError(f"{what} did not finish on all {len(self.workers)} learner ranks within "
-                               f"learner.collective_timeout_s={self.timeout_s}s (a rank died or hangs)") from e
+                               f"{timeout_s:g}s (learner.collective_timeout_s={self.timeout_s}; a rank died or "
+                               "hangs)") from e
 
-    def _all(self, call, what: str = "learner call") -> list:
-        return self._get([call(w) for w in self.workers], what)
+    def _all(self, call, what: str = "learner call", timeout_s: float | None = None) -> list:
+        return self._get([call(w) for w in self.workers], what, timeout_s)
 
     # ------------------------------------------------------------ training
 
@@ -115,11 +119,14 @@ class LearnerGroup:
     def plan(self, batch: RolloutBatch) -> list[list[list[int]]]:
         return plan_micro_batches(sequence_lengths(batch), len(self.workers), self.cfg.micro_batch_tokens)
 
-    def train_step(self, batch: RolloutBatch, step: int, temperature: float = 1.0) -> dict:
-        """One optimizer step on `batch` (all ranks). `temperature` is the
-        sampling temperature of the batch (the learner's logprobs use
-        logits / temperature; 0 = greedy, treated as 1). Returns the
-        `learner/*` and `time/*` metrics of the step."""
+    def train_step(self, batch: RolloutBatch, step: int, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0) -> dict:
+        """One optimizer step on `batch` (all ranks). `temperature`, `top_k`,
+        `top_p` are the batch's sampling parameters (the learner's sampling
+        log-probs use logits / temperature masked to the same top-k /
+        nucleus set, learner/logprobs.py; temperature 0 = greedy, treated as
+        1 without truncation). Returns the `learner/*` and `time/*` metrics
+        of the step."""
         t0 = time.perf_counter()
         if self.loss_cfg.kind == "reverse_kl" and batch.teacher_logprobs_B_T is None:
             raise ValueError("loss.kind=reverse_kl needs teacher logprobs, but the batch has "
@@ -133,7 +140,7 @@ class LearnerGroup:
         refs = []
         for w, mbs in zip(self.workers, plan, strict=True):
             shard, local_mbs = rank_shard(batch, mbs)
-            refs.append(w.train_step.remote(shard, local_mbs, denom, temperature))
+            refs.append(w.train_step.remote(shard, local_mbs, denom, temperature, top_k, top_p))
         per_rank = self._get(refs, f"train_step {step}")
         m = self._reduce(per_rank)
         m["learner/step"] = float(step)
@@ -169,10 +176,12 @@ class LearnerGroup:
             out["learner/teacher_logprob"] = tot("teacher_lp_sum") / tot("kl_tokens")
         return out
 
-    def logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> list[list[float]]:
-        """The learner's per-token log-probs of `batch`'s completions (rank 0's
-        answer; every rank runs the forward, as ZeRO-3 requires)."""
-        return self._all(lambda w: w.logprobs.remote(batch, temperature), "logprobs")[0]
+    def logprobs(self, batch: RolloutBatch, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0) -> list[list[float]]:
+        """The learner's per-token log-probs of `batch`'s completions under
+        the sampling distribution (temperature, top-k, top-p); rank 0's
+        answer; every rank runs the forward, as ZeRO-3 requires."""
+        return self._all(lambda w: w.logprobs.remote(batch, temperature, top_k, top_p), "logprobs")[0]
 
     # --------------------------------------------------------- weight sync
 
@@ -192,9 +201,15 @@ class LearnerGroup:
         transport rank 0 chose."""
         if backend not in ("auto", "gloo", "shm", "nccl"):
             raise ValueError(f"weight sync backend {backend!r} is not valid; use 'auto', 'gloo', 'shm' or 'nccl'")
+        from learner.weight_sender import SEND_OVERRUN_S
+
+        # Rank 0's sender gives up by itself after `timeout_s` (and aborts
+        # the transfer, which takes a little longer): wait for its error
+        # rather than calling the rank dead first.
+        self._sync_wait_s = max(self.timeout_s, timeout_s + SEND_OVERRUN_S)
         chosen = self._all(lambda w: w.init_weight_sync.remote(client, backend, bucket_bytes, timeout_s, dtype,
                                                                    share_weights),
-                           "init_weight_sync")[0]
+                           "init_weight_sync", self._sync_wait_s)[0]
         self._sync_backend = chosen
         return chosen
 
@@ -207,7 +222,7 @@ class LearnerGroup:
                 raise RuntimeError("push_weights before init_weight_sync and without a client")
             self.init_weight_sync(client)
         t0 = time.perf_counter()
-        stats = self._all(lambda w: w.push_weights.remote(version), f"push_weights v{version}")[0]
+        stats = self._all(lambda w: w.push_weights.remote(version), f"push_weights v{version}", self._sync_wait_s)[0]
         stats["time/learner_push_weights_s"] = time.perf_counter() - t0
         stats["sync/version"] = float(version)
         return stats
@@ -238,9 +253,12 @@ class LearnerGroup:
         Returns {"steps_done", "path", "client_state"}."""
         return self._all(lambda w: w.load_checkpoint.remote(str(path)), "load_checkpoint")[0]
 
-    def export_hf(self, path: str | Path) -> Path:
-        """Hugging Face checkpoint (safetensors + config + tokenizer) at `path`."""
-        return Path(self._all(lambda w: w.export_hf.remote(str(path)), "export_hf")[0])
+    def export_hf(self, path: str | Path, max_shard_size: int | str | None = None) -> Path:
+        """Hugging Face checkpoint at `path` (LearnerWorker.export_hf: sharded
+        safetensors in the training dtype, config, generation config,
+        tokenizer); `max_shard_size` defaults to the worker's (5GB)."""
+        kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        return Path(self._all(lambda w: w.export_hf.remote(str(path), **kw), "export_hf")[0])
 
     # ------------------------------------------------------------ shutdown
 

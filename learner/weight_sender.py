@@ -56,13 +56,18 @@ layout instead, so a push starts with one bulk copy of the mirror.
 
 `NcclWeightSender` (GPU) wraps vLLM's official `NCCLTrainerWeightTransferEngine`
 behind the same `send(version, specs, tensors)`; it imports vllm lazily (the
-learner never imports vllm otherwise) and was not run on this CPU machine.
+learner never imports vllm otherwise). vLLM's engine has no timeout, so the
+sender runs it under a deadline (`call_with_deadline`, `timeout_s`) and, past
+it, aborts the NCCL group and the samplers' open updates (see the class).
+It runs only on GPUs; its failure handling is unit-tested with a stand-in
+engine (tests/unit/test_nccl_sender.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -251,12 +256,7 @@ class GlooWeightSender:
                            "sync/resident_bytes": float(resident)}
 
     def _abort_open_updates(self, after: str) -> None:
-        abort = getattr(self.client, "abort_weight_update", None)
-        if abort is not None:
-            try:
-                abort()
-            except Exception as e:  # the first error is the one to report
-                logger.warning("abort_weight_update after %s also failed: %s", after, e)
+        abort_open_updates(self.client, after)
 
     def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
         """The update info of one send; makes sure the packing memory fits it."""
@@ -668,11 +668,119 @@ class _VersionedClient:
         self.client.finish_weight_update(self.version if weight_version is None else weight_version)
 
 
+# How long a sender waits, after its deadline passed and it aborted the
+# transfer, for the thread running it to end (vLLM's PyNcclCommunicator.destroy
+# gives ncclCommAbort 5 s), and how much longer than `timeout_s` a whole
+# send may then take (that wait plus the abort RPCs): the learner group waits
+# that long for a push before it calls a rank dead (learner/group.py).
+ABANDON_GRACE_S = 30.0
+SEND_OVERRUN_S = 120.0
+
+
+def call_with_deadline(fn, timeout_s: float, what: str, on_timeout=None, grace_s: float = ABANDON_GRACE_S):
+    """Return `fn()`, run on a daemon thread, or raise what it raised. When it
+    has not finished after `timeout_s`: call `on_timeout()` (which should make
+    `fn` give up, e.g. abort its NCCL communicator), wait up to `grace_s` for
+    the thread to end, and raise WeightSyncError(stage="timeout") naming
+    `what`. The thread is a daemon: one left blocked in a dead transfer never
+    holds up the process's exit (vLLM's own send thread would)."""
+    import threading
+
+    done = threading.Event()
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="opd-deadline", daemon=True).start()
+    if not done.wait(timeout_s):
+        if on_timeout is not None:
+            try:
+                on_timeout()
+            except Exception as e:  # noqa: BLE001 - the timeout is the error to report
+                logger.warning("aborting %s after its timeout failed: %s", what, e)
+        ended = done.wait(grace_s)
+        raise WeightSyncError(
+            f"{what} did not finish within {timeout_s:g}s; it was aborted"
+            + ("" if ended else f" (its thread was still blocked {grace_s:g}s after the abort)"), "timeout")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def abort_open_updates(client, after: str) -> None:
+    """`client.abort_weight_update()` when the client has it: close the update
+    on samplers that opened it and will not receive it (they would refuse to
+    sample until their timeout); one still inside the receive marks itself
+    for a restart instead (SamplerActor.abort_weight_update). Never raises:
+    the failure that led here is the one to report."""
+    abort = getattr(client, "abort_weight_update", None)
+    if abort is not None:
+        try:
+            abort()
+        except Exception as e:  # noqa: BLE001
+            logger.warning("abort_weight_update after %s also failed: %s", after, e)
+
+
+@functools.cache
+def _round_source_cls():
+    """vLLM's `WeightSource` for one update's specs and tensor stream
+    (defined lazily: the learner imports vllm only for the NCCL sender)."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class RoundSource(WeightSource):
+        """The current round's specs and tensors. `started` turns True when
+        vLLM's broadcast begins pulling tensors (from then on the NCCL
+        group's state is unknown after a failure); `cancelled` makes the
+        next pull raise (an abandoned send stops taking tensors from the
+        learner's iterator, which the learner then drains itself)."""
+
+        def __init__(self):
+            self.specs: Sequence[ParamSpec] = ()
+            self.tensors: Iterable = ()
+            self.started = self.cancelled = False
+            self.device: torch.device | None = None  # None: the current CUDA device
+
+        def metadata(self):
+            return [ParamMeta(s.name, s.torch_dtype, tuple(s.shape)) for s in self.specs]
+
+        def __iter__(self):
+            self.started = True
+            device = self.device or torch.device("cuda", torch.cuda.current_device())
+            for spec, t in zip(self.specs, _checked(self.specs, self.tensors), strict=True):
+                if self.cancelled:
+                    raise WeightSyncError("the send was abandoned (its deadline passed)", "timeout")
+                yield spec.name, t.to(device, non_blocking=True)
+
+    return RoundSource
+
+
 class NcclWeightSender:
     """GPU sender on vLLM's official NCCL weight-transfer engine (samplers use
     `WeightTransferConfig(backend="nccl")`). Same `send` as GlooWeightSender.
-    Tensors are moved to the current CUDA device as they stream. Not run on
-    the CPU machine (tests/e2e/test_weight_sync.py::test_nccl_* is gpu-marked)."""
+    Tensors are moved to the current CUDA device as they stream.
+
+    vLLM's trainer engine takes no timeout and NCCL kernels wait forever for
+    a peer that never comes (a dead or stuck sampler): `connect` and `send`
+    run it under `call_with_deadline(timeout_s)`. When the deadline passes,
+    or the broadcast fails once it has begun, the sender aborts its NCCL
+    communicator (vLLM's `shutdown` -> `PyNcclCommunicator.destroy` ->
+    ncclCommAbort, which ends rank 0's pending kernels), closes the update
+    on every sampler that is not inside the receive (`abort_open_updates`;
+    vLLM's NCCL engine on those samplers leaves its layerwise reload open,
+    rollout/weight_receiver.py rolls it back) and raises WeightSyncError:
+    stage "timeout" for the deadline. Samplers still inside the receive are
+    stuck (their kernels wait for rank 0): they report it
+    (`SamplerActor.stuck_in_weight_receive`), and the driver restarts them
+    and re-forms the group (cluster/loop.py `restart_dead_samplers`); the
+    next `send` after a broken group re-connects by itself. Runs only on
+    GPUs (tests/e2e/test_weight_sync.py::test_nccl_*); its failure
+    orchestration is unit-tested with a stand-in engine."""
 
     backend = "nccl"
     copies_each_tensor_first = False  # vLLM's packer holds several tensors, then concatenates them
@@ -687,37 +795,44 @@ class NcclWeightSender:
         self.timeout_s = timeout_s
         self._engine = None
         self._source = None
+        self.last_stats: dict[str, float] = {}
 
     def connect(self) -> None:
-        from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+        """vLLM's rendezvous (`trainer_init`: every sampler worker's
+        init_weight_transfer_engine on a side thread, rank 0's endpoint
+        here), within `timeout_s`."""
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
-
-        class _RoundSource(WeightSource):
-            """The current round's specs and tensor stream as a vLLM WeightSource."""
-
-            specs: Sequence[ParamSpec] = ()
-            tensors: Iterable = ()
-
-            def metadata(self):
-                return [ParamMeta(s.name, s.torch_dtype, tuple(s.shape)) for s in self.specs]
-
-            def __iter__(self):
-                device = torch.device("cuda", torch.cuda.current_device())
-                for spec, t in zip(self.specs, _checked(self.specs, self.tensors), strict=True):
-                    yield spec.name, t.to(device, non_blocking=True)
 
         if self.world_size is None:
             self.world_size = 1 + self.client.client.total_workers()
-        self._source = _RoundSource()
-        self._engine = NCCLTrainerWeightTransferEngine.trainer_init(
-            NCCLTrainerInitInfo(master_address=self.master_address, master_port=self.master_port,
-                                world_size=self.world_size, rank=0, packed=True,
-                                packed_buffer_size_bytes=self.bucket_bytes),
-            client=self.client, source=self._source)
+        info = NCCLTrainerInitInfo(master_address=self.master_address, master_port=self.master_port,
+                                   world_size=self.world_size, rank=0, packed=True,
+                                   packed_buffer_size_bytes=self.bucket_bytes)
+        source = _round_source_cls()()
+        try:
+            self._engine = call_with_deadline(
+                lambda: NCCLTrainerWeightTransferEngine.trainer_init(info, client=self.client, source=source),
+                self.timeout_s, f"the NCCL weight-sync rendezvous at {self.master_address}:{self.master_port} "
+                f"with {self.world_size - 1} sampler workers (rollout.weight_sync_timeout_s)")
+        except WeightSyncError as e:
+            raise WeightSyncError(e.message, "init") from e
+        except Exception as e:
+            raise WeightSyncError(f"could not form the NCCL weight-sync group at {self.master_address}:"
+                                  f"{self.master_port} for {self.world_size} ranks: {e}", "init") from e
+        self._source = source
+
+    def reconnect(self, master_port: int, world_size: int | None = None) -> None:
+        """Form a new group (e.g. after `SamplerPool.restart`)."""
+        self.shutdown()
+        self.master_port, self.world_size = master_port, world_size
+        self.connect()
 
     def send(self, version: int, specs: Sequence[ParamSpec], tensors: Iterable) -> None:
+        """Push one full update within `timeout_s`; see the class docstring
+        for what a failure leaves behind."""
         if self._engine is None:
             self.connect()
+        t0 = time.perf_counter()
         # NCCL has no reject vote: pre-validate so a bad update fails before
         # any worker enters the broadcast.
         validate = getattr(self.client.client, "validate_update", None)
@@ -726,14 +841,43 @@ class NcclWeightSender:
             problems = validate(dataclasses.asdict(info))
             if problems:
                 raise WeightSyncError(f"weight update v{version} rejected: " + "; ".join(problems), "validate")
-        self._source.specs, self._source.tensors = list(specs), tensors
+        engine, source = self._engine, self._source
+        source.specs, source.tensors = list(specs), tensors
+        source.started = source.cancelled = False
         self.client.version = version
-        self._engine.send_weights()
+
+        def abandon() -> None:
+            source.cancelled = True
+            self._abort_group()
+
+        try:
+            call_with_deadline(engine.send_weights, self.timeout_s,
+                               f"weight update v{version} over NCCL (rollout.weight_sync_timeout_s)", abandon)
+        except BaseException as e:
+            if source.started:
+                # The broadcast began: rank 0's communicator may hold pending
+                # kernels, and vLLM says the group is unusable (nccl_engine.py,
+                # send_weights). A new one is formed at the next send.
+                self._abort_group()
+            abort_open_updates(self.client.client, f"a failed NCCL update v{version}")
+            if isinstance(e, WeightSyncError) and e.stage == "timeout":
+                raise WeightSyncError(
+                    f"{e.message}. The NCCL group was aborted; samplers still inside the receive are stuck "
+                    "there and must be restarted (the driver does), then the group re-formed", "timeout") from e
+            raise
+        self.last_stats = {"sync/total_s": time.perf_counter() - t0,
+                           "sync/bytes": float(sum(s.nbytes for s in specs))}
+
+    def _abort_group(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception as e:  # noqa: BLE001 - a broken group may fail to tear down too
+                logger.warning("tearing down the NCCL weight-sync group failed: %s", e)
 
     def shutdown(self) -> None:
-        if self._engine is not None:
-            self._engine.shutdown()
-            self._engine = None
+        self._abort_group()
 
 
 def samplers_on_this_node(client) -> bool | None:
@@ -768,5 +912,5 @@ def make_sender(client: WeightSyncClient, backend: str, master_address: str, mas
     return cls(client, master_address, master_port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
 
 
-__all__ = ["GlooWeightSender", "NcclWeightSender", "ShmWeightSender", "make_sender", "samplers_on_this_node",
-           "specs_from_named"]
+__all__ = ["GlooWeightSender", "NcclWeightSender", "ShmWeightSender", "abort_open_updates", "call_with_deadline",
+           "make_sender", "samplers_on_this_node", "specs_from_named"]

@@ -13,6 +13,8 @@ Tests: tests/e2e/test_learner.py (real DeepSpeed on gloo in Ray actors).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import inspect
 import json
@@ -30,21 +32,17 @@ import torch
 
 from learner import checkpoint as ckpt
 from learner.batching import collate
-from learner.logprobs import completion_logprobs
+from learner.logprobs import completion_logprobs, sampling_truncation
 from learner.losses import LossInputs, compute_loss
 from rollout.types import RolloutBatch
-from rollout.weight_sync import ParamSpec, dtype_name
+from rollout.weight_sync import ParamSpec, concrete_dtype, dtype_name
 
 # Prefixes that wrappers (activation checkpointing, torch.compile, DDP-style
 # wrappers) put in front of the Hugging Face parameter names.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
-# Model files the HF export copies from the source checkpoint (tokenizer,
-# generation config, chat template); weights and config.json are written anew.
-# (Matched by suffix, except config.json, which must match exactly: a suffix
-# match would also drop tokenizer_config.json and generation_config.json and
-# leave an export whose tokenizer has the wrong EOS.)
-_SKIP_ON_EXPORT = (".safetensors", ".bin", ".pt", ".safetensors.index.json")
-_SKIP_NAMES_ON_EXPORT = ("config.json",)
+# Largest safetensors shard of an HF export (the hub's usual size: files it
+# uploads and serves well; transformers' own default is 50GB).
+EXPORT_MAX_SHARD_SIZE = "5GB"
 
 
 def hf_name(name: str) -> str:
@@ -131,6 +129,42 @@ def undo_init_optimizer_step(ds_optimizer) -> bool:
     return True
 
 
+def disable_dropout(model: torch.nn.Module) -> list[str]:
+    """Set every dropout probability of a Hugging Face model to 0 (config
+    fields and modules); returns what it changed. The learner must score the
+    function the samplers sample from: vLLM never applies dropout, so a
+    dropout forward (the learner runs in train mode, which gradient
+    checkpointing needs) would make lp_learner differ from lp_sampler at
+    random, and move a policy whose every advantage is 0. Hub configs set it
+    (`attention_dropout`, `hidden_dropout`, GPT-2's `resid_pdrop`, ...):
+    config floats and module attributes named *dropout* / *pdrop*, and every
+    nn.Dropout. TRL (`disable_dropout_in_model`) and verl do the same."""
+    changed: list[str] = []
+
+    def is_rate(key: str, value) -> bool:
+        return ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0.0
+
+    def zero_config(cfg, prefix: str) -> None:
+        for key, value in list(vars(cfg).items()):
+            if is_rate(key, value):
+                setattr(cfg, key, 0.0)
+                changed.append(f"{prefix}{key}")
+            elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config (text_config, ...)
+                zero_config(value, f"{prefix}{key}.")
+
+    if getattr(model, "config", None) is not None:
+        zero_config(model.config, "config.")
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0.0:
+            module.p = 0.0
+            changed.append(f"{name}.p")
+        for key, value in list(vars(module).items()):
+            if is_rate(key, value):
+                setattr(module, key, 0.0)
+                changed.append(f"{name}.{key}")
+    return changed
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -158,6 +192,7 @@ class LearnerWorker:
                  ds_config_overrides: dict | None = None):
         self.rank, self.world_size = rank, world_size
         self.model_path = str(model_path)
+        learner_cfg = dataclasses.replace(learner_cfg, dtype=concrete_dtype(learner_cfg.dtype, use_gpu))
         self.cfg, self.loss_cfg = learner_cfg, loss_cfg
         self.seed = seed
         os.environ.update(MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port), RANK=str(rank),
@@ -186,13 +221,15 @@ class LearnerWorker:
         # the device). Loading straight into partitions would need
         # transformers' HfDeepSpeedConfig, which requires `accelerate`.
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        source_config = copy.deepcopy(model.config)  # exports keep the checkpoint's own (dropout included)
+        disable_dropout(model)  # score what the samplers sample from (see disable_dropout)
         if learner_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
         # transformers' causal LMs take `logits_to_keep` (lm_head on the last N
         # positions only); a model class without it gets full logits.
         self._logits_to_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
-        self.hf_config = model.config
+        self.hf_config = source_config
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
         optimizer = torch.optim.AdamW(model.parameters(), lr=learner_cfg.lr, betas=tuple(learner_cfg.betas),
                                       weight_decay=learner_cfg.weight_decay, eps=1e-8)
@@ -224,16 +261,24 @@ class LearnerWorker:
 
     # ----------------------------------------------------------- training
 
-    def _logprobs(self, mb, temperature: float, loss_temperature: float | None = None):
-        """Forward pass; returns (logits, lp_sampling_B_T, lp_loss_B_T, lp_loss_top_B_T_K).
+    def _logprobs(self, mb, temperature: float, *, top_k: int = 0, top_p: float = 1.0,
+                  loss_is_sampling: bool = True):
+        """Forward pass; returns (logits, lp_sampling_B_T, lp_loss_B_T,
+        lp_loss_top_B_T_K, lp_loss_tail_B_T).
 
         `lp_sampling_B_T` is the learner's log-prob of each completion token
-        under logits / `temperature`: the sampler's logprobs are of the
-        temperature-scaled distribution, so the importance ratio and the
-        sampler-vs-learner metrics use this one. Top-p / top-k truncation of
-        the sampler is NOT replicated (the ratio cap bounds that mismatch).
-        `lp_loss_*` is under logits / `loss_temperature` (the same tensor when
-        the temperatures agree); only it carries gradient when they differ."""
+        under the distribution the sampler drew it from, as the sampler's
+        processed logprobs are: logits / `temperature`, masked to vLLM's
+        top-k / nucleus set (`top_k`, `top_p`) and renormalised
+        (learner/logprobs.py). The importance ratio and the sampler-vs-learner
+        metrics use it. With `loss_is_sampling` (reverse_kl trains the
+        sampling distribution) `lp_loss_B_T` is that same tensor and the
+        other two are None. Otherwise (sft, the top-k divergences) `lp_loss_*`
+        is under the model's own distribution (temperature 1, untruncated):
+        the completion token, the teacher's top-k ids, and with
+        loss.topk_tail="bucket" the exact log-mass outside those ids; then
+        `lp_sampling_B_T` carries no gradient (unless it is the same
+        distribution, then the same tensor)."""
         kwargs = {}
         first = 0
         if self._logits_to_keep:
@@ -244,24 +289,40 @@ class LearnerWorker:
             kwargs["logits_to_keep"] = mb.input_ids_B_L.shape[1] - first
         logits_B_L_V = self.engine(input_ids=mb.input_ids_B_L, attention_mask=mb.attention_mask_B_L,
                                    use_cache=False, **kwargs).logits
-        # Score the sampled token and, after it, the teacher's top-k ids.
-        ids_B_T_K = mb.completion_ids_B_T[..., None]
+        pos, sampled = mb.predict_pos_B_T, mb.completion_ids_B_T[..., None]
+        temperature, top_k, top_p = sampling_truncation(temperature, top_k, top_p)
+
+        def sampling_lp():
+            return completion_logprobs(logits_B_L_V, pos, sampled, temperature, first, top_k=top_k,
+                                       top_p=top_p)[..., 0]
+
+        if loss_is_sampling:
+            lp = sampling_lp()
+            return logits_B_L_V, lp, lp, None, None
+        # Score the sampled token and, after it, the teacher's top-k ids (and
+        # the mass outside them: absent entries, at -inf, take the first id's
+        # place so that their tokens count as tail).
+        ids_B_T_K, tail_from, K = sampled, None, 0
         if mb.teacher_top_ids_B_T_K is not None:
-            ids_B_T_K = torch.cat([ids_B_T_K, mb.teacher_top_ids_B_T_K], dim=-1)
-        loss_temperature = temperature if loss_temperature is None else loss_temperature
-        lp_loss_B_T_K = completion_logprobs(logits_B_L_V, mb.predict_pos_B_T, ids_B_T_K, loss_temperature, first)
-        lp_loss_B_T = lp_loss_B_T_K[..., 0]
-        if (temperature or 1.0) == (loss_temperature or 1.0):
+            top_ids = mb.teacher_top_ids_B_T_K
+            K = top_ids.shape[-1]
+            if getattr(self.loss_cfg, "topk_tail", "bucket") == "bucket":
+                top_ids = torch.where(torch.isfinite(mb.teacher_top_lp_B_T_K), top_ids, top_ids[..., :1])
+                tail_from = 1
+            ids_B_T_K = torch.cat([sampled, top_ids], dim=-1)
+        lp_B_T_K = completion_logprobs(logits_B_L_V, pos, ids_B_T_K, 1.0, first, tail_from=tail_from)
+        lp_loss_B_T = lp_B_T_K[..., 0]
+        if temperature == 1.0 and top_k == 0 and top_p == 1.0:
             lp_sampling_B_T = lp_loss_B_T
         else:
             with torch.no_grad():
-                lp_sampling_B_T = completion_logprobs(logits_B_L_V, mb.predict_pos_B_T,
-                                                      mb.completion_ids_B_T[..., None], temperature, first)[..., 0]
-        top_B_T_K = None if mb.teacher_top_ids_B_T_K is None else lp_loss_B_T_K[..., 1:]
-        return logits_B_L_V, lp_sampling_B_T, lp_loss_B_T, top_B_T_K
+                lp_sampling_B_T = sampling_lp()
+        top_B_T_K = lp_B_T_K[..., 1:1 + K] if K else None
+        tail_B_T = lp_B_T_K[..., 1 + K] if tail_from is not None else None
+        return logits_B_L_V, lp_sampling_B_T, lp_loss_B_T, top_B_T_K, tail_B_T
 
     def train_step(self, shard: RolloutBatch | None, micro_batches: list[list[int]], denominator: float,
-                   temperature: float = 1.0) -> dict:
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> dict:
         """One optimizer step on this rank's `shard`, cut into `micro_batches`
         (row indices into the shard; [] = zero-weight dummy pass). The loss of
         each micro-batch is its share of the GLOBAL loss (`denominator` is the
@@ -281,18 +342,22 @@ class LearnerWorker:
                 mb = collate(shard if shard is not None else _EMPTY, [], self.pad_id).to(self.device)
             else:
                 mb = collate(shard, rows, self.pad_id).to(self.device)
-            # reverse_kl trains the sampled (tempered) distribution through the
-            # importance ratio; sft and the top-k divergences fit the model's
-            # own distribution (temperature 1) to the target.
-            logits, sampling_lp, loss_lp, top_lp = self._logprobs(
-                mb, temperature, temperature if self.loss_cfg.kind == "reverse_kl" else 1.0)
+            # reverse_kl trains the sampled (tempered, truncated) distribution
+            # through the importance ratio; sft and the top-k divergences fit
+            # the model's own distribution (temperature 1) to the target.
+            logits, sampling_lp, loss_lp, top_lp, tail_lp = self._logprobs(
+                mb, temperature, top_k=top_k, top_p=top_p, loss_is_sampling=self.loss_cfg.kind == "reverse_kl")
             if mb.num_rows == 0:
                 # Dummy pass: same collectives as a real one, zero gradient.
                 loss = logits.float().sum() * 0.0
             else:
                 inputs = LossInputs(mask_B_T=mb.mask_B_T, learner_lp_B_T=loss_lp, sampler_lp_B_T=mb.sampler_lp_B_T,
                                     teacher_lp_B_T=mb.teacher_lp_B_T, student_top_lp_B_T_K=top_lp,
-                                    teacher_top_lp_B_T_K=mb.teacher_top_lp_B_T_K)
+                                    teacher_top_lp_B_T_K=mb.teacher_top_lp_B_T_K, student_tail_lp_B_T=tail_lp)
+                if shard.reward_advantages_B is not None:  # reward.coef * (R - b), one per row, on every token
+                    inputs.reward_advantage_B_T = torch.tensor(
+                        [shard.reward_advantages_B[i] for i in rows], dtype=mb.mask_B_T.dtype,
+                        device=self.device)[:, None].expand_as(mb.mask_B_T)
                 loss, _ = compute_loss(inputs, self.loss_cfg, denominator)
                 self._accumulate(s, mb, sampling_lp.detach(), float(loss.detach()))
             eng.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -341,15 +406,17 @@ class LearnerWorker:
             s["kl_sum"] += float((slp - tlp).sum())
             s["kl_tokens"] += float(mask.sum())
 
-    def logprobs(self, batch: RolloutBatch, temperature: float = 1.0) -> list[list[float]]:
-        """The learner's log-probs of each completion token (no grad). Every
-        rank must call it with the same batch under ZeRO-3 (forward gathers)."""
+    def logprobs(self, batch: RolloutBatch, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0) -> list[list[float]]:
+        """The learner's log-probs of each completion token under the sampling
+        distribution (temperature, top-k, top-p; no grad). Every rank must
+        call it with the same batch under ZeRO-3 (forward gathers)."""
         self.engine.eval()
         out: list[list[float]] = []
         with torch.no_grad():
             for i in range(len(batch)):
                 mb = collate(batch, [i], self.pad_id).to(self.device)
-                _, lp, _, _ = self._logprobs(mb, temperature)
+                _, lp, _, _, _ = self._logprobs(mb, temperature, top_k=top_k, top_p=top_p)
                 out.append(lp[0, : len(batch.completion_ids_B_T[i])].double().cpu().tolist())
         return out
 
@@ -415,13 +482,17 @@ class LearnerWorker:
                 out[n] = t.to("cpu", copy=True)  # without ZeRO-3 the iterator yields the live weights
         return out if self.rank == 0 else None
 
-    def export_hf(self, path: str) -> str | None:
-        """Write a Hugging Face checkpoint (model.safetensors, config.json,
-        tokenizer and generation files copied from the source model) that
-        transformers and vLLM load directly. All ranks call it (gather);
-        rank 0 writes into a temp dir and renames it into place."""
-        from safetensors.torch import save_file
-
+    def export_hf(self, path: str, max_shard_size: int | str = EXPORT_MAX_SHARD_SIZE) -> str | None:
+        """Write a Hugging Face checkpoint of the current weights with
+        transformers' `save_pretrained`: safetensors shards of at most
+        `max_shard_size` (with their index when there are several) in the
+        training dtype (the parameters' own: bfloat16 under learner.dtype
+        bfloat16, else float32), config.json, the source model's generation
+        config and its tokenizer (tokenizer files and chat template, through
+        the tokenizer's own save_pretrained). transformers and vLLM load it as
+        they load the source model. All ranks call it (a ZeRO-3 gather); rank
+        0 writes into a temp dir and renames it into place, so `path` is
+        either the previous export or the complete new one."""
         state = self.full_state_dict()
         if self.rank != 0:
             return None
@@ -430,17 +501,7 @@ class LearnerWorker:
         tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            for f in Path(self.model_path).iterdir():
-                if f.is_file() and not f.name.endswith(_SKIP_ON_EXPORT) and f.name not in _SKIP_NAMES_ON_EXPORT:
-                    shutil.copy2(f, tmp / f.name)
-            if getattr(self.hf_config, "tie_word_embeddings", False):
-                state.pop("lm_head.weight", None)
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"),
-                      metadata={"format": "pt"})
-            config = self.hf_config.to_dict()
-            config["dtype"] = dtype_name(next(iter(state.values())).dtype)
-            config["use_cache"] = True
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            self._save_pretrained(tmp, state, max_shard_size)
             ckpt.fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -449,6 +510,29 @@ class LearnerWorker:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return str(final)
+
+    def _save_pretrained(self, out: Path, state: dict[str, torch.Tensor], max_shard_size: int | str) -> None:
+        """Rank 0: `state` (full HF-named tensors) saved as a model directory.
+        The model that saves it is built on the meta device from the config
+        (no memory, no DeepSpeed hooks); save_pretrained takes the weights
+        from `state` and handles tied embeddings and sharding itself."""
+        import copy
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        module = self.engine.module
+        saved = set(module.state_dict(keep_vars=True))
+        for n, b in module.named_buffers():  # persistent buffers, if the model has any
+            if n in saved and hf_name(n) not in state:
+                state[hf_name(n)] = b.detach().to("cpu", copy=True)
+        config = copy.deepcopy(self.hf_config)
+        config.use_cache = True  # off while training; on for whoever loads the export
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+        if (Path(self.model_path) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(self.model_path)
+        model.save_pretrained(out, state_dict=state, max_shard_size=max_shard_size)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(out)
 
     # --------------------------------------------------------- weight sync
 

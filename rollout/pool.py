@@ -10,7 +10,9 @@ the transfer group (learner = rank 0, then every sampler's workers in pool
 order), for the gloo, shm and NCCL transports alike; `node_ids` tells the
 sender where the samplers run.
 
-    pool = SamplerPool.create(model_path, cfg.rollout, cfg.student)   # inside ray.init()
+    pool = SamplerPool.create(model_path, cfg.rollout, cfg.student)   # inside ray.init(), CPU samplers
+    pool = SamplerPool.create(..., scheduling_strategies=plan.sampler_strategies,
+                              num_gpus_per_sampler=plan.gpus_per_sampler(cfg.rollout))   # the driver
     completions_P_G = pool.generate(prompts)
 """
 
@@ -47,6 +49,25 @@ def split_balanced(costs: Sequence[float], num_parts: int) -> list[tuple[int, in
     return bounds
 
 
+def sampler_actor_options(rollout_cfg, num_gpus: float, scheduling_strategy=None) -> dict:
+    """Ray options of one sampler actor (SamplerPool.create and restart).
+
+    `num_gpus` comes from the placement plan (`PlacementPlan.gpus_per_sampler`:
+    what the sampler's bundle holds), never from the caller's own hardware:
+    the driver often runs on a GPU-less head node, and a sampler asking for 0
+    GPUs would see every GPU of its node (Ray sets CUDA_VISIBLE_DEVICES only
+    for the GPUs an actor requests). A fraction (< 1) shares one GPU."""
+    from rollout.sampler import SAMPLER_MAX_CONCURRENCY
+
+    if num_gpus < 0:
+        raise ValueError(f"num_gpus of a sampler must be >= 0, got {num_gpus}")
+    opts = dict(max_concurrency=SAMPLER_MAX_CONCURRENCY, num_cpus=rollout_cfg.cpus_per_sampler,
+                num_gpus=num_gpus)
+    if scheduling_strategy is not None:
+        opts["scheduling_strategy"] = scheduling_strategy
+    return opts
+
+
 class SamplerPool:
     """N sampler actor handles (SamplerActor) used as one."""
 
@@ -66,32 +87,36 @@ class SamplerPool:
 
     @classmethod
     def create(cls, model: str, rollout_cfg, student_cfg, num_samplers: int | None = None,
-               scheduling_strategies: list | None = None, initial_version: int = 0) -> "SamplerPool":
+               scheduling_strategies: list | None = None, initial_version: int = 0, *,
+               num_gpus_per_sampler: float | None = None) -> "SamplerPool":
         """Start `num_samplers` (default rollout_cfg.num_samplers) actors, each
         with its own Ray scheduling strategy when given (e.g. a
-        PlacementGroupSchedulingStrategy per sampler), and wait until ready."""
+        PlacementGroupSchedulingStrategy per sampler), and wait until ready.
+        `num_gpus_per_sampler`: GPUs each actor requests, kept for `restart`.
+        The driver passes its placement plan's (`PlacementPlan.gpus_per_sampler`:
+        what each bundle holds). None, for a pool made without a plan (tests,
+        benchmarks on one machine): tensor_parallel_size GPUs when this
+        process sees CUDA, else 0."""
         import ray
 
-        from rollout.sampler import SAMPLER_MAX_CONCURRENCY, SamplerActor
+        from rollout.sampler import SamplerActor
 
         num = rollout_cfg.num_samplers if num_samplers is None else num_samplers
         if scheduling_strategies is not None and len(scheduling_strategies) != num:
             raise ValueError(f"{len(scheduling_strategies)} scheduling strategies for {num} samplers")
         path = model  # a local directory or hub id; the driver resolves `tiny:` names (cluster/tiny_models.py)
-        import torch
+        strategies = scheduling_strategies or [None] * num
+        if num_gpus_per_sampler is None:
+            import torch
 
-        gpus = rollout_cfg.tensor_parallel_size if torch.cuda.is_available() else 0
-        actors = []
-        for i in range(num):
-            opts = dict(max_concurrency=SAMPLER_MAX_CONCURRENCY, num_cpus=rollout_cfg.cpus_per_sampler,
-                        num_gpus=gpus)
-            if scheduling_strategies is not None:
-                opts["scheduling_strategy"] = scheduling_strategies[i]
-            actors.append(ray.remote(SamplerActor).options(**opts).remote(
-                path, rollout_cfg, student_cfg, sampler_index=i, initial_version=initial_version))
+            num_gpus_per_sampler = rollout_cfg.tensor_parallel_size if torch.cuda.is_available() else 0
+        actor_cls = ray.remote(SamplerActor)
+        actors = [actor_cls.options(**sampler_actor_options(rollout_cfg, num_gpus_per_sampler, strategies[i]))
+                  .remote(path, rollout_cfg, student_cfg, sampler_index=i, initial_version=initial_version)
+                  for i in range(num)]
         pool = cls(actors, timeout_s=rollout_cfg.weight_sync_timeout_s,
                    generate_timeout_s=rollout_cfg.generate_timeout_s, max_new_tokens=rollout_cfg.max_new_tokens)
-        pool._factory = (path, rollout_cfg, student_cfg, scheduling_strategies)
+        pool._factory = (path, rollout_cfg, student_cfg, strategies, num_gpus_per_sampler)
         pool._fanout("ready", [(a.ready, ()) for a in actors], timeout_s=rollout_cfg.generate_timeout_s)
         for i in range(num):
             pool._record_shm_files(i)
@@ -116,32 +141,27 @@ class SamplerPool:
 
     def restart(self, i: int) -> None:
         """Replace sampler `i` (dead or hung) by a fresh actor on the same
-        scheduling strategy. The new sampler refuses to sample until it has
-        received weights, and it is not in the current transfer group: the
+        scheduling strategy, with the same GPUs. The new sampler refuses to
+        sample until it has received weights, and it is not in the current transfer group: the
         caller must re-run the sender's `connect()` (a new group over all
         samplers) and push the current weights. Only for pools made by
         `create`."""
         import ray
 
-        from rollout.sampler import SAMPLER_MAX_CONCURRENCY, SamplerActor
+        from rollout.sampler import SamplerActor
 
         if self._factory is None:
             raise RuntimeError("SamplerPool.restart needs a pool made by SamplerPool.create")
         if not 0 <= i < len(self.samplers):
             raise IndexError(f"sampler {i} does not exist (pool of {len(self.samplers)})")
-        path, rollout_cfg, student_cfg, strategies = self._factory
+        path, rollout_cfg, student_cfg, strategies, num_gpus = self._factory
         try:
             ray.kill(self.samplers[i])
         except Exception:
             pass
         self._release_shm_files(i)
-        import torch
-
-        opts = dict(max_concurrency=SAMPLER_MAX_CONCURRENCY, num_cpus=rollout_cfg.cpus_per_sampler,
-                    num_gpus=rollout_cfg.tensor_parallel_size if torch.cuda.is_available() else 0)
-        if strategies is not None:
-            opts["scheduling_strategy"] = strategies[i]
-        self.samplers[i] = ray.remote(SamplerActor).options(**opts).remote(
+        self.samplers[i] = ray.remote(SamplerActor).options(**sampler_actor_options(
+            rollout_cfg, num_gpus, strategies[i])).remote(
             path, rollout_cfg, student_cfg, sampler_index=i, require_update=True)
         self._workers = None
         self._fanout("ready", [(self.samplers[i].ready, ())], timeout_s=self.generate_timeout_s)

@@ -23,12 +23,19 @@ callers:
   and a weight update are mutually exclusive (a condition variable): generate
   waits while an update is open (start .. finish), and start waits for a
   running generate to end;
-* the version advances only in `finish_weight_update`, after success;
+* the version advances only in `finish_weight_update`, after success, which
+  also resets vLLM's prefix cache (KV of the old weights must not serve a
+  shared prefix under the new ones);
 * a rejected update (unknown name, wrong shape) raises `WeightSyncError` and
   modifies nothing; a transport failure after some weights were loaded marks
   the sampler `needs_full_update`: generate/score then raise until a full
   update succeeds (we never silently serve half-updated weights, and keeping a
-  whole-model backup to restore from would double the sampler's memory).
+  whole-model backup to restore from would double the sampler's memory);
+* a sender that gives an update up calls `abort_weight_update`: the update is
+  closed on every worker (vLLM's NCCL engine leaves its layerwise reload open
+  after a failed receive; it is rolled back); a sampler still inside the
+  receive (an NCCL broadcast whose sender aborted never returns) reports
+  `stuck_in_weight_receive` and is restarted by the driver.
 
 `SamplerPool` (rollout/pool.py) spreads a batch over several actors and fans
 the weight-sync calls out to all of them.
@@ -46,7 +53,7 @@ import time
 from typing import Any, Union
 
 from rollout.types import Completion
-from rollout.weight_sync import WeightSyncError, choose_backend, engine_backend  # noqa: F401 (re-exported)
+from rollout.weight_sync import WeightSyncError, choose_backend, concrete_dtype, engine_backend  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,15 @@ WORKER_EXTENSION = "rollout.weight_receiver.WeightSyncWorkerExtension"
 # Concurrent calls a sampler actor serves (one engine user at a time, the rest
 # are control-plane calls and waits).
 SAMPLER_MAX_CONCURRENCY = 8
+# vLLM executor of a tensor-parallel engine: its worker processes on this
+# actor's node, on the GPUs Ray gave the actor (its bundle's
+# gpus_per_bundle x tensor_parallel_size). Left unset, vLLM picks its Ray
+# executor whenever it runs inside a placement group (ParallelConfig, vllm/config/parallel.py),
+# and that executor refuses a bundle of more than one GPU (and any CPU platform).
+TP_EXECUTOR_BACKEND = "mp"
+# How long abort_weight_update waits for a weight-update call that is inside
+# the engine to end before it calls the sampler stuck there.
+ABORT_WAIT_S = 10.0
 
 
 class SamplerNotReady(RuntimeError):
@@ -151,10 +167,12 @@ class SamplerActor:
             # by this many threads (read in the engine's worker process, which inherits the variable).
             kwargs["load_format"] = rollout.weight_receiver.PLAIN_GEMM_LOAD_FORMAT
             os.environ[rollout.weight_receiver.LOAD_THREADS_ENV] = str(rollout_cfg.weight_load_threads)
+        if rollout_cfg.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = TP_EXECUTOR_BACKEND
         try:
             self.llm = LLM(
                 model=model,
-                dtype=student_cfg.dtype,
+                dtype=concrete_dtype(student_cfg.dtype, has_gpu),
                 max_model_len=student_cfg.max_model_len,
                 tensor_parallel_size=rollout_cfg.tensor_parallel_size,
                 enforce_eager=rollout_cfg.enforce_eager or not has_gpu,
@@ -350,7 +368,9 @@ class SamplerActor:
         try:
             self.llm.collective_rpc("start_weight_update")
         except Exception as e:
-            self._close_update()
+            # vLLM's NCCL engine may have put part of the model into its
+            # layerwise reload before failing: roll that back too.
+            self._after_failed_update(f"start_weight_update failed: {e}")
             raise WeightSyncError(f"sampler {self.index}: start_weight_update failed: {e}", "start") from None
 
     def update_weights(self, update_info: dict, fused: bool = False,
@@ -370,16 +390,29 @@ class SamplerActor:
                 except Exception as e2:  # noqa: BLE001 - the start error is the one to report
                     log.warning("sampler %d: could not vote reject after a failed start: %s", self.index, e2)
                 raise
-        if not self._update_open:
-            raise WeightSyncError(f"sampler {self.index}: update_weights without start_weight_update", "transfer")
+        with self._cond:
+            if not self._update_open:
+                raise WeightSyncError(f"sampler {self.index}: update_weights without start_weight_update",
+                                      "transfer")
+            if self._in_update_rpc:
+                raise WeightSyncError(f"sampler {self.index}: update_weights while another weight-update call "
+                                      "is inside the engine", "transfer")
+            self._in_update_rpc, self._abandoned = True, None
+        error = None
         try:
             self.llm.collective_rpc("update_weights", args=(update_info,))
         except Exception as e:
-            self._after_failed_update()
+            error = e
+            self._after_failed_update(f"update_weights failed: {e}")
+        finally:
+            with self._cond:
+                self._in_update_rpc = False
+                self._cond.notify_all()
+        if error is not None:
             raise WeightSyncError(f"sampler {self.index}: update_weights failed "
                                   f"(still serving version {self._version}"
-                                  f"{'; weights mixed, needs a full update' if self._needs_full_update else ''}): {e}",
-                                  "transfer") from None
+                                  f"{'; weights mixed, needs a full update' if self._needs_full_update else ''}): "
+                                  f"{error}", "transfer") from None
         if fused:
             self.finish_weight_update(weight_version)
 
@@ -391,31 +424,124 @@ class SamplerActor:
         try:
             self.llm.collective_rpc("finish_weight_update")
         except Exception as e:
-            self._after_failed_update()
+            self._after_failed_update(f"finish_weight_update failed: {e}")
             raise WeightSyncError(f"sampler {self.index}: finish_weight_update failed: {e}", "finish") from None
+        self._reset_prefix_cache()
         with self._cond:
             self._version = self._version + 1 if weight_version is None else int(weight_version)
             self._needs_full_update = None
             self._update_open = False
             self._cond.notify_all()
 
-    def abort_weight_update(self) -> None:
-        """Close an update a dead sender left open (weights then count as mixed
-        if any had been received). No-op when no update is open."""
-        if not self._update_open:
+    def _reset_prefix_cache(self) -> None:
+        """Drop vLLM's prefix cache after new weights committed (called by
+        finish_weight_update, with the engine held by the update). vLLM keeps
+        prefix caching on and its weight-update calls leave the cache alone:
+        prompts sharing a prefix of a KV block or more (16 tokens on GPU, 128
+        on CPU: a system prompt, a chat template, the next epoch) would be
+        served KV computed by the old weights, so the samples would be
+        off-policy and their logprobs wrong. Resetting costs a pass over the
+        block table (KVCacheManager.reset_prefix_cache); turning prefix
+        caching off instead would recompute every prompt once per sample.
+
+        The reset refuses while requests hold blocks; none run here (generate
+        and updates exclude each other), and `reset_running_requests` also
+        preempts any a failed generate left behind. If it fails anyway the
+        sampler refuses to sample until a full update resets it."""
+        try:
+            ok = self.llm.reset_prefix_cache(reset_running_requests=True)
+            error = "" if ok else "vLLM reported blocks still in use"
+        except Exception as e:  # noqa: BLE001 - reported below, with what to do
+            ok, error = False, f"{type(e).__name__}: {e}"
+        if ok:
             return
-        self.llm.collective_rpc("opd_abort_weight_update")
-        self._after_failed_update()
+        reason = f"the prefix cache could not be reset after a weight update ({error})"
+        with self._cond:
+            self._needs_full_update = reason
+            self._update_open = False
+            self._cond.notify_all()
+        raise WeightSyncError(f"sampler {self.index}: {reason}; it holds KV of the old weights and refuses to "
+                              "sample until the next full update", "finish")
+
+    # Weight-update calls inside the engine (the state lives on the class so
+    # that __init__ need not know it): `_in_update_rpc` while update_weights
+    # (or an abort) is inside `collective_rpc`; `_abandoned` is why the sender
+    # gave the update up while this sampler was still receiving it.
+    _in_update_rpc = False
+    _abandoned: str | None = None
+
+    def abort_weight_update(self, reason: str | None = None, wait_s: float = ABORT_WAIT_S) -> None:
+        """Close an update its sender gave up or died in (weights then count as
+        mixed if any had been received). No-op when no update is open.
+
+        While the engine is inside the receive, nothing can reach it: a call
+        would run beside the receive (an in-process engine) or queue behind
+        it (vLLM's engine processes), and an NCCL receive whose sender
+        aborted never returns. The sampler then only records that it was
+        abandoned there; `stuck_in_weight_receive` reports it until the
+        receive ends, and the driver restarts such samplers. `wait_s`: how
+        long a call inside the engine may take to end first."""
+        reason = reason or "the sender gave the update up"
+        with self._cond:
+            if not self._update_open:
+                return
+            # A receive that is failing too ends within moments: let it.
+            if not self._cond.wait_for(lambda: not self._in_update_rpc, timeout=wait_s):
+                self._abandoned = reason
+                log.warning("sampler %d: the sender gave up a weight update this sampler is still receiving "
+                            "(%s); it needs a restart unless the receive ends", self.index, reason)
+                return
+            if not self._update_open:
+                return  # the receive ended and closed it
+            self._in_update_rpc = True
+        try:
+            self._after_failed_update(f"aborted: {reason}")
+        finally:
+            with self._cond:
+                self._in_update_rpc = False
+                self._cond.notify_all()
+
+    def stuck_in_weight_receive(self) -> str | None:
+        """Why this sampler is stuck inside a weight receive its sender gave
+        up (None: it is not): it cannot serve or take another update until it
+        is restarted (cluster/loop.py restart_dead_samplers)."""
+        with self._cond:
+            return self._abandoned if self._in_update_rpc else None
+
+    def kill_engine_processes(self) -> int:
+        """SIGKILL every process this actor started (vLLM's engine-core and
+        worker processes; none for an in-process engine); returns how many.
+        For a sampler about to be replaced because it is stuck in a receive:
+        vLLM's workers watch their parent only to close their queues
+        (multiproc_executor.py `monitor_death_pipe`), so one blocked in a CUDA
+        wait would outlive the actor and keep its GPU memory."""
+        import psutil
+
+        try:
+            procs = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return 0
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        return len(procs)
 
     def validate_update(self, update_info: dict) -> list[str]:
         """Problems of an update against this sampler's model (touches nothing)."""
         return self.llm.collective_rpc("opd_check_update", args=(update_info,))[0]
 
-    def _after_failed_update(self) -> None:
+    def _after_failed_update(self, error: str | None = None) -> None:
+        """Close the update after `error`: every worker leaves what the failure
+        left open (rollout.weight_receiver `opd_abort_weight_update`: vLLM's
+        NCCL engine leaves its layerwise reload open) and says whether its
+        weights are now mixed; if any are, refuse to sample until a full
+        update succeeds."""
         try:
-            states = self.llm.collective_rpc("opd_weight_state")
+            states = self.llm.collective_rpc("opd_abort_weight_update", args=(error,))
             dirty = [s for s in states if s["dirty"]]
-            reason = dirty[0]["last_error"] if dirty else None
+            reason = (dirty[0]["last_error"] or error or "a failed weight update") if dirty else None
         except Exception as e:  # cannot tell: assume the worst
             reason = f"weight state unknown after a failed update ({e})"
         with self._cond:

@@ -1,4 +1,4 @@
-"""Client of teacher_server (`/v1/model`, `/v1/logprobs`, `/v1/generate`).
+"""Client of teacher_server (`/v1/model`, `/v1/tokenizer`, `/v1/logprobs`, `/v1/generate`).
 
 Who calls it: the driver (synchronous code that also drives Ray) builds one
 `TeacherClient.from_config(cfg.teacher, url)`, calls `check_tokenizer(student_dir)`
@@ -101,18 +101,36 @@ class TeacherRequestError(TeacherError):
 
 
 class TokenizerMismatchError(TeacherError):
-    def __init__(self, teacher_sha256: str, student_sha256: str, teacher_model: str, student_dir: str):
+    """The teacher's tokenizer maps ids differently from the student's
+    (`differences`: what differs, from `protocol.tokenizer_differences`)."""
+
+    def __init__(self, teacher_sha256: str, student_sha256: str, teacher_model: str, student_dir: str,
+                 differences: Sequence[str] = ()):
         self.teacher_sha256, self.student_sha256 = teacher_sha256, student_sha256
         self.teacher_model, self.student_dir = teacher_model, student_dir
+        self.differences = list(differences)
         super().__init__(
             f"teacher tokenizer differs from the student's (sha256 {teacher_sha256[:12]}... of teacher "
             f"{teacher_model} vs {student_sha256[:12]}... of student {student_dir}): on-policy distillation "
-            f"scores the student's own token ids, so both must use one tokenizer; serve a teacher that shares "
-            f"the student's tokenizer")
+            f"scores the student's own token ids, so both must use one tokenizer"
+            + "".join(f"; {d}" for d in self.differences)
+            + "; serve a teacher that shares the student's tokenizer (a chat template or eos_token of its "
+              "own is fine)")
 
     def __reduce__(self):
         return (TokenizerMismatchError, (self.teacher_sha256, self.student_sha256, self.teacher_model,
-                                         self.student_dir))
+                                         self.student_dir, self.differences))
+
+
+def check_tokenizers(student: P.TokenizerInfo, teacher: P.TokenizerInfo, student_name: str,
+                     teacher_name: str) -> None:
+    """Raise TokenizerMismatchError, naming what differs, unless the two
+    tokenizers agree on what scoring depends on (the token->id map and the ids
+    added around every text; see teacher_server/protocol.py)."""
+    s_sha, t_sha = student.sha256(), teacher.sha256()
+    if s_sha != t_sha:
+        raise TokenizerMismatchError(t_sha, s_sha, teacher_name, student_name,
+                                     P.tokenizer_differences(student, teacher))
 
 
 # --------------------------------------------------------------------------
@@ -304,12 +322,24 @@ class TeacherClient:
         """GET /v1/model (waits, with retries, while the server is loading)."""
         return self._run(self._model_info())
 
-    def check_tokenizer(self, student_tokenizer_dir: str | Path) -> P.ModelInfo:
-        """Refuse a teacher whose tokenizer differs from the student's."""
-        student_sha = P.tokenizer_fingerprint(student_tokenizer_dir)
+    def tokenizer(self) -> P.TokenizerInfo:
+        """GET /v1/tokenizer: the teacher's whole token->id map (a few MB for a
+        large vocabulary)."""
+        return self._run(self._get("/v1/tokenizer", P.TokenizerInfo))
+
+    def check_tokenizer(self, student: str | Path | P.TokenizerInfo, student_name: str | None = None) -> P.ModelInfo:
+        """Refuse a teacher whose tokenizer differs from the student's (a model
+        directory, or its TokenizerInfo) in what scoring depends on. Compares
+        the hash of /v1/model; only when it differs is the teacher's vocabulary
+        fetched, to name the ids that differ."""
+        s_info = student if isinstance(student, P.TokenizerInfo) else P.load_tokenizer_info(student)
+        name = student_name or (str(student) if not isinstance(student, P.TokenizerInfo) else "the student")
         info = self.model_info()
-        if info.tokenizer_sha256 != student_sha:
-            raise TokenizerMismatchError(info.tokenizer_sha256, student_sha, info.model, str(student_tokenizer_dir))
+        if info.tokenizer_sha256 != s_info.sha256():
+            check_tokenizers(s_info, self.tokenizer(), name, info.model)
+            # The vocabularies agree: the server hashes differently (another version).
+            log.warning("teacher %s reports tokenizer_sha256 %s..., its /v1/tokenizer hashes to the student's; "
+                        "accepting", info.model, info.tokenizer_sha256[:12])
         return info
 
     def score(self, sequences: Sequence[tuple[Sequence[int], int]], top_k: int | None = None,
@@ -452,10 +482,13 @@ class TeacherClient:
         return TeacherRequestError(self.url, status, err.type, err.message, err.field, hint)
 
     async def _model_info(self) -> P.ModelInfo:
-        status, data, ctype = await self._request("GET", "/v1/model", None, _CallStats())
+        return await self._get("/v1/model", P.ModelInfo)
+
+    async def _get(self, path: str, type_: type):
+        status, data, ctype = await self._request("GET", path, None, _CallStats())
         if status != 200:
             raise self._refusal(status, data, ctype)
-        return P.decode(data, P.ModelInfo, ctype)
+        return P.decode(data, type_, ctype)
 
     # ------------------------------------------------------------ /v1/logprobs
 

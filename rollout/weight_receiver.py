@@ -52,6 +52,16 @@ again, but if any bucket was already loaded the weights are a mix of old and
 new: the engine reports `dirty=True` (`WeightSyncWorkerExtension.opd_weight_state`)
 and the sampler actor refuses to generate until a full update succeeds. A
 failure before any bucket was loaded restores the old weights exactly.
+
+On GPU the samplers run vLLM's own `NCCLWeightTransferEngine`, which opens
+vLLM's layerwise reload in `start_weight_update` and leaves it open when a
+receive fails. The sampler then calls `WeightSyncWorkerExtension.
+opd_abort_weight_update`, which rolls that reload back with vLLM's
+`finalize_layerwise_reload` and reports the same `dirty` semantics
+(`layerwise_reload_state` reads vLLM's bookkeeping to tell whether any
+weight had landed). A worker stuck inside an NCCL receive whose sender gave
+up cannot be reached by any call: its sampler is restarted instead
+(rollout/sampler.py, cluster/loop.py).
 """
 
 from __future__ import annotations
@@ -106,6 +116,61 @@ class QuietRotaryReload(logging.Filter):
 # Installed where the reload runs: this module is imported in every process
 # whose vLLM worker receives weights.
 logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(QuietRotaryReload())
+
+
+def layerwise_reload_state(model) -> tuple[bool, bool]:
+    """(open, loaded): whether vLLM's layerwise reload of `model` is in
+    progress (`initialize_layerwise_reload` ran, `finalize_layerwise_reload`
+    did not), and if so whether any weight of the update has landed. Read
+    from vLLM's own bookkeeping (model_loader/reload/layerwise.py
+    `LAYERWISE_INFO`): initializing gives every module a `load_numel_total`
+    (`can_load()`); a layer whose weights have all arrived is processed
+    (new weights copied into its tensors) and reset, so while the reload is
+    open a layer with loadable tensors that cannot load any more was
+    processed, and one that can but holds `load_numel > 0` has buffered
+    weights that finalizing would process."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+    from vllm.model_executor.model_loader.reload.utils import get_layer_size
+
+    pending = buffered = processed = False
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is not None and info.can_load():
+            pending = True
+            buffered = buffered or info.load_numel > 0
+        elif get_layer_size(layer) > 0:
+            processed = True
+    return pending, pending and (buffered or processed)
+
+
+class _QuietFailedLoads(logging.Filter):
+    """Drops vLLM's per-layer "Failed to load weights" while an update is
+    rolled back (every layer that received nothing says it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "%s: Failed to load weights"
+
+
+def abort_layerwise_reload(model, model_config) -> bool:
+    """Leave an open layerwise reload of `model` (no-op when none is open)
+    with vLLM's own `finalize_layerwise_reload`: every layer that received
+    nothing gets its old tensors back (`_place_kernel_tensors`), a layer that
+    received part of its weights is processed with them. Returns True when
+    any weight of the aborted update had landed: the model then holds a mix
+    of old and new weights; False: the old weights are back exactly."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    is_open, loaded = layerwise_reload_state(model)
+    if not is_open:
+        return False
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    quiet = _QuietFailedLoads()
+    log.addFilter(quiet)
+    try:
+        finalize_layerwise_reload(model, model_config)
+    finally:
+        log.removeFilter(quiet)
+    return loaded
 
 
 def checkpoint_layout(hf_config) -> tuple[dict[str, tuple[int, ...]], list[str]]:
@@ -496,18 +561,28 @@ class WeightSyncWorkerExtension:
     sampler actor through `llm.collective_rpc("opd_...")`."""
 
     def opd_weight_state(self) -> dict:
-        """{"dirty": weights mixed by a failed update, "last_error": str|None,
+        """{"dirty": weights mixed by a failed update (opd engines: since the
+        last finished update; vLLM's own engines, e.g. NCCL: by the last
+        aborted one, see opd_abort_weight_update), "last_error": str|None,
         "load": how updates are loaded, "in_place" or "layerwise_reload",
+        "reload_open": vLLM's layerwise reload is in progress (an update is
+        being received, or a failed one was not rolled back yet),
+        "engine": the weight-transfer engine's class name,
         "replayed_names": checkpoint names whose in-place load is replayed as
         plain copies (rollout.copy_plan), "replay_refused": why replay is
         off for this model (None while it is on), "shared_region": the
         shared-memory region the parameters live in (shm shared mode; None:
         their own memory)}."""
         engine = getattr(self, "weight_transfer_engine", None)
+        ours = isinstance(engine, GlooWeightTransferEngine)
         plan = getattr(engine, "_copy_plan", None)
         shared = getattr(engine, "shared_region", None)
-        return {"dirty": bool(getattr(engine, "dirty", False)), "last_error": getattr(engine, "last_error", None),
+        model = engine.model if engine is not None else self.model_runner.model
+        return {"dirty": bool(engine.dirty if ours else getattr(self, "_opd_dirty", False)),
+                "last_error": engine.last_error if ours else getattr(self, "_opd_last_error", None),
                 "load": "in_place" if plain_gemm_loaded(self.model_runner.model) else "layerwise_reload",
+                "reload_open": layerwise_reload_state(model)[0],
+                "engine": type(engine).__name__ if engine is not None else None,
                 "replayed_names": plan.size() if plan is not None else 0,
                 "replay_refused": plan.refused if plan is not None else None,
                 "shared_region": shared() if shared is not None else None}
@@ -548,13 +623,39 @@ class WeightSyncWorkerExtension:
             raise WeightSyncError(f"cannot vote reject ({reason}): this worker is not in a weight-sync group", "init")
         gloo_allreduce_sum(group, torch.tensor([1], dtype=torch.int64), "the update's accept/reject vote")
 
-    def opd_abort_weight_update(self) -> None:
-        """Close a session left open by a sender that died between start and
-        finish (vLLM's worker would otherwise refuse the next start)."""
+    def opd_abort_weight_update(self, reason: str | None = None) -> dict:
+        """Close whatever a failed or abandoned update left open, and return
+        `opd_weight_state()`. The sampler calls it after any failed step of
+        an update, and for a sender that gave an update up (never while this
+        worker is inside a receive: the call would run beside it, or wait
+        behind it forever).
+
+        opd engines undo their own layerwise state when a receive fails;
+        here they only close a session whose sender died after the receive.
+        vLLM's own engines (the NCCL engine) run `initialize_layerwise_reload`
+        in `start_weight_update`, and vLLM's worker, when `update_weights`
+        raises, only clears its session flag (gpu_worker.py `update_weights`):
+        every layer is left on the meta device and generating would fail.
+        That reload is rolled back with vLLM's `finalize_layerwise_reload`
+        (`abort_layerwise_reload`): the old weights come back exactly when
+        nothing had landed, else the weights are mixed and `dirty` says so
+        (the sampler then refuses to sample until a full update succeeds).
+        `reason`: the failure, kept as `last_error` when weights are mixed."""
         engine = getattr(self, "weight_transfer_engine", None)
-        if engine is not None and getattr(engine, "_reload_open", False):
-            engine._abort_reload(dirty=True)
+        if isinstance(engine, GlooWeightTransferEngine):
+            if engine._reload_open:
+                engine._abort_reload(dirty=True)
+                engine.last_error = engine.last_error or reason
+        elif engine is not None:
+            try:
+                mixed = abort_layerwise_reload(engine.model, engine.model_config)
+            except Exception as e:  # noqa: BLE001 - the model's state is unknown: treat it as mixed
+                mixed, reason = True, f"{reason}; rolling back vLLM's layerwise reload failed: {e}"
+            self._opd_dirty = mixed
+            self._opd_last_error = (reason or "an aborted weight update had loaded some weights") if mixed else None
+            engine.reset_weight_update_target()
         self._weight_update_active = False
+        return self.opd_weight_state()
 
 
 PLAIN_GEMM_LOAD_FORMAT = "opd_cpu_plain_gemm"

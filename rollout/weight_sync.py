@@ -106,6 +106,14 @@ def dtype_name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
+def concrete_dtype(name: str, on_gpu: bool) -> str:
+    """A config dtype with "auto" (the default of student.dtype, teacher.dtype
+    and learner.dtype) made concrete: bfloat16 on GPU, float32 on CPU."""
+    if name == "auto":
+        return "bfloat16" if on_gpu else "float32"
+    return name
+
+
 @dataclasses.dataclass
 class GlooInitInfo:
     """Sent to every worker of every sampler by init_weight_transfer_engine

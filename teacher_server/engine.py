@@ -29,13 +29,12 @@ import dataclasses
 import itertools
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 
 from teacher_server.protocol import (DEFAULT_MAX_TOP_K, GenerateRequest, GenerateResponse, GenerateResult,
                                      GenerateSample, LogprobsRequest, LogprobsResponse, ModelInfo,
-                                     ProtocolError, SequenceLogprobs, tokenizer_fingerprint)
+                                     SequenceLogprobs, TokenizerInfo, tokenizer_info)
 
 log = logging.getLogger("teacher_server.engine")
 
@@ -98,9 +97,10 @@ def prompt_logprobs_to_result(flat, token_ids: list[int], start: int, top_k: int
 class TeacherEngine:
     """Owns one AsyncLLM. All methods are called from the server's event loop."""
 
-    def __init__(self, engine, info: ModelInfo):
+    def __init__(self, engine, info: ModelInfo, tokenizer: TokenizerInfo):
         self._engine = engine
         self.info = info
+        self.tokenizer = tokenizer  # what GET /v1/tokenizer returns
         self._ids = itertools.count()
 
     @classmethod
@@ -128,13 +128,14 @@ class TeacherEngine:
                 run_model_in_engine_core_on_cpu()
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         mc = engine.model_config
+        # The tokenizer vLLM itself loaded: what the teacher's ids mean.
+        tok = tokenizer_info(engine.get_tokenizer())
         # vLLM samples one token after a scored prompt, so the longest scorable sequence
         # is one shorter than the engine's context; that is what clients are told.
         info = ModelInfo(model=opts.served_model_name or opts.model, vocab_size=mc.get_vocab_size(),
                          max_model_len=mc.max_model_len - 1, dtype=str(mc.dtype).removeprefix("torch."),
-                         tokenizer_sha256=tokenizer_fingerprint(_tokenizer_dir(opts.model)),
-                         max_top_k=opts.max_top_k)
-        return cls(engine, info)
+                         tokenizer_sha256=tok.sha256(), max_top_k=opts.max_top_k, tokenizer_size=len(tok.vocab))
+        return cls(engine, info, tok)
 
     def _request_id(self) -> str:
         return f"teacher-{os.getpid()}-{next(self._ids)}"
@@ -226,16 +227,3 @@ def _is_cpu_build() -> bool:
         return current_platform.is_cpu()
     except Exception:  # noqa: BLE001 - platform probing must not stop the server
         return False
-
-
-def _tokenizer_dir(model: str) -> str:
-    """Local directory holding the tokenizer files (a hub id is resolved from the
-    local HF cache; nothing is downloaded)."""
-    if Path(model).exists():
-        return model
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(model, local_files_only=True,
-                                 allow_patterns=["tokenizer*", "*.json", "*.model", "*.txt"])
-    except Exception as e:  # noqa: BLE001
-        raise ProtocolError(500, "internal", f"cannot find tokenizer files for {model!r}: {e}") from e

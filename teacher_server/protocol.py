@@ -2,15 +2,18 @@
 
 Imported by the server (`teacher_server.server`) and by clients
 (`rollout/teacher_client.py`); it imports only msgspec and the standard library
-(no vllm, no torch), so a client can depend on it cheaply.
+(no vllm, no torch), so a client can depend on it cheaply; only
+`load_tokenizer_info` imports transformers, when it is called.
 
 Endpoints
 ---------
 GET  /health        200 {"status": "ok"} once the engine can score; 503 {"status": "loading"} before.
 GET  /v1/model      ModelInfo: {"model", "vocab_size", "max_model_len", "dtype", "tokenizer_sha256",
-                    "max_top_k"}. `tokenizer_sha256` is `tokenizer_fingerprint(model_dir)`;
-                    a client compares it with the student's to refuse a teacher whose
-                    tokenizer differs. `max_model_len` is the longest `token_ids` that
+                    "max_top_k", "tokenizer_size"}. `tokenizer_sha256` is
+                    `TokenizerInfo.sha256()` of the teacher's tokenizer: a hash of what scoring
+                    depends on (the token->id map and the ids added around every text, not
+                    the chat template or eos_token); a client compares it with the student's
+                    to refuse a teacher whose tokenizer differs. `max_model_len` is the longest `token_ids` that
                     /v1/logprobs accepts (and the cap on prompt + max_new_tokens of
                     /v1/generate): the engine's context length minus one, since vLLM
                     samples one token after a scored prompt.
@@ -31,6 +34,9 @@ POST /v1/generate   GenerateRequest -> GenerateResponse (teacher-sampled complet
     sampled from (temperature and top_p applied), so it can serve as an importance
     ratio's denominator. `seed` makes sampling reproducible (prompt i, sample k uses
     seed + i * n + k).
+GET  /v1/tokenizer  TokenizerInfo: {"vocab": {token: id}, "prefix_ids", "suffix_ids"}: what the hash
+                    covers, in full (a vocabulary of ~150k tokens is a few MB: a client fetches
+                    it only when the hashes differ, to say which ids differ).
 GET  /metrics       Prometheus text format.
 
 Encodings
@@ -144,6 +150,7 @@ class ModelInfo(msgspec.Struct):
     dtype: str
     tokenizer_sha256: str
     max_top_k: int = DEFAULT_MAX_TOP_K
+    tokenizer_size: int = 0  # entries in the token->id map (0: not reported)
 
 
 class Health(msgspec.Struct):
@@ -348,54 +355,93 @@ def count_tokens(req: LogprobsRequest | GenerateRequest) -> int:
     return sum((len(p.token_ids) + req.max_new_tokens) * req.n for p in req.prompts)
 
 
-# --------------------------------------------------------------------------- tokenizer fingerprint
+# --------------------------------------------------------------------------- tokenizer compatibility
 
-# tokenizer_config.json keys that change which ids a text maps to (or how ids are
-# read back); everything else there (model_max_length, padding side, ...) does not.
-_CONFIG_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
-                "mask_token", "additional_special_tokens", "added_tokens_decoder",
-                "add_bos_token", "add_eos_token")
-# tokenizer.json sections that do not affect the id mapping.
-_IGNORED_TOKENIZER_JSON_KEYS = ("truncation", "padding")
-_RAW_VOCAB_FILES = ("tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model")
+# What scoring depends on. The teacher scores the student's token ids as they
+# are, so two tokenizers are compatible when every id names the same token
+# (the token->id map, added tokens included) and the tokenizer adds the same
+# ids around every encoded text (a BOS the teacher expects at position 0).
+# The chat template, `eos_token`, normalizer and pre-tokenizer do not enter:
+# a Base student under its Instruct teacher differs in exactly those and
+# scores correctly.
+
+class TokenizerInfo(msgspec.Struct):
+    """GET /v1/tokenizer: the part of a tokenizer that scoring depends on."""
+
+    vocab: dict[str, int]  # token -> id, added tokens included
+    prefix_ids: list[int]  # ids added before every encoded text (e.g. [bos_id]), often []
+    suffix_ids: list[int]  # ids added after it (e.g. [eos_id] with add_eos_token), often []
+
+    def sha256(self) -> str:
+        """sha256 hex of the canonical form: (id, token) pairs sorted, then the
+        prefix and suffix ids. Equal hashes <=> compatible tokenizers."""
+        h = hashlib.sha256()
+        pairs = sorted((i, t) for t, i in self.vocab.items())
+        h.update(json.dumps([pairs, self.prefix_ids, self.suffix_ids], ensure_ascii=False,
+                            separators=(",", ":")).encode())
+        return h.hexdigest()
 
 
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+# Files of which a model directory needs one to have a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "tokenizer_config.json")
 
 
-def tokenizer_fingerprint(path: str | Path) -> str:
-    """sha256 hex of a tokenizer's id mapping, read from disk with the stdlib only.
+def tokenizer_info(tokenizer) -> TokenizerInfo:
+    """TokenizerInfo of a loaded Hugging Face tokenizer (anything with
+    `get_vocab()` and `__call__(text, add_special_tokens=...)`, e.g. vLLM's)."""
+    vocab = {str(t): int(i) for t, i in tokenizer.get_vocab().items()}
+    probe = "a"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return TokenizerInfo(vocab=vocab, prefix_ids=full[:k], suffix_ids=full[k + len(plain):])
+    return TokenizerInfo(vocab=vocab, prefix_ids=full, suffix_ids=[])
 
-    `path` is a model directory (or a tokenizer.json file). Hashes tokenizer.json
-    (canonical JSON, minus truncation/padding) or else the raw vocab files, plus the
-    special-token part of tokenizer_config.json. The chat template is left out: it
-    shapes prompts, not the id mapping that scoring depends on.
-    Two checkpoints that share a tokenizer (e.g. a student and its teacher saved by
-    the same tokenizer object) get the same value, whatever their model configs.
-    """
-    p = Path(path)
-    d = p.parent if p.is_file() else p
-    h = hashlib.sha256()
-    tj = p if p.is_file() else d / "tokenizer.json"
-    found = False
-    if tj.is_file():
-        data = json.loads(tj.read_text(encoding="utf-8"))
-        for k in _IGNORED_TOKENIZER_JSON_KEYS:
-            data.pop(k, None)
-        h.update(b"tokenizer.json\0" + _canonical(data))
-        found = True
-    else:
-        for name in _RAW_VOCAB_FILES:
-            f = d / name
-            if f.is_file():
-                h.update(name.encode() + b"\0" + f.read_bytes())
-                found = True
-    if not found:
-        raise FileNotFoundError(f"no tokenizer files in {d}: expected tokenizer.json or one of "
-                                f"{list(_RAW_VOCAB_FILES)}")
-    cfg_file = d / "tokenizer_config.json"
-    if cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-        h.update(b"tokenizer_config\0" + _canonical({k: cfg[k] for k in _CONFIG_KEYS if k in cfg}))
-    return h.hexdigest()
+
+def load_tokenizer_info(path: str | Path) -> TokenizerInfo:
+    """TokenizerInfo of the tokenizer saved in model directory `path` (loads it
+    with transformers' AutoTokenizer, which is what vLLM does)."""
+    d = Path(path)
+    if not any((d / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer files in {d}: expected one of {list(_TOKENIZER_FILES)}")
+    from transformers import AutoTokenizer
+
+    return tokenizer_info(AutoTokenizer.from_pretrained(str(d)))
+
+
+def tokenizer_fingerprint(tokenizer: str | Path | TokenizerInfo) -> str:
+    """`tokenizer_sha256` of /v1/model: `TokenizerInfo.sha256()` of a model
+    directory's tokenizer (or of a TokenizerInfo)."""
+    info = tokenizer if isinstance(tokenizer, TokenizerInfo) else load_tokenizer_info(tokenizer)
+    return info.sha256()
+
+
+def tokenizer_differences(student: TokenizerInfo, teacher: TokenizerInfo, limit: int = 6) -> list[str]:
+    """What differs between two tokenizers, for scoring, as readable lines
+    (empty when compatible): the ids whose token differs (the first `limit`,
+    and how many in all) and the ids added around every text."""
+    out = []
+
+    def by_id(vocab: dict[str, int]) -> dict[int, str]:
+        inv: dict[int, list[str]] = {}
+        for t, i in vocab.items():
+            inv.setdefault(i, []).append(t)
+        return {i: " | ".join(repr(t) for t in sorted(ts)) for i, ts in inv.items()}
+
+    s_ids, t_ids = by_id(student.vocab), by_id(teacher.vocab)
+    bad = sorted(i for i in s_ids.keys() | t_ids.keys() if s_ids.get(i) != t_ids.get(i))
+    if bad:
+        shown = "; ".join(f"id {i}: student {s_ids.get(i, '(none)')}, teacher {t_ids.get(i, '(none)')}"
+                          for i in bad[:limit])
+        more = f" (and {len(bad) - limit} more)" if len(bad) > limit else ""
+        out.append(f"{len(bad)} token {'ids map' if len(bad) != 1 else 'id maps'} to different tokens "
+                   f"(id{'s' if len(bad) != 1 else ''} {', '.join(map(str, bad[:limit]))}"
+                   f"{'...' if len(bad) > limit else ''}): {shown}{more}")
+    for what, s, t in (("before", student.prefix_ids, teacher.prefix_ids),
+                       ("after", student.suffix_ids, teacher.suffix_ids)):
+        if s != t:
+            out.append(f"the student's tokenizer adds ids {s} {what} every text, the teacher's {t} "
+                       f"(e.g. a BOS token one of them expects)")
+    return out

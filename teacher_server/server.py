@@ -43,7 +43,7 @@ log = logging.getLogger("teacher_server")
 
 # Endpoints that need no API key (liveness probes).
 PUBLIC_PATHS = frozenset({"/health"})
-KNOWN_PATHS = frozenset({"/health", "/metrics", "/v1/model", "/v1/logprobs", "/v1/generate"})
+KNOWN_PATHS = frozenset({"/health", "/metrics", "/v1/model", "/v1/tokenizer", "/v1/logprobs", "/v1/generate"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +80,7 @@ class TeacherServer:
             web.get("/health", self._health),
             web.get("/metrics", self._metrics),
             web.get("/v1/model", self._model),
+            web.get("/v1/tokenizer", self._tokenizer),
             web.post("/v1/logprobs", self._logprobs),
             web.post("/v1/generate", self._generate),
         ])
@@ -153,7 +154,7 @@ class TeacherServer:
                 raise
             kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "http_error")
             msg = (f"no endpoint {request.method} {request.path}; endpoints: GET /health, GET /metrics, "
-                   "GET /v1/model, POST /v1/logprobs, POST /v1/generate")
+                   "GET /v1/model, GET /v1/tokenizer, POST /v1/logprobs, POST /v1/generate")
             resp = self._error_response(request, ProtocolError(e.status, kind, msg, None))
         except Exception as e:  # noqa: BLE001 - a bug must not take the server down
             log.exception("teacher_server: internal error on %s %s", request.method, request.path)
@@ -267,6 +268,9 @@ class TeacherServer:
 
     async def _model(self, request: web.Request) -> web.Response:
         return self._reply(request, self._ready_engine().info)
+
+    async def _tokenizer(self, request: web.Request) -> web.Response:
+        return self._reply(request, self._ready_engine().tokenizer)
 
     async def _logprobs(self, request: web.Request) -> web.Response:
         engine = self._ready_engine()

@@ -5,13 +5,19 @@ wandb offline.
 - a sync run: every metric namespace in metrics.jsonl and an offline wandb
   run, eval/reverse_kl falls (the method works, not only the plumbing), the
   final export loads in transformers;
+- a sync run on prompts sharing a prefix longer than a KV block: after every
+  push the samplers' logprobs are the learner's (no stale prefix KV);
 - an async run with a 2-chunk pipelined rollout: the same namespaces, policy lag
   within the bound, the chunks adding up to the whole step;
 - SIGKILL while a checkpoint is being written, then --resume: the previous
   checkpoint is intact, the run continues at the right step with the same
   prompts as an uninterrupted stream, metrics continuous;
 - `ray job submit` to a two-node Ray cluster the test starts: the job
-  SUCCEEDs and samplers/learners land on the nodes the placement config names.
+  SUCCEEDs and samplers/learners land on the nodes the placement config names;
+- both models as hub ids from an offline Hugging Face cache (a Base-style
+  student, an Instruct-style teacher the driver serves), bfloat16 training with
+  an export every step: the exports are bfloat16 and load in transformers and
+  in vLLM.
 """
 
 from __future__ import annotations
@@ -114,6 +120,38 @@ def test_sync_run_logs_everything_and_kl_falls(ray_session, teacher_server, tmp_
     assert exported.eos_token_id == original.eos_token_id  # the tokenizer files travel with the export
     assert exported("12+34=").input_ids == original("12+34=").input_ids
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+
+
+# Longer than one CPU KV block (128 tokens; 16 on GPU): with the chat
+# template and the byte-level tiny tokenizer every prompt shares its first
+# ~200 tokens, so vLLM's prefix cache has whole blocks of it to reuse.
+SHARED_PREFIX = ("You are a careful calculator. Read the question, add the two numbers digit by digit from the "
+                 "right, carry when a column exceeds nine, and answer with the sum only, no words, no spaces, "
+                 "no units.")
+
+
+@pytest.mark.slow
+def test_samplers_serve_new_weights_on_a_shared_prefix(ray_session, teacher_server, tmp_path):
+    """Prompts sharing a prefix longer than a KV block, several pushes: after
+    every push the samplers recompute the prefix under the new weights (the
+    prefix cache is reset in finish_weight_update), so their logprobs of every
+    step's tokens are the learner's. Served from the old weights' KV (no
+    reset), this run's difference was 5e-7 at step 1, then 0.15, 0.18, 0.21,
+    0.18; with the reset it stays at ~4e-7."""
+    data = tmp_path / "prefix.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{SHARED_PREFIX} {a}+{b}="}) + "\n"
+                            for a, b in zip(range(11, 35), range(40, 88, 2), strict=True)))
+    run_dir = tmp_path / "prefix"
+    rc = run_in_process(base_overrides(run_dir, teacher_server, steps=5)
+                        + [f"data.train={data}", "data.eval_size=0", "data.max_prompt_tokens=256",
+                           "student.max_model_len=320", "eval.every_steps=0", "learner.lr=2e-3"])
+    assert rc == 0
+    rows = [r for r in read_metrics(run_dir) if "learner/logprob_abs_diff" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    # float32 sampler vs float32 learner on the same weights: ~1e-7 (step 1
+    # has no push before it); stale prefix KV gives 1e-2 and more.
+    diffs = [r["learner/logprob_abs_diff"] for r in rows]
+    assert max(diffs) < 1e-3, diffs
 
 
 @pytest.mark.slow
@@ -251,3 +289,92 @@ def test_ray_job_submit_two_nodes(teacher_server, tmp_path):
         assert [r["step"] for r in rows if "learner/loss" in r] == [1]
     finally:
         cluster.shutdown()
+
+
+# Scores one token sequence with vLLM's offline engine (a fresh process, as a
+# user would load the export) and prints the prompt logprobs as JSON.
+VLLM_SCORE = """
+import json, sys
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    ids = json.loads(sys.argv[2])
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=128, seed=0)
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0))
+    print("LOGPROBS " + json.dumps([d[t].logprob for d, t in zip(out[0].prompt_logprobs[1:], ids[1:])]))
+"""
+
+
+@pytest.mark.slow
+def test_hub_ids_from_offline_cache_and_bf16_exports(student_path, teacher_path, tmp_path):
+    """The real command with both models given as hub ids that resolve from
+    an offline Hugging Face cache (HF_HOME + HF_HUB_OFFLINE=1), the teacher
+    started by the driver: a Base-style student under an Instruct-style
+    teacher (same vocabulary, another chat template and eos_token). Training
+    in bfloat16 with run.export_every_steps=1: the step-1 export and final/
+    are bfloat16 safetensors that transformers loads, and vLLM serves final/
+    with the same logprobs as transformers."""
+    from tests.fixtures.models import INSTRUCT_TEMPLATE, edit_tokenizer, hub_cache
+
+    home = tmp_path / "hf"
+    s_snap = hub_cache(home, "opd-test/student-base", student_path)
+    inst = edit_tokenizer(teacher_path, tmp_path / "instruct", chat_template=INSTRUCT_TEMPLATE,
+                          eos_token="<|endoftext|>")
+    t_snap = hub_cache(home, "opd-test/teacher-instruct", inst)
+    run_dir = tmp_path / "hub"
+    env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.train", "--config", str(REPO / "configs" / "demo.yaml"),
+         "student.model=opd-test/student-base", "teacher.model=opd-test/teacher-instruct", f"run.dir={run_dir}",
+         "log.wandb.mode=disabled", "train.steps=2", "train.prompts_per_step=4", "rollout.samples_per_prompt=2",
+         "rollout.max_new_tokens=8", "eval.every_steps=0", "run.save_every_steps=0", "learner.dtype=bfloat16",
+         "learner.warmup_steps=0", "run.export_every_steps=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    # Resolved once, from the cache; every process got the snapshot directories.
+    assert f"[opd] models: student {s_snap.resolve()}, teacher {t_snap.resolve()}" in out.stdout
+    assert f"[opd] starting teacher ({t_snap.resolve()})" in out.stdout
+    assert [r["step"] for r in read_metrics(run_dir) if "learner/loss" in r] == [1, 2]
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    step1, final = run_dir / "exports" / "step_00000001", run_dir / "final"
+    assert sorted(p.name for p in (run_dir / "exports").iterdir()) == ["step_00000001"]  # step 2 is final/
+    base = AutoTokenizer.from_pretrained(student_path)
+    weights = {}
+    for d in (step1, final):
+        assert json.loads((d / "config.json").read_text())["dtype"] == "bfloat16"
+        assert (d / "generation_config.json").is_file()
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        model = AutoModelForCausalLM.from_pretrained(d)
+        assert model.dtype == torch.bfloat16
+        weights[d.name] = {n: p.detach().float() for n, p in model.named_parameters()}
+        tok = AutoTokenizer.from_pretrained(d)
+        assert tok.get_vocab() == base.get_vocab() and tok.eos_token_id == base.eos_token_id
+        assert tok.chat_template == base.chat_template  # the student's, not the teacher's
+    init = {n: p.detach().float() for n, p in AutoModelForCausalLM.from_pretrained(student_path).named_parameters()}
+    # Each export is its own step's model: training moved it (lr 1e-3 moves
+    # every weight by ~1e-3, several bf16 ulps at this scale).
+    assert any(not torch.equal(weights["step_00000001"][n], init[n].bfloat16().float()) for n in init)
+    assert any(not torch.equal(weights["step_00000001"][n], weights["final"][n]) for n in init)
+
+    # vLLM loads final/ and scores like transformers. Both compute in float32
+    # on the same (bf16-valued) weights, so they differ only by float32
+    # rounding of short dot products (~1e-6); a wrong or missing weight moves
+    # logprobs by far more than 1e-4.
+    ids = base("12+34=46 and 7+8=15")["input_ids"]
+    script = tmp_path / "vllm_score.py"
+    script.write_text(VLLM_SCORE)
+    res = subprocess.run([sys.executable, str(script), str(final), json.dumps(ids)], cwd=tmp_path,
+                         env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                         timeout=600)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("LOGPROBS ")]
+    assert res.returncode == 0 and line, res.stdout[-2000:] + res.stderr[-4000:]
+    got = json.loads(line[0][len("LOGPROBS "):])
+    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0, :-1]
+    ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < 1e-4, (got, ref)

@@ -299,7 +299,7 @@ def _hf_full_logprobs(model_path: str, batch: RolloutBatch) -> list[torch.Tensor
 
 
 def test_topk_and_sft_losses_through_the_worker(ray_session, student_path, teacher_path, scored_batch):
-    """The worker's plumbing for the other cells of the seed's table: teacher
+    """The worker's plumbing for the other cells of the variants' table: teacher
     top-k (K=5, one position with only 3 entries) for forward KL, reverse KL
     and JSD (tail bucket), and SFT on a batch without teacher logprobs
     (off-policy / sequence-level KD shape). Each step's loss equals the loss

@@ -1,5 +1,6 @@
 """The student sampler (rollout/sampler.py) on a real vLLM CPU engine: sampled
-token logprobs against transformers, prompt forms, seeds, stops, scoring.
+token logprobs against transformers, prompt forms, seeds, stops, scoring;
+a tensor-parallel (2-worker) sampler inside a placement group, with a weight push.
 
     .venv/bin/python -m pytest tests/e2e/test_sampler.py -q
 """
@@ -90,3 +91,56 @@ def test_bad_prompt_is_a_clear_error(student_sampler):
         ray.get(student_sampler.generate.remote(["ok", 3.5]))
     with pytest.raises(Exception, match=r"start 0 of sequence 0"):
         ray.get(student_sampler.score.remote([[1, 2, 3]], 0))
+
+
+def test_tensor_parallel_sampler_in_a_placement_group(ray_session, student_path, student_hf):
+    """A sampler with tensor_parallel_size=2 inside a placement-group bundle,
+    as the driver places it. Left to choose, vLLM takes its Ray executor
+    whenever it runs in a placement group (vllm/config/parallel.py), which
+    refuses bundles of more than one GPU and any CPU platform ("current
+    platform cpu does not support ray"); the sampler names vLLM's local "mp"
+    executor, whose 2 workers then serve, take a weight push (one transfer
+    rank each) and score like transformers."""
+    import copy
+
+    import torch
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from learner.weight_sender import ShmWeightSender, specs_from_named
+    from rollout.pool import SamplerPool
+    from tests.fixtures.sampler import free_port, sampler_configs
+
+    # One engine worker per core: vLLM's CPU worker binds each rank's threads.
+    rollout_cfg, student_cfg = sampler_configs(tensor_parallel_size=2, cpus_per_sampler=2.0, cpu_threads_bind="0|1")
+    pg = placement_group([{"CPU": 2.0}], strategy="PACK")
+    ray.get(pg.ready(), timeout=60)
+    bundle = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
+                                              placement_group_capture_child_tasks=True)
+    pool = sender = None
+    try:
+        pool = SamplerPool.create(student_path, rollout_cfg, student_cfg, scheduling_strategies=[bundle],
+                                  num_gpus_per_sampler=0)
+        assert pool.num_workers() == [2]
+        _check_against_hf(pool.generate(PROMPTS, n=2, temperature=1.0, seed=7), student_hf, 1.0, 1.0)
+
+        new = copy.deepcopy(student_hf)
+        gen = torch.Generator().manual_seed(13)
+        with torch.no_grad():
+            for p in new.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        sender = ShmWeightSender(pool, "127.0.0.1", free_port(), bucket_bytes=96 << 10, timeout_s=120.0)
+        sender.connect()
+        named = [(n, p.detach()) for n, p in new.named_parameters()]
+        sender.send(1, specs_from_named(named), iter(named))
+        assert pool.weight_versions() == [1]
+        seqs = [[5, 40, 41, 42, 43, 44, 45], [1, 80, 81, 82]]
+        got = pool.score(seqs)
+        want = [reference_logprobs(new, s) for s in seqs]
+        assert max(abs(a - b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)) < 1e-4
+    finally:
+        if sender is not None:
+            sender.shutdown()
+        if pool is not None:
+            pool.shutdown()
+        remove_placement_group(pg)

@@ -271,6 +271,8 @@ def test_tokenizer_check_accepts_same_and_refuses_different(teacher_server, stud
     msg = str(ei.value)
     assert msg.startswith(f"teacher tokenizer differs from the student's (sha256 {info.tokenizer_sha256[:12]}...")
     assert "on-policy distillation scores the student's own token ids, so both must use one tokenizer" in msg
+    # The hashes differed, so the client fetched the teacher's vocabulary to name the id.
+    assert "1 token id maps to different tokens (id 320): id 320: student '<|extra|>', teacher (none)" in msg
 
 
 # ---------------------------------------------------------------- generate

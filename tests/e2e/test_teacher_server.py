@@ -20,7 +20,8 @@ import pytest
 import requests
 import torch
 
-from teacher_server.protocol import (CONTENT_TYPE_MSGPACK, LogprobsResponse, ModelInfo, tokenizer_fingerprint)
+from teacher_server.protocol import (CONTENT_TYPE_MSGPACK, LogprobsResponse, ModelInfo, TokenizerInfo,
+                                     load_tokenizer_info, tokenizer_fingerprint)
 
 TOL = 1e-4
 VOCAB = 320
@@ -106,6 +107,14 @@ def test_model_info_fingerprint(teacher_server, student_path, teacher_path):
     assert (info.vocab_size, info.max_model_len, info.dtype) == (VOCAB, MAX_LEN, "float32")
     # Student and teacher share one tokenizer, so a client can compare fingerprints.
     assert info.tokenizer_sha256 == tokenizer_fingerprint(student_path) == tokenizer_fingerprint(teacher_path)
+    # /v1/tokenizer: what the hash covers, in full (vLLM's own tokenizer of the
+    # teacher), equal to the student's tokenizer read from disk.
+    r = requests.get(teacher_server.url + "/v1/tokenizer", headers=teacher_server.headers(), timeout=10)
+    tok = msgspec.json.decode(r.content, type=TokenizerInfo)
+    assert tok == load_tokenizer_info(student_path) and tok.sha256() == info.tokenizer_sha256
+    assert info.tokenizer_size == len(tok.vocab) == VOCAB
+    r = requests.get(teacher_server.url + "/v1/tokenizer", timeout=10)  # no key: like every endpoint but /health
+    assert r.status_code == 401
 
 
 def test_sixteen_concurrent_clients(teacher_server, teacher_hf):

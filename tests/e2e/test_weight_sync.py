@@ -6,7 +6,8 @@ parametrized): "shm" (a /dev/shm region, control over a real gloo group) by
 default; "gloo" (everything over gloo) is covered end to end by
 tests/e2e/test_learner_sync.py. Each transport runs against samplers of both
 CPU GEMM layouts (rollout.cpu_gemm: "onednn", reloaded layerwise by vLLM, and
-"plain", updated in place).
+"plain", updated in place). The end of the file is the GPU transport (vLLM's
+NCCL engine): what of it runs on this CPU machine, on one GPU, and on two.
 
     .venv/bin/python -m pytest tests/e2e/test_weight_sync.py -q
 """
@@ -238,12 +239,40 @@ def test_failed_start_is_rolled_back_on_every_sampler(sampler_pair, student_hf):
 
 
 def test_restarted_sampler_serves_only_after_receiving_current_weights(sampler_pair, student_hf):
-    """A killed sampler is replaced; it refuses to sample from its checkpoint
-    weights until the sender re-forms the group and pushes the current ones."""
+    """A sampler left inside a receive its sender gave up (what a timed-out
+    NCCL push leaves: its broadcast never returns) reports it, and the
+    driver's check picks it, and only it, for a restart (cluster/loop.py
+    samplers_to_restart). It is replaced; the new one refuses to sample from
+    its checkpoint weights until the sender re-forms the group and pushes the
+    current ones."""
+    from cluster.loop import samplers_to_restart
     from tests.fixtures.sampler import free_port
 
     pool, sender = sampler_pair
     version = pool.weight_versions()[0] + 1
+    named = named_params(perturbed(student_hf, seed=9))
+    entered, release = threading.Event(), threading.Event()
+
+    def hung():  # the learner stalls after the vote: both samplers wait inside the receive
+        entered.set()
+        release.wait(120)
+        raise RuntimeError("the learner gave the update up")
+        yield
+
+    errors = []
+    t = threading.Thread(target=lambda: _run(errors, sender.send, version, specs_from_named(named), hung()))
+    t.start()
+    try:
+        assert entered.wait(60), "the update never got past the vote"
+        assert samplers_to_restart(pool) == {}  # receiving is not being stuck
+        # The sender gives the update up on sampler 1 only (say it timed out there).
+        ray.get(pool.samplers[1].abort_weight_update.remote("test: the sender timed out", wait_s=1.0))
+        assert ray.get(pool.samplers[1].stuck_in_weight_receive.remote()) == "test: the sender timed out"
+        assert samplers_to_restart(pool) == {1: "stuck in a weight receive (test: the sender timed out)"}
+    finally:
+        release.set()
+        t.join(120)
+    assert len(errors) == 1 and "gave the update up" in str(errors[0])
     pool.restart(1)
     with pytest.raises(Exception, match="restarted: waiting for the learner's current weights"):
         ray.get(pool.samplers[1].generate.remote([[5, 6, 7]]))
@@ -253,6 +282,7 @@ def test_restarted_sampler_serves_only_after_receiving_current_weights(sampler_p
     assert pool.weight_versions() == [version, version]
     assert max_score_diff(pool, current) < 1e-4
     assert [c.policy_version for g in pool.generate([[5, 6], [7, 8]], n=1) for c in g] == [version, version]
+    assert samplers_to_restart(pool) == {}
 
 
 def test_a_failed_first_write_into_a_shared_region_leaves_the_samplers_clean(sampler_pair, student_hf):
@@ -313,21 +343,220 @@ def _run(errors, fn, *args):
         errors.append(e)
 
 
+# ------------------------------------------------- vLLM's NCCL engine (GPU transport)
+#
+# What needs which machine:
+# * test_vllm_nccl_engine_failed_update_is_rolled_back: any machine. vLLM's
+#   NCCLWeightTransferEngine on this machine's device (a CPU worker here, one
+#   GPU where there is one); no NCCL call is made, so one device is enough.
+# * test_nccl_*: two GPUs or more. A real NCCL pair: learner rank 0 (a Ray
+#   actor here, as in a run) and a sampler, each on its own GPU; NCCL
+#   refuses two ranks on one device ("Duplicate GPU detected").
+# On a GPU machine all three: .venv/bin/python -m pytest tests/e2e/test_weight_sync.py -k nccl
+
+
+def _nccl_engine_sampler_cls():
+    """SamplerActor whose engine is vLLM's NCCL weight-transfer engine on
+    whatever device the actor has (`rollout.weight_sync_backend` forbids
+    "nccl" without a GPU; the engine itself is built on a CPU worker too),
+    plus `land` to put tensors into the model the way vLLM's packed receive
+    does (`post_unpack_func=model.load_weights`, packed_tensor.py)."""
+    from rollout.sampler import SamplerActor
+
+    class NcclEngineSampler(SamplerActor):
+        def __init__(self, *args, **kwargs):
+            import rollout.sampler
+
+            rollout.sampler.engine_backend = lambda *_: "nccl"
+            super().__init__(*args, **kwargs)
+
+        def land(self, named):
+            self.llm.collective_rpc(lambda worker, named: worker.model_runner.model.load_weights(named),
+                                    args=(list(named),))
+
+    return NcclEngineSampler
+
+
+def _score_diff(sampler, model) -> float:
+    got = ray.get(sampler.score.remote(SEQS, 1))
+    return max(abs(a - b) for seq, row in zip(SEQS, got, strict=True)
+               for a, b in zip(row, reference_logprobs(model, seq), strict=True))
+
+
+def test_vllm_nccl_engine_failed_update_is_rolled_back(ray_session, student_path, student_hf):
+    """vLLM's NCCL engine opens its layerwise reload in start_weight_update
+    (every layer to the meta device) and, when a receive fails, vLLM's worker
+    leaves it open. The sampler rolls it back (rollout/weight_receiver.py
+    opd_abort_weight_update): with nothing received it serves its old weights
+    exactly; with part of an update landed it refuses to sample. The
+    receive fails here because no trainer ever connected (no NCCL group)."""
+    from rollout.sampler import SAMPLER_MAX_CONCURRENCY
+    from tests.fixtures.sampler import sampler_configs
+
+    cuda = torch.cuda.is_available()
+    rollout_cfg, student_cfg = sampler_configs(**({"gpu_memory_utilization": 0.3} if cuda else {}))
+    actor = ray.remote(_nccl_engine_sampler_cls()).options(
+        max_concurrency=SAMPLER_MAX_CONCURRENCY, num_cpus=1, num_gpus=1 if cuda else 0).remote(
+        student_path, rollout_cfg, student_cfg)
+    try:
+        (state,) = ray.get(actor.weight_states.remote())
+        assert state["engine"] == "NCCLWeightTransferEngine" and not state["reload_open"]
+        named = named_params(perturbed(student_hf, seed=21))
+        info = {"names": [n for n, _ in named], "dtype_names": ["float32"] * len(named),
+                "shapes": [list(t.shape) for _, t in named]}
+        # 1. The update fails before any weight arrives.
+        ray.get(actor.start_weight_update.remote())
+        assert ray.get(actor.weight_states.remote())[0]["reload_open"]
+        with pytest.raises(Exception, match="NCCL weight transfer not initialized"):
+            ray.get(actor.update_weights.remote(info))
+        (state,) = ray.get(actor.weight_states.remote())
+        assert not state["reload_open"] and not state["dirty"], state
+        assert ray.get(actor.needs_full_update.remote()) is None
+        assert _score_diff(actor, student_hf) < 1e-4  # the old weights, exactly as before
+        # 2. The sender dies between start and update: the abort closes it the same way.
+        ray.get(actor.start_weight_update.remote())
+        ray.get(actor.abort_weight_update.remote())
+        (state,) = ray.get(actor.weight_states.remote())
+        assert not state["reload_open"] and not state["dirty"], state
+        assert _score_diff(actor, student_hf) < 1e-4
+        # 3. Part of the update lands (the embedding, a whole layer, and one
+        # of the three q/k/v tensors of the first attention layer), then the
+        # transfer fails: mixed weights, so no sampling until a full update.
+        ray.get(actor.start_weight_update.remote())
+        landed = [(n, t) for n, t in named
+                  if n == "model.embed_tokens.weight" or n.endswith("layers.0.self_attn.q_proj.weight")]
+        assert len(landed) == 2
+        ray.get(actor.land.remote(landed))
+        with pytest.raises(Exception, match="NCCL weight transfer not initialized"):
+            ray.get(actor.update_weights.remote(info))
+        (state,) = ray.get(actor.weight_states.remote())
+        assert state["dirty"] and not state["reload_open"], state
+        assert "NCCL weight transfer not initialized" in ray.get(actor.needs_full_update.remote())
+        with pytest.raises(Exception, match="partially updated weights"):
+            ray.get(actor.generate.remote([[5, 6, 7]]))
+    finally:
+        ray.get(actor.shutdown.remote())
+        ray.kill(actor)
+
+
+def _nccl_sender(pool, timeout_s=60.0):
+    """Learner rank 0 in a Ray actor with its own GPU (Ray gives the sampler
+    another one): a NcclWeightSender to `pool`, pushing weights it is sent.
+    Defined here so Ray ships the class by value (workers need not import
+    the tests)."""
+
+    class NcclSender:
+        def __init__(self, pool, timeout_s: float):
+            torch.cuda.set_device(0)  # the one GPU Ray made visible to this actor
+            self.timeout_s = timeout_s
+            self.release = threading.Event()
+            self.sender = None
+            self.connect(pool)
+
+        def connect(self, pool) -> None:
+            """A new group with every sampler of `pool` (after a restart the
+            driver passes the pool again, as it does to the learners)."""
+            import ray as _ray
+
+            from learner.weight_sender import NcclWeightSender
+
+            if self.sender is not None:
+                self.release.set()  # the stalled iterator of an abandoned send
+                self.sender.shutdown()
+            self.sender = NcclWeightSender(pool, _ray.util.get_node_ip_address(), self._port(),
+                                           bucket_bytes=1 << 20, timeout_s=self.timeout_s)
+            self.sender.connect()
+
+        @staticmethod
+        def _port() -> int:
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("", 0))
+                return s.getsockname()[1]
+
+        def push(self, version: int, named: list, stall_after: int | None = None) -> dict:
+            """Send `named` as `version`; with `stall_after`, the learner's
+            iterator stalls after that many tensors (a rank hung in a gather)."""
+            from learner.weight_sender import specs_from_named as specs_of
+            from rollout.weight_sync import WeightSyncError as Error
+
+            def tensors():
+                for i, item in enumerate(named):
+                    if i == stall_after:
+                        self.release.wait(600)
+                    yield item
+
+            try:
+                self.sender.send(version, specs_of(named), tensors())
+            except Error as e:
+                return {"error": str(e), "stage": e.stage}
+            return {"error": None, "stats": self.sender.last_stats}
+
+    return ray.remote(NcclSender).options(num_gpus=1, max_concurrency=2).remote(pool, timeout_s)
+
+
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason=(
+    "a real NCCL pair needs two GPUs (learner rank 0 and the sampler on different devices: NCCL refuses two "
+    "ranks on one, 'Duplicate GPU detected'); the rest of the NCCL path runs in "
+    "test_vllm_nccl_engine_failed_update_is_rolled_back and tests/unit/test_weight_update_failure.py"))
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL weight transfer needs CUDA")
+@TWO_GPUS
 def test_nccl_push_serves_new_weights(ray_session, student_path, student_hf):
-    """Same contract over vLLM's official NCCL engine (GPU only)."""
-    from learner.weight_sender import NcclWeightSender
+    """The weight-sync contract over vLLM's official NCCL engines (two GPUs)."""
     from rollout.pool import SamplerPool
-    from tests.fixtures.sampler import free_port, sampler_configs
+    from tests.fixtures.sampler import sampler_configs
 
     rollout_cfg, student_cfg = sampler_configs(weight_sync_backend="nccl", gpu_memory_utilization=0.3)
     pool = SamplerPool.create(student_path, rollout_cfg, student_cfg, num_samplers=1)
     try:
-        sender = NcclWeightSender(pool, "127.0.0.1", free_port(), bucket_bytes=1 << 20)
+        sender = _nccl_sender(pool)
         new = perturbed(student_hf, seed=3)
-        push(sender, 1, new)
+        out = ray.get(sender.push.remote(1, named_params(new)))
+        assert out["error"] is None, out
+        assert pool.weight_versions() == [1]
+        assert max_score_diff(pool, new) < 1e-4
+        ray.kill(sender)
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_nccl_push_that_times_out_restarts_the_stuck_sampler(ray_session, student_path, student_hf):
+    """Learner rank 0 stalls in the middle of an NCCL push (a hung gather):
+    past rollout.weight_sync_timeout_s the sender aborts its communicator and
+    raises a "timeout" error; the sampler, stuck in its NCCL receive, says so
+    and is the one the driver restarts; after the group is re-formed the next
+    push is served."""
+    from cluster.loop import release_stuck_sampler, samplers_to_restart, weight_sync_timed_out
+    from rollout.pool import SamplerPool
+    from tests.fixtures.sampler import sampler_configs
+
+    rollout_cfg, student_cfg = sampler_configs(weight_sync_backend="nccl", gpu_memory_utilization=0.3,
+                                               weight_sync_timeout_s=30.0)
+    pool = SamplerPool.create(student_path, rollout_cfg, student_cfg, num_samplers=1)
+    sender = None
+    try:
+        sender = _nccl_sender(pool, timeout_s=30.0)
+        named = named_params(perturbed(student_hf, seed=4))
+        out = ray.get(sender.push.remote(1, named, stall_after=len(named) // 2), timeout=300)
+        assert out["stage"] == "timeout" and "did not finish within 30s" in out["error"], out
+        assert weight_sync_timed_out(WeightSyncError(out["error"], out["stage"]))
+        assert pool.weight_versions() == [0]
+        bad = samplers_to_restart(pool)
+        assert list(bad) == [0] and bad[0].startswith("stuck in a weight receive"), bad
+        release_stuck_sampler(pool, 0)
+        pool.restart(0)
+        ray.get(sender.connect.remote(pool), timeout=300)
+        new = perturbed(student_hf, seed=5)
+        out = ray.get(sender.push.remote(1, named_params(new)), timeout=300)
+        assert out["error"] is None, out
         assert pool.weight_versions() == [1]
         assert max_score_diff(pool, new) < 1e-4
     finally:
+        if sender is not None:
+            ray.kill(sender)
         pool.shutdown()

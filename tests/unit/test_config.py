@@ -1,5 +1,6 @@
 """The typed config tree: YAML loading, dotted overrides, and every kind of error."""
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -10,6 +11,18 @@ from cluster.config import Config, ConfigError, config_from_dict, load_config, r
 REPO = Path(__file__).resolve().parents[2]
 
 
+# The keys a config must set (everything else has a default).
+REQUIRED = {"student": {"model": "org/student"}, "teacher": {"model": "org/teacher"},
+            "data": {"train": "prompts.jsonl"}}
+
+
+def req(**sections) -> dict:
+    """The required keys, plus `sections`."""
+    import copy
+
+    return {**copy.deepcopy(REQUIRED), **sections}
+
+
 def problems_of(data=None, overrides=()):
     with pytest.raises(ConfigError) as ei:
         config_from_dict(data, list(overrides))
@@ -17,8 +30,11 @@ def problems_of(data=None, overrides=()):
 
 
 def test_defaults_build_and_are_frozen():
-    cfg = config_from_dict({})
-    assert cfg == Config()
+    cfg = config_from_dict(req())
+    d = Config()
+    assert cfg == Config(student=dataclasses.replace(d.student, model="org/student"),
+                         teacher=dataclasses.replace(d.teacher, model="org/teacher"),
+                         data=dataclasses.replace(d.data, train="prompts.jsonl"))
     assert cfg.loss.kind == "reverse_kl"
     with pytest.raises(Exception):
         cfg.learner.lr = 1.0  # frozen
@@ -27,7 +43,8 @@ def test_defaults_build_and_are_frozen():
 def test_yaml_and_dotted_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("learner:\n  lr: 3.0e-4\n  zero_stage: 2\nrollout:\n  stop: [\"\\n\\n\"]\n")
-    cfg = load_config(p, ["learner.lr=1e-5", "train.mode=async", "rollout.stop_token_ids=[5, 7]",
+    cfg = load_config(p, ["student.model=org/s", "data.train=t.jsonl", "learner.lr=1e-5", "train.mode=async",
+                          "rollout.stop_token_ids=[5, 7]",
                           "teacher.url=http://h:8000", "log.wandb.mode=disabled"])
     assert cfg.learner.lr == pytest.approx(1e-5)  # override wins, "1e-5" (YAML string) becomes a float
     assert cfg.learner.zero_stage == 2
@@ -39,7 +56,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
 
 
 def test_null_override_for_optional():
-    cfg = config_from_dict({}, ["teacher.url=http://x:1", "teacher.model=null"])
+    cfg = config_from_dict(req(), ["teacher.url=http://x:1", "teacher.model=null"])
     assert cfg.teacher.model is None
 
 
@@ -50,7 +67,7 @@ def test_unknown_keys_are_named_with_valid_ones():
 
 
 def test_bad_values_name_key_value_and_valid():
-    probs = problems_of({}, ["learner.zero_stage=4", "train.mode=fast", "learner.lr=abc",
+    probs = problems_of(req(), ["learner.zero_stage=4", "train.mode=fast", "learner.lr=abc",
                              "rollout.top_p=1.5", "learner.world_size=0", "run.resume=maybe"])
     text = "\n".join(probs)
     assert "learner.zero_stage: 4 is not valid; valid values are 0, 1, 2, 3" in text
@@ -64,7 +81,7 @@ def test_bad_values_name_key_value_and_valid():
 
 
 def test_cross_section_problems_reported_with_field_problems():
-    probs = problems_of({}, ["loss.kind=jsd", "learner.lr=-1"])
+    probs = problems_of(req(), ["loss.kind=jsd", "learner.lr=-1"])
     assert any("loss.kind=jsd needs the teacher's top-k support" in p and "teacher.top_k" in p for p in probs)
     assert any(p.startswith("learner.lr: -1") for p in probs)
 
@@ -74,38 +91,38 @@ def test_sampler_engine_process_and_cpu_binding():
 
     assert parse_cpu_list("auto") is None and parse_cpu_list("nobind") is None
     assert parse_cpu_list("0-1,6") == [0, 1, 6] and parse_cpu_list("0-1|2-3") == [0, 1, 2, 3]
-    probs = problems_of({}, ["rollout.engine_process=inprocess", "rollout.tensor_parallel_size=2",
+    probs = problems_of(req(), ["rollout.engine_process=inprocess", "rollout.tensor_parallel_size=2",
                              "rollout.cpu_threads_bind=3-1"])
     assert any("engine_process=inprocess" in p and "tensor_parallel_size is 2" in p for p in probs)
     assert any(p.startswith("rollout.cpu_threads_bind: '3-1'") for p in probs)
-    cfg = config_from_dict({}, ["rollout.engine_process=multiprocess", "rollout.tensor_parallel_size=2",
+    cfg = config_from_dict(req(), ["rollout.engine_process=multiprocess", "rollout.tensor_parallel_size=2",
                                 "rollout.cpu_threads_bind=0-3|4-7"])
     assert cfg.rollout.engine_process == "multiprocess" and cfg.rollout.cpu_threads_bind == "0-3|4-7"
     assert any("rollout.engine_process: 'fork' is not valid" in p
-               for p in problems_of({}, ["rollout.engine_process=fork"]))
+               for p in problems_of(req(), ["rollout.engine_process=fork"]))
 
 
 def test_cpu_gemm_and_learner_threads():
-    cfg = config_from_dict({}, ["rollout.cpu_gemm=plain", "learner.cpu_threads=2"])
+    cfg = config_from_dict(req(), ["rollout.cpu_gemm=plain", "learner.cpu_threads=2"])
     assert cfg.rollout.cpu_gemm == "plain" and cfg.learner.cpu_threads == 2
-    assert config_from_dict({}, []).rollout.cpu_gemm == "onednn"  # vLLM's CPU default stays the default
-    probs = problems_of({}, ["rollout.cpu_gemm=mkl", "learner.cpu_threads=-1"])
+    assert config_from_dict(req(), []).rollout.cpu_gemm == "onednn"  # vLLM's CPU default stays the default
+    probs = problems_of(req(), ["rollout.cpu_gemm=mkl", "learner.cpu_threads=-1"])
     assert any("rollout.cpu_gemm: 'mkl' is not valid; valid values are 'onednn', 'plain'" in p for p in probs)
     assert any(p.startswith("learner.cpu_threads: -1") for p in probs)
 
 
 def test_lengths_must_fit_model():
-    probs = problems_of({}, ["rollout.max_new_tokens=1000"])
+    probs = problems_of(req(), ["rollout.max_new_tokens=4000"])
     assert any("exceeds student.max_model_len" in p for p in probs)
 
 
 def test_teacher_needs_url_or_model():
-    probs = problems_of({}, ["teacher.model=null"])
+    probs = problems_of(req(), ["teacher.model=null"])
     assert any("teacher.url" in p and "teacher.model" in p for p in probs)
 
 
 def test_bad_override_syntax_and_section_type():
-    probs = problems_of({}, ["learner.lr", "learner=3", "learner.lr.x=1"])
+    probs = problems_of(req(), ["learner.lr", "learner=3", "learner.lr.x=1"])
     text = "\n".join(probs)
     assert "expected dotted.key=value" in text
     assert "learner: expected a mapping" in text
@@ -113,7 +130,7 @@ def test_bad_override_syntax_and_section_type():
 
 
 def test_wrong_types_in_lists():
-    probs = problems_of({}, ["learner.betas=[0.9]", "rollout.stop_token_ids=[1, x]"])
+    probs = problems_of(req(), ["learner.betas=[0.9]", "rollout.stop_token_ids=[1, x]"])
     text = "\n".join(probs)
     assert "learner.betas: expected a list of 2 values" in text
     assert "rollout.stop_token_ids[1]: 'x' is not an integer" in text
@@ -134,7 +151,7 @@ def test_error_pickles_and_round_trip():
     except ConfigError as e:
         e2 = pickle.loads(pickle.dumps(e))
         assert e2.problems == e.problems and str(e2) == str(e)
-    cfg = config_from_dict({}, ["learner.lr=2e-5", "rollout.stop=['a']"])
+    cfg = config_from_dict(req(), ["learner.lr=2e-5", "rollout.stop=['a']"])
     assert config_from_dict(to_dict(cfg)) == cfg
     assert replace(cfg, ["train.steps=3"]).train.steps == 3
     assert pickle.loads(pickle.dumps(cfg)) == cfg
@@ -153,3 +170,29 @@ def test_bad_element_of_a_tuple_field_is_reported_not_crashed():
     internal sentinel inside the tuple and raise TypeError."""
     with pytest.raises(ConfigError, match=r"learner\.betas\[0\]"):
         config_from_dict({"learner": {"betas": [None, None]}})
+
+
+def test_required_keys_and_cluster_defaults():
+    """No demo values in the product: a config without a student or training
+    data is refused naming both keys, and the defaults suit a GPU cluster
+    (the demo's values live in configs/demo.yaml)."""
+    probs = problems_of({})
+    assert any(p.startswith("student.model: required") for p in probs), probs
+    assert any(p.startswith("data.train: required") for p in probs), probs
+    assert any("teacher.url" in p and "teacher.model" in p for p in probs), probs
+    cfg = config_from_dict(req(teacher={"url": "http://t:8000"}))
+    assert (cfg.student.dtype, cfg.teacher.dtype, cfg.learner.dtype) == ("auto", "auto", "auto")
+    assert cfg.rollout.enforce_eager is False and cfg.rollout.gpu_memory_utilization == 0.9
+    assert 1e-7 <= cfg.learner.lr <= 1e-5
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.student.model == "tiny:student" and demo.data.train == "tiny:arithmetic"
+    assert (demo.student.dtype, demo.teacher.dtype, demo.learner.dtype) == ("float32",) * 3
+
+
+def test_auto_dtypes_are_made_concrete_for_the_hardware():
+    from cluster.train import with_concrete_dtypes
+
+    cfg = config_from_dict(req(teacher={"url": "http://t:8000"}, learner={"dtype": "float32"}))
+    gpu, cpu = with_concrete_dtypes(cfg, True), with_concrete_dtypes(cfg, False)
+    assert (gpu.student.dtype, gpu.teacher.dtype, gpu.learner.dtype) == ("bfloat16", "bfloat16", "float32")
+    assert (cpu.student.dtype, cpu.teacher.dtype, cpu.learner.dtype) == ("float32", "float32", "float32")

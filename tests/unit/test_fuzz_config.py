@@ -63,13 +63,15 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.di
 def config_data(draw) -> dict:
     """A nested dict shaped like the tree: real section/field names mostly, some
     unknown keys, values of any type (sections sometimes replaced by a scalar)."""
-    data: dict = {}
+    # Mostly with the required keys, so that valid trees are reached too.
+    data: dict = ({"student": {"model": "org/m"}, "teacher": {"model": "org/t"}, "data": {"train": "t.jsonl"}}
+                  if draw(st.integers(0, 3)) else {})
     for section in draw(st.lists(st.sampled_from(sorted(TOP_LEVEL)), max_size=6, unique=True)):
         if draw(st.integers(0, 9)) == 0:
             data[section] = draw(values)  # a section that is not a mapping
             continue
         names = SECTIONS.get(section, [])
-        node = {}
+        node = dict(data.get(section, {}))
         for name in draw(st.lists(st.sampled_from(names) | st.text(max_size=6), max_size=5, unique=True)):
             sub = f"{section}.{name}"
             if sub in SECTIONS and draw(st.booleans()):
@@ -179,7 +181,8 @@ def test_deeply_nested_data_is_a_config_error():
 
 def test_valid_edge_values_still_load():
     # The range check must not refuse legitimate values.
-    cfg = config_from_dict({"run": {"seed": 2**63 - 1}, "learner": {"lr": "1e-5"}}, ["train.steps=3.0"])
+    required = ["student.model=org/m", "teacher.model=org/t", "data.train=t.jsonl"]
+    cfg = config_from_dict({"run": {"seed": 2**63 - 1}, "learner": {"lr": "1e-5"}}, ["train.steps=3.0"] + required)
     assert cfg.run.seed == 2**63 - 1 and math.isclose(cfg.learner.lr, 1e-5) and cfg.train.steps == 3
     # Nesting past YAML's recursion limit (was a RecursionError): the text is kept as a string.
-    assert config_from_dict({}, ["student.model=" + "[" * 2000]).student.model == "[" * 2000
+    assert config_from_dict({}, ["student.model=" + "[" * 2000, "data.train=t", "teacher.model=t"]).student.model == "[" * 2000

@@ -49,7 +49,7 @@ def test_merge_chunk_metrics_sums_counts_weights_averages_and_recomputes_rates()
 
 def test_rollout_chunks_config_is_validated(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("train:\n  prompts_per_step: 4\n")
+    cfg.write_text("student:\n  model: org/s\nteacher:\n  model: org/t\ndata:\n  train: t.jsonl\ntrain:\n  prompts_per_step: 4\n")
     assert load_config(cfg, ["train.rollout_chunks=4"]).train.rollout_chunks == 4
     with pytest.raises(ConfigError, match="rollout_chunks"):
         load_config(cfg, ["train.rollout_chunks=5"])

@@ -72,6 +72,8 @@ def test_errors_pickle_and_say_what_to_do():
         TeacherUnavailableError("http://h:1", 3.2, 3.0, "ClientConnectorError: refused", 5),
         TeacherRequestError("http://h:1", 401, "unauthorized", "bad key", None, "check teacher.api_key_file"),
         TokenizerMismatchError("3fa2" + "0" * 60, "91bc" + "1" * 60, "teacher-x", "/m/student"),
+        TokenizerMismatchError("3fa2" + "0" * 60, "91bc" + "1" * 60, "teacher-x", "/m/student",
+                               ["1 token id maps to different tokens (id 7): id 7: student 'a', teacher 'b'"]),
     ]
     for e in errs:
         again = pickle.loads(pickle.dumps(e))
@@ -81,6 +83,8 @@ def test_errors_pickle_and_say_what_to_do():
     assert str(errs[2]).startswith("teacher tokenizer differs from the student's (sha256 3fa200000000... of "
                                    "teacher teacher-x vs 91bc11111111... of student /m/student): on-policy "
                                    "distillation scores the student's own token ids, so both must use one tokenizer")
+    assert str(errs[3]).startswith(str(errs[2]).split("; serve")[0] + "; 1 token id maps to different tokens (id 7): "
+                                   "id 7: student 'a', teacher 'b'; serve a teacher that shares")
 
 
 def test_from_config_key_file_and_pickling(tmp_path):

@@ -129,6 +129,10 @@ def test_tokenizer_fingerprint(student_path, teacher_path, tmp_path):
     cfg["model_max_length"] = 12345  # does not change the id mapping
     (copy / "tokenizer_config.json").write_text(json.dumps(cfg, indent=4))
     assert tokenizer_fingerprint(copy) == fp
+    (copy / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # nor does the chat template
+    cfg["eos_token"] = "<|endoftext|>"  # nor which token ends a turn
+    (copy / "tokenizer_config.json").write_text(json.dumps(cfg, indent=4))
+    assert tokenizer_fingerprint(copy) == fp
     tok = json.loads((copy / "tokenizer.json").read_text())
     tok["added_tokens"][0]["content"] = "<|other|>"  # a different special token
     (copy / "tokenizer.json").write_text(json.dumps(tok))

@@ -1,0 +1,61 @@
+"""The driver-started teacher's pure logic (cluster/teacher_proc.py,
+cluster/placement.py); the real server in its Ray actor is exercised by
+tests/e2e/test_teacher_actor.py.
+
+    .venv/bin/python -m pytest tests/unit/test_teacher_proc.py -q
+"""
+
+import os
+import stat
+
+import pytest
+
+from cluster.config import LearnerConfig, PlacementConfig, RolloutConfig, TeacherConfig
+from cluster.placement import PlacementError, RayInfo, make_placement
+from cluster.teacher_proc import TeacherHandle, TeacherStartError, _run_key, bind_host, server_args
+
+
+def test_the_server_listens_on_loopback_only_beside_the_driver():
+    assert bind_host("node-a", "node-a", "10.0.0.7") == "127.0.0.1"
+    assert bind_host("node-b", "node-a", "10.0.0.7") == "10.0.0.7"
+
+
+def test_a_run_without_a_key_file_gets_a_private_random_key(tmp_path):
+    (key, path, own), (key2, path2, _) = _run_key(TeacherConfig()), _run_key(TeacherConfig())
+    try:
+        assert own and len(key) >= 32 and open(path).read().strip() == key
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert key2 != key and path2 != path
+    finally:
+        for p in (path, path2):
+            TeacherHandle("http://x", api_key_file=p, own_key_file=True).stop()
+    assert not os.path.exists(path) and not os.path.exists(path2)
+
+
+def test_a_configured_key_file_is_used_and_never_removed(tmp_path):
+    f = tmp_path / "teacher.key"
+    f.write_text("s3cret\n")
+    key, path, own = _run_key(TeacherConfig(api_key_file=str(f)))
+    assert (key, path, own) == ("s3cret", str(f), False)
+    TeacherHandle("http://x", api_key_file=path, own_key_file=own).stop()
+    assert f.exists()
+    f.write_text("\n")
+    with pytest.raises(TeacherStartError, match=r"teacher.api_key_file: .* is empty"):
+        _run_key(TeacherConfig(api_key_file=str(f)))
+    with pytest.raises(TeacherStartError, match=r"teacher.api_key_file: cannot read .*missing"):
+        _run_key(TeacherConfig(api_key_file=str(tmp_path / "missing")))
+
+
+def test_server_args_carry_the_teacher_config():
+    args = server_args(TeacherConfig(dtype="bfloat16", max_model_len=1024, tensor_parallel_size=4), "/m")
+    assert args == ["--model", "/m", "--dtype", "bfloat16", "--max-model-len", "1024", "--tensor-parallel-size", "4"]
+
+
+def test_the_gpu_check_counts_the_teacher_the_driver_starts():
+    rollout, learner = RolloutConfig(num_samplers=2), LearnerConfig(world_size=2)
+    info = RayInfo(address=None, started_local=False, cluster_gpus=5.0, cluster_cpus=64.0)
+    with pytest.raises(PlacementError, match=r"the run needs 6 GPUs \(2 samplers x 1 \+ 2 learner ranks, "
+                                             r"placement.gpus_per_bundle=1 \+ 2 for the teacher the driver starts "
+                                             r"\(teacher.tensor_parallel_size\)\) but the Ray cluster has 5.*"
+                                             r"serve the teacher elsewhere \(teacher.url\)"):
+        make_placement(PlacementConfig(), rollout, learner, info, teacher_tensor_parallel_size=2)
