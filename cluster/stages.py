@@ -3,8 +3,10 @@
 
     sample_completions   prompts -> n completions each (student samplers, or
                          the teacher's /v1/generate for off-policy variants)
+    reward_completions   completions -> task rewards (reward.fn) and their
+                         group-baseline advantages
     score_completions    completions -> teacher logprobs -> RolloutBatch
-    evaluate             held-out prompts -> eval/reverse_kl, eval/accuracy
+    evaluate             held-out prompts -> eval/reverse_kl (T=1), eval/accuracy
     completion_table     a few samples with their per-token advantages (wandb)
 
 Each returns its result plus a metrics dict with `stage/name` keys. A sample
@@ -14,11 +16,12 @@ whose teacher score finally failed is dropped from the batch and counted
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
-from cluster.config import EvalConfig, LossConfig, RolloutConfig, TeacherConfig
-from cluster.tiny_data import grade
+from cluster.config import EvalConfig, LossConfig, RewardConfig, RolloutConfig, TeacherConfig
+from cluster.task_fns import call, group_advantages, resolve_grader, resolve_reward
 from rollout.types import Completion, RolloutBatch
 
 
@@ -65,13 +68,46 @@ def teacher_completions(teacher, prompts: list[list[int]], rcfg: RolloutConfig, 
     return comps, dict(out.metrics)
 
 
+def reward_completions(comps: list[Completion], records: list, rcfg: RewardConfig,
+                       tokenizer) -> tuple[list[float], list[float] | None, dict]:
+    """reward.fn on every completion -> (rewards R, reward advantages or None,
+    metrics). The advantage of completion i is reward.coef * (R_i - b_i), b_i
+    the mean reward of the samples of i's prompt (all of them, including any
+    that teacher scoring later drops); None when reward.coef is 0 (the reward
+    is then only logged). reward/mean and reward/std (population std) are
+    over all the step's completions."""
+    t0 = time.monotonic()
+    fn = resolve_reward(rcfg.fn)
+    rewards = [call(fn, "reward.fn", rcfg.fn, tokenizer.decode(c.completion_ids, skip_special_tokens=True),
+                    records[c.prompt_index], unit_interval=False) for c in comps]
+    advantages = (group_advantages(rewards, [c.prompt_index for c in comps], rcfg.coef)
+                  if rcfg.coef != 0.0 else None)
+    n = max(1, len(rewards))
+    mean = sum(rewards) / n
+    return rewards, advantages, {
+        "reward/mean": mean,
+        "reward/std": math.sqrt(sum((r - mean) ** 2 for r in rewards) / n),
+        "time/reward_s": time.monotonic() - t0,
+    }
+
+
 def score_completions(teacher, comps: list[Completion], records: list, tcfg: TeacherConfig,
-                      loss_cfg: LossConfig, student_scorer=None) -> tuple[RolloutBatch | None, dict]:
+                      loss_cfg: LossConfig, student_scorer=None, sample_from: str = "student",
+                      rewards: list[float] | None = None,
+                      reward_advantages: list[float] | None = None) -> tuple[RolloutBatch | None, dict]:
     """Teacher logprobs of every completion token -> the training batch.
 
     `records[c.prompt_index]` is the prompt record of completion c.
     `student_scorer(seqs) -> logprobs` fills sampler logprobs for off-policy
-    completions (the teacher wrote them; the ratio's denominator is the student).
+    completions (the teacher wrote them; the ratio's denominator is the
+    student). `rewards` / `reward_advantages` (one per completion, from
+    reward_completions) travel with the rows that are kept.
+
+    The logged divergence is named for what it estimates: on the student's
+    samples `teacher/reverse_kl` = mean over tokens of lp_sampler - lp_teacher
+    (KL(student || teacher), a one-sample estimate per token); on the
+    teacher's samples (`sample_from="teacher"`) `teacher/forward_kl` = mean of
+    lp_teacher - lp_student (KL(teacher || student)).
     """
     t0 = time.monotonic()
     need_topk = loss_cfg.kind in ("reverse_kl_topk", "forward_kl_topk", "jsd")
@@ -118,31 +154,52 @@ def score_completions(teacher, comps: list[Completion], records: list, tcfg: Tea
         teacher_top_ids_B_T_K=t_ids if need_topk else None,
         teacher_top_logprobs_B_T_K=t_tlp if need_topk else None,
         answers_B=[records[c.prompt_index].answer for c in sel],
+        rewards_B=None if rewards is None else [rewards[i] for i in rows],
+        reward_advantages_B=None if reward_advantages is None else [reward_advantages[i] for i in rows],
     )
-    # Sampled per-token reverse KL, sum(lp_student - lp_teacher) / tokens: the
-    # quantity on-policy distillation drives down.
+    # Sampled per-token KL: on student samples sum(lp_student - lp_teacher) /
+    # tokens, the quantity on-policy distillation drives down; on teacher
+    # samples the same sum is minus the forward KL, logged with its sign fixed.
     n = sum(len(t) for t in t_lp)
-    metrics["teacher/reverse_kl"] = sum(s - t for sl, tl in zip(sampler_lp, t_lp, strict=True)
-                                        for s, t in zip(sl, tl, strict=True)) / max(1, n)
+    s_minus_t = sum(s - t for sl, tl in zip(sampler_lp, t_lp, strict=True)
+                    for s, t in zip(sl, tl, strict=True)) / max(1, n)
+    if sample_from == "teacher":
+        metrics["teacher/forward_kl"] = -s_minus_t
+    else:
+        metrics["teacher/reverse_kl"] = s_minus_t
     metrics["teacher/mean_logprob"] = sum(sum(t) for t in t_lp) / max(1, n)
     return batch, metrics
 
 
-def evaluate(pool, teacher, records: list, ecfg: EvalConfig, rcfg: RolloutConfig, tcfg: TeacherConfig,
-             tokenizer, seed: int) -> dict:
-    """Reverse KL to the teacher on the student's own held-out completions,
-    and the task score where records carry an answer."""
+def evaluate(pool, teacher, records: list, ecfg: EvalConfig, tokenizer, seed: int) -> dict:
+    """Held-out evaluation of the student.
+
+    eval/reverse_kl: the student's completions sampled at temperature 1 with
+    no top-p/top-k (its own distribution), scored by the teacher at
+    temperature 1: sum(lp_student - lp_teacher) / tokens, a one-sample-per-
+    token estimate of KL(student || teacher) at T = 1, whatever temperatures
+    the run trains with (so runs at different settings compare).
+
+    eval/accuracy: the mean eval.grader score (cluster/task_fns.py) of
+    completions sampled at eval.temperature, no top-p/top-k: the same
+    completions when it is 1, a second pass otherwise (greedy, one per
+    prompt, at 0). Graded records: all of them with a grader set; with
+    eval.grader null the records that have an `answer` (by `exact`), and no
+    accuracy when none has one."""
     t0 = time.monotonic()
     recs = records[: ecfg.num_prompts]
     if not recs:
         return {}
-    comps = [c for per_prompt in pool.generate([r.prompt_ids for r in recs], n=ecfg.samples_per_prompt,
-                                               seed=seed, temperature=ecfg.temperature)
-             for c in per_prompt]
-    seqs = [(list(c.prompt_ids) + list(c.completion_ids), len(c.prompt_ids)) for c in comps
-            if c.completion_ids]
+
+    def sample(temperature: float, n: int) -> list[Completion]:
+        return [c for per_prompt in pool.generate([r.prompt_ids for r in recs], n=n, seed=seed,
+                                                  temperature=temperature, top_p=1.0, top_k=0)
+                for c in per_prompt]
+
+    comps = sample(1.0, ecfg.samples_per_prompt)
     scored = [c for c in comps if c.completion_ids]
-    res = teacher.score(seqs, top_k=0, temperature=tcfg.temperature)
+    res = teacher.score([(list(c.prompt_ids) + list(c.completion_ids), len(c.prompt_ids)) for c in scored],
+                        top_k=0, temperature=1.0)
     kl_sum, n_tok, seq_kls = 0.0, 0, []
     for c, lp in zip(scored, res.logprobs, strict=True):
         if lp is None:
@@ -157,23 +214,33 @@ def evaluate(pool, teacher, records: list, ecfg: EvalConfig, rcfg: RolloutConfig
         "eval/mean_completion_len": sum(len(c.completion_ids) for c in comps) / max(1, len(comps)),
         "eval/prompts": len(recs),
     }
-    graded = [(c, recs[c.prompt_index].answer) for c in comps if recs[c.prompt_index].answer is not None]
+    graded = [i for i, r in enumerate(recs) if ecfg.grader is not None or r.answer is not None]
     if graded:
-        out["eval/accuracy"] = sum(grade(tokenizer.decode(c.completion_ids, skip_special_tokens=True), a)
-                                   for c, a in graded) / len(graded)
+        if ecfg.temperature != 1.0:
+            comps = sample(ecfg.temperature, 1 if ecfg.temperature == 0 else ecfg.samples_per_prompt)
+        grader = resolve_grader(ecfg.grader)
+        spec = ecfg.grader or "exact"
+        keep = set(graded)
+        scores = [call(grader, "eval.grader", spec, tokenizer.decode(c.completion_ids, skip_special_tokens=True),
+                       recs[c.prompt_index], unit_interval=True) for c in comps if c.prompt_index in keep]
+        out["eval/accuracy"] = sum(scores) / len(scores)
+        out["eval/graded"] = len(scores)
     out["time/eval_s"] = time.monotonic() - t0
     return out
 
 
 def completion_table(batch: RolloutBatch, tokenizer, loss_cfg: LossConfig, k: int) -> tuple[list[str], list[list]]:
-    """A few samples with their per-token advantages A_t = -coef (lp_s - lp_t)."""
-    cols = ["prompt", "completion", "policy_version", "mean_advantage", "tokens_and_advantages"]
+    """A few samples with their per-token advantages
+    A_t = -kl_coef (lp_s - lp_t) + reward.coef (R - b) (undiscounted), and
+    their reward R when the run has one."""
+    cols = ["prompt", "completion", "policy_version", "reward", "mean_advantage", "tokens_and_advantages"]
     rows = []
     for b in range(min(k, len(batch))):
         ids = batch.completion_ids_B_T[b]
-        adv = [-loss_cfg.kl_coef * (s - t) for s, t in
+        bonus = batch.reward_advantages_B[b] if batch.reward_advantages_B is not None else 0.0
+        adv = [-loss_cfg.kl_coef * (s - t) + bonus for s, t in
                zip(batch.sampler_logprobs_B_T[b], batch.teacher_logprobs_B_T[b], strict=True)]
         toks = " ".join(f"{tokenizer.decode([i])!r}:{a:+.2f}" for i, a in zip(ids, adv, strict=True))
-        rows.append([tokenizer.decode(batch.prompt_ids_B_T[b]), tokenizer.decode(ids),
-                     batch.policy_versions_B[b], sum(adv) / max(1, len(adv)), toks])
+        rows.append([tokenizer.decode(batch.prompt_ids_B_T[b]), tokenizer.decode(ids), batch.policy_versions_B[b],
+                     batch.rewards_B[b] if batch.rewards_B is not None else None, sum(adv) / max(1, len(adv)), toks])
     return cols, rows

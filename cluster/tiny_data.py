@@ -3,6 +3,8 @@
 `tiny:arithmetic` (the demo's default `data.train`): multi-digit addition
 prompts such as "23+58=" with the answer "81". Records are JSONL lines
 `{"prompt": ..., "answer": ...}`; the train and held-out sets are disjoint.
+Graded by `first_line` (the first line of the completion equals the answer),
+which configs/demo.yaml names as its `eval.grader`.
 
 `tiny:arithmetic-fixed`: the same problems (same train/held-out split) written
 at fixed width, operands zero-padded to 2 digits and the answer to 3:
@@ -92,6 +94,13 @@ def grade(completion_text: str, answer) -> float:
         raise ValueError("grade() needs an answer")
     first = completion_text.strip().split("\n", 1)[0].strip()
     return float(first == str(answer).strip())
+
+
+def first_line(completion: str, record: dict) -> float:
+    """The arithmetic tasks' grader as an `eval.grader` (configs/demo.yaml:
+    `eval.grader: cluster.tiny_data:first_line`): `grade` against the record's
+    `answer`."""
+    return grade(completion, record["answer"])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The seed's comparison in miniature: from one student initialisation, which
+"""The comparison of "On-Policy Distillation" (Thinking Machines Lab, 2025) in miniature: from one student initialisation, which
 training signal reaches the teacher's accuracy for the least compute?
 
     python -m recipes.compare                       # all methods, default settings
@@ -7,7 +7,7 @@ training signal reaches the teacher's accuracy for the least compute?
 Methods (all start from the same SFT student init, see recipes/sft.py, and
 see the same number of prompts x samples per step):
 
-  reverse_kl     on-policy distillation (the seed's method): the student
+  reverse_kl     on-policy distillation (the method of "On-Policy Distillation"): the student
                  samples, the teacher scores each sampled token, per-token
                  reverse-KL advantage (loss.kind=reverse_kl).
   forward_kl     on-policy forward KL over the teacher's top-k (GKD-style):
@@ -15,13 +15,13 @@ see the same number of prompts x samples per step):
   seq_kd         off-policy sequence-level KD: the teacher writes the
                  completions, the student is trained by SFT on them
                  (loss.kind=sft, train.sample_from=teacher).
-  sft            more SFT on ground-truth answers (the seed's "SFT-2M" row:
+  sft            more SFT on ground-truth answers (the post's "SFT-2M" row:
                  continue the initialisation's recipe), plain torch
                  (recipes.sft.sft_loop), evaluated like the driver runs.
 
 The first three run through the real driver (cluster.train.run). RL on the
-task reward is not included: the driver has no reward loss (the seed's RL row
-is reported as '-' there too).
+task reward (the driver's reward.fn with loss.kl_coef=0) is not run here (the
+post's RL row is reported as '-' there too).
 
 Output, in runs/compare-<time>/ (or --out): one driver run directory per
 method, `compare.md` (the tables), `compare.json`, `compare.png` (held-out
@@ -138,7 +138,7 @@ def comparison_tables(results: dict[str, dict], init: dict, teacher_acc: float, 
 def choose_targets(results: dict[str, dict], teacher_acc: float) -> tuple[float, list[float]]:
     """The init's accuracy (mean of the methods' step-0 evals) and the target
     accuracies of the compute table: the best accuracy that every method
-    reaches (the seed compares methods at one common accuracy), then half
+    reaches (the post compares methods at one common accuracy), then half
     and three quarters of the init-to-teacher gap."""
     first = [series(r["rows"], "eval/accuracy")[0][1] for r in results.values()]
     init_acc = sum(first) / len(first)
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = comparison_tables(results, init, teacher_acc, targets)
     header = (f"# recipes.compare: {args.steps} steps x {args.prompts_per_step} prompts x "
               f"{args.samples_per_prompt} samples, lr {args.lr}\n\nstudent {n_s:,} matmul params, teacher "
-              f"{n_t:,}; teacher SFT cost {t_sum['train_flops']:.2e} FLOPs (not counted below, as in the seed). "
+              f"{n_t:,}; teacher SFT cost {t_sum['train_flops']:.2e} FLOPs (not counted below, as in "On-Policy Distillation"). "
               f"Targets: the best accuracy every method reaches, then half and three quarters of the "
               f"init-to-teacher gap.\n\n")
     (out / "compare.md").write_text(header + tables + "\n")

@@ -6,7 +6,7 @@
 1. Builds (or reuses from $OPD_CACHE_DIR) a teacher and a smaller student by
    the project's own SFT on 2-digit addition (recipes/sft.py): the teacher
    solves the task, the student init is clearly weaker but sometimes right.
-2. Runs on-policy distillation (reverse KL, the seed's method) through the real
+2. Runs on-policy distillation (reverse KL, the method of "On-Policy Distillation") through the real
    driver, in-process (`cluster.train.run`): Ray, a teacher_server started by
    the driver, a vLLM CPU sampler, a DeepSpeed (gloo) learner, weight sync.
 3. Reads `<run.dir>/metrics.jsonl` and prints the report: held-out accuracy and

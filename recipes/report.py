@@ -2,7 +2,7 @@
 report tables and plots. Pure functions (plus matplotlib for the PNGs), so the
 tables are unit-tested on synthetic metrics (tests/unit/test_recipes.py).
 
-FLOP model (the seed's table has teacher and student FLOPs columns). With N_s,
+FLOP model (the post's table has teacher and student FLOPs columns). With N_s,
 N_t the student's and teacher's matmul parameters (recipes.sft.flop_params:
 all parameters but the input embedding), and per step P prompt tokens and C
 completion tokens over all samples:
@@ -15,7 +15,7 @@ completion tokens over all samples:
 
 Prefix caching, attention's own FLOPs (small at these lengths) and held-out
 evaluation are not counted. "Student FLOPs" in the tables = sampling +
-training, as the seed reports all compute spent on the student.
+training, as the post reports all compute spent on the student.
 """
 
 from __future__ import annotations

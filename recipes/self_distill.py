@@ -1,4 +1,4 @@
-"""The seed's self-distillation check: train the student on itself.
+"""The self-distillation check of "On-Policy Distillation" (Thinking Machines Lab, 2025): train the student on itself.
 
     python -m recipes.self_distill
     python -m recipes.self_distill --steps 20 --lr 5e-3

@@ -13,7 +13,7 @@ Checkpoints are saved with `save_pretrained` (tokenizer included), cached under
 `$OPD_CACHE_DIR/recipes/<name>-<hash of the recipe>` and written atomically
 (temp dir, then rename), so a rerun reuses them and a crash leaves nothing
 half-written. Next to the weights, `sft_summary.json` records the held-out
-greedy accuracy, the wall time and the training FLOPs (the seed's table counts
+greedy accuracy, the wall time and the training FLOPs (the post's table counts
 the initialisation's FLOPs too).
 
 The SFT prompts exclude the task's held-out set (`build_task("arithmetic")`'s

@@ -58,6 +58,12 @@ class RolloutBatch:
     teacher_top_logprobs_B_T_K: list[list[list[float]]] | None = None
     answers_B: list[Any] | None = None  # carried through from the prompt source
     metadata_B: list[dict] | None = None
+    # The task reward R of each sample (reward.fn), when the run has one.
+    rewards_B: list[float] | None = None
+    # reward.coef * (R - mean R of the prompt's samples): the sequence-level
+    # reward advantage every token of the sample gets (learner/losses.py);
+    # None when reward.coef is 0, so the loss is exactly the distillation one.
+    reward_advantages_B: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +88,8 @@ class RolloutBatch:
             "teacher_top_logprobs_B_T_K": self.teacher_top_logprobs_B_T_K,
             "answers_B": self.answers_B,
             "metadata_B": self.metadata_B,
+            "rewards_B": self.rewards_B,
+            "reward_advantages_B": self.reward_advantages_B,
         }
         cols.update({k: v for k, v in optional.items() if v is not None})
         for name, col in cols.items():

@@ -297,3 +297,120 @@ def test_errors_name_the_problem():
         losses.compute_loss(inputs, _cfg(kind="jsd"), 1.0)
     with pytest.raises(ValueError, match="normalize='tokens'"):
         losses.compute_loss(inputs, _cfg(kind="sft", normalize="tokens"), 1.0)
+
+
+# ------------------------------------------------------- the top-k tail (bucket)
+
+def _full_vocab_kl(q, p):
+    return math.fsum(a * (math.log(a) - math.log(b)) for a, b in zip(q, p, strict=True) if a > 0)
+
+
+def _tail_case():
+    """V = 8, the teacher's top-4 S holds all but 2e-9 of its mass; token 4
+    (outside S) has teacher probability 1e-9 and 0.9 of the student's."""
+    p = [0.4, 0.3, 0.2, 0.1 - 2e-9, 1e-9, 1e-9 - 1e-12, 5e-13, 5e-13]
+    q = [0.04, 0.03, 0.02, 0.01 - 1e-6, 0.9, 1e-6 - 2e-12, 1e-12, 1e-12]
+    assert abs(math.fsum(p) - 1) < 1e-15 and abs(math.fsum(q) - 1) < 1e-15
+    ids = torch.tensor([[[0, 1, 2, 3]]])
+    lp_t = torch.tensor([[[math.log(x) for x in p[:4]]]], dtype=torch.float64)
+    s_logits = torch.tensor([[[math.log(x) for x in q]]], dtype=torch.float64)
+    return p, q, ids, lp_t, s_logits
+
+
+def test_bucket_penalises_student_mass_the_teacher_lacks():
+    """A student with 0.9 of its mass on a token the teacher gives 1e-9,
+    against the full-vocabulary float64 reverse KL (18.3 nats): the bucket (a
+    lower bound, exact up to merging the two tail tokens) gives 17.7,
+    renormalize ~0; with float32 teacher log-probs the teacher's tail is
+    floored at float32 eps (it is not resolved): 14.0."""
+    p, q, ids, lp_t, s_logits = _tail_case()
+    full = _full_vocab_kl(q, p)
+    assert 18.0 < full < 19.0
+    s_lp = torch.log_softmax(s_logits, dim=-1)
+    s_top = s_lp.gather(-1, ids)
+    s_tail = torch.logsumexp(s_lp[..., 4:], dim=-1)  # the learner's exact tail (what the worker passes)
+    p_tail, q_tail = math.fsum(p[4:]), math.fsum(q[4:])
+    bucket_ref = _full_vocab_kl(q[:4] + [q_tail], p[:4] + [p_tail])
+    for tail_lp in (s_tail, None):  # exact tail, and the float64 fallback from the top-k
+        got = float(losses.reverse_kl_topk(s_top, lp_t, tail="bucket", student_tail_lp_B_T=tail_lp))
+        assert abs(got - bucket_ref) < 1e-6 * bucket_ref, (got, bucket_ref)
+        assert 17.5 < got <= full + 1e-9
+    assert float(losses.reverse_kl_topk(s_top, lp_t, tail="renormalize")) < 1e-9
+    # The default is the bucket.
+    cfg = _cfg(kind="reverse_kl_topk")
+    del cfg.topk_tail
+    inputs = losses.LossInputs(mask_B_T=torch.ones(1, 1, dtype=torch.float64), learner_lp_B_T=torch.zeros(1, 1),
+                               sampler_lp_B_T=torch.zeros(1, 1), student_top_lp_B_T_K=s_top,
+                               teacher_top_lp_B_T_K=lp_t, student_tail_lp_B_T=s_tail)
+    assert abs(float(losses.compute_loss(inputs, cfg, 1.0)[0]) - bucket_ref) < 1e-6 * bucket_ref
+    # float32 teacher log-probs: 1 - sum of their exp is below float32's
+    # resolution, so the teacher's tail is eps32 (never 0, never negative).
+    eps32 = torch.finfo(torch.float32).eps
+    got32 = float(losses.reverse_kl_topk(s_top.float(), lp_t.float(), tail="bucket",
+                                         student_tail_lp_B_T=s_tail.float()))
+    floor_ref = _full_vocab_kl(q[:4] + [q_tail], [math.exp(float(x)) for x in lp_t.float()[0, 0]] + [eps32])
+    assert abs(got32 - floor_ref) < 1e-5 * floor_ref and 14.0 < got32 < full
+
+
+def test_log_tail_mass_is_stable():
+    """log(-expm1(logsumexp)) keeps tails far below float32's 1 - sum(exp)."""
+    for tail in (0.3, 1e-5, 1e-9, 1e-14):
+        lp = torch.tensor([[math.log(0.6 * (1 - tail)), math.log(0.4 * (1 - tail)), float("-inf")]],
+                          dtype=torch.float64)
+        assert abs(float(losses.log_tail_mass(lp)) - math.log(tail)) < 1e-6 * abs(math.log(tail)) + 1e-3 * (
+            tail < 1e-12)
+    # An (over-)complete top-k: the floor, not -inf or NaN.
+    lp = torch.log(torch.tensor([[0.5, 0.5 + 1e-12]], dtype=torch.float64))
+    assert float(losses.log_tail_mass(lp, floor=1e-10)) == pytest.approx(math.log(1e-10))
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl_topk", 0.5), ("reverse_kl_topk", 0.5), ("jsd", 0.3)])
+def test_bucket_with_exact_student_tail_value_and_gradient(kind, beta):
+    """The worker's path: the student's top-k log-probs AND its exact tail
+    come from the learner's logits (learner/logprobs.py, tail_from), through
+    the loss, back to the logits. Reference: float64 autograd of the naive
+    bucket divergence with the student's tail summed over the vocabulary.
+    One position's student tail is ~1e-13 while the teacher's is ~0.5: forward
+    KL's -p_tail log q_tail then dominates, and its gradient (which a
+    1 - sum(exp) tail clamped at tiny would zero) must be right."""
+    from learner.logprobs import completion_logprobs
+
+    s_logits, t_ids, t_top_lp, mask = _topk_inputs(torch.float64, seed=11)
+    s_logits[0, 0] = -30.0
+    s_logits[0, 0].scatter_(-1, t_ids[0, 0], 0.0)
+    logits = s_logits.clone().requires_grad_(True)
+    pos = torch.arange(T_MAX)[None, :].expand(B, T_MAX)  # position t's logits predict token t here
+    lp = completion_logprobs(logits, pos, t_ids, tail_from=0)
+    cfg = _cfg(kind=kind, topk_tail="bucket", jsd_beta=beta)
+    inputs = losses.LossInputs(mask_B_T=mask, learner_lp_B_T=torch.zeros_like(mask),
+                               sampler_lp_B_T=torch.zeros_like(mask), student_top_lp_B_T_K=lp[..., :K],
+                               teacher_top_lp_B_T_K=t_top_lp, student_tail_lp_B_T=lp[..., K])
+    loss, _ = losses.compute_loss(inputs, cfg, losses.loss_denominator(mask, "token"))
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    ref_logits = s_logits.clone().requires_grad_(True)
+    per = []
+    for b in range(B):
+        for t in range(T_MAX):
+            if mask[b, t] == 0:
+                continue
+            q = torch.softmax(ref_logits[b, t], dim=-1)
+            inside = torch.zeros(V, dtype=torch.bool)
+            inside[t_ids[b, t]] = True
+            q_cat = torch.cat([q[t_ids[b, t]], q[~inside].sum()[None]])
+            p_top = t_top_lp[b, t].exp()
+            p_cat = torch.cat([p_top, (1 - p_top.sum())[None]])
+            if kind == "forward_kl_topk":
+                d = (p_cat * (p_cat.log() - q_cat.log())).sum()
+            elif kind == "reverse_kl_topk":
+                d = (q_cat * (q_cat.log() - p_cat.log())).sum()
+            else:
+                m = beta * p_cat + (1 - beta) * q_cat
+                d = (beta * (p_cat * (p_cat.log() - m.log())).sum()
+                     + (1 - beta) * (q_cat * (q_cat.log() - m.log())).sum()) / (beta * (1 - beta))
+            per.append(d)
+    ref = torch.stack(per).sum() / mask.sum()
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert _rel_err(loss.detach(), ref.detach()) < 1e-10
+    assert _rel_err(grad, ref_grad) < 1e-8
+    assert float(grad[0, 0].abs().max()) > 1e-3  # the tiny-tail position does train
