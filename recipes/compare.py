@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = comparison_tables(results, init, teacher_acc, targets)
     header = (f"# recipes.compare: {args.steps} steps x {args.prompts_per_step} prompts x "
               f"{args.samples_per_prompt} samples, lr {args.lr}\n\nstudent {n_s:,} matmul params, teacher "
-              f"{n_t:,}; teacher SFT cost {t_sum['train_flops']:.2e} FLOPs (not counted below, as in "On-Policy Distillation"). "
+              f"{n_t:,}; teacher SFT cost {t_sum['train_flops']:.2e} FLOPs (not counted below, as in \"On-Policy Distillation\"). "
               f"Targets: the best accuracy every method reaches, then half and three quarters of the "
               f"init-to-teacher gap.\n\n")
     (out / "compare.md").write_text(header + tables + "\n")
