@@ -651,7 +651,7 @@ class Config:
             out.append("rollout.temperature: 0 (greedy) with loss.kind=reverse_kl: on-policy distillation needs "
                        "samples from the student's distribution, and greedy decoding has none (no importance "
                        "ratio, no sampled KL); use rollout.temperature > 0 (1.0, as in the method)")
-        elif on_policy_pg and t_teach != t_roll:
+        elif on_policy_pg and t_teach != t_roll and t_teach > 0:  # teacher.temperature <= 0 is reported by its section
             out.append(f"teacher.temperature ({t_teach}) differs from rollout.temperature ({t_roll}) with "
                        f"loss.kind=reverse_kl: the advantage lp_teacher - lp_sampler compares the student sampled "
                        f"at rollout.temperature with the teacher scored at teacher.temperature, and at different "

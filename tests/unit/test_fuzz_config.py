@@ -162,6 +162,7 @@ def test_load_config_file_never_crashes(tmp_path_factory, raw, ovs):
     ({"student": {"model": 10**5000}}, [], "student.model"),       # was ValueError in str()
     ({"train": {"steps": 2**64}}, [], "train.steps"),              # now: outside the 64-bit range
     ({"train": {"steps": True}}, [], "train.steps"),
+    ({"teacher": {"temperature": 0}}, [], "teacher.temperature"),  # was ZeroDivisionError in the temperature rule
     ({10**5000: 1}, [], "unknown key"),                            # was ValueError formatting the key
 ])
 def test_found_by_fuzzing(data, ovs, needle):
