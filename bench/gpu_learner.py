@@ -10,7 +10,7 @@ scored by the tiny student and teacher in transformers, some tokens masked):
   * ZeRO 0 and 3, float32 and bfloat16 (and ZeRO-3 bf16 with gradient
     checkpointing, as configs/gpu_cluster.yaml trains), on `--ranks` NCCL ranks: the loss of
     every step; ZeRO-3's losses and final weights against ZeRO-0's (float32
-    must agree within 1e-4, the issue's tolerance for gloo);
+    must agree within 1e-4, the CPU tests' tolerance on gloo);
   * the learner's logprobs against transformers' logprobs of the HF export
     (`export_hf`, gathered from ZeRO-3 partitions) loaded on the device;
   * checkpoint save (ZeRO-3 fp32, ZeRO-0 bf16), a fresh worker restoring it,
@@ -32,7 +32,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,18 +41,14 @@ from pathlib import Path
 
 import torch
 
+from rollout.host import free_port
+
 # Partition every parameter under ZeRO-3 (the default threshold keeps small
 # tensors whole on every rank, which would leave the tiny model unpartitioned).
 DS_OVERRIDES = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 # Runs (ZeRO stage, dtype) that checkpoint before their last step and are
 # restored in a fresh worker.
 RESTORED = {"zero3-float32": (3, "float32"), "zero0-bfloat16": (0, "bfloat16")}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sync(device: str) -> None:
@@ -158,14 +153,7 @@ def rank_main(rank: int, world: int, port: int, args, work: str) -> dict:
             losses.append(_all_reduce_sum(m["loss"], device))
             if s == args.steps - 2 and key in RESTORED:
                 # Checkpoint before the last step: a fresh worker restores it below.
-                from learner import checkpoint as ckpt
-
-                root = Path(work) / f"ckpt-{key}"
-                staging = root / f"{ckpt.STAGING_PREFIX}bench"  # inside the root: commit renames
-                w.save_checkpoint(str(staging))
-                torch.distributed.barrier()
-                if rank == 0:
-                    w.commit_checkpoint(str(staging), str(root))
+                w.save_checkpoint(str(Path(work) / f"ckpt-{key}"))
                 torch.distributed.barrier()
         log(f"{key}: built in {build_s:.1f}s, losses {['%.6f' % x for x in losses]}")
         res["runs"][key] = {"losses": losses, "step_s": step_s, "build_s": build_s,
@@ -299,7 +287,7 @@ dist.destroy_process_group()
 
 
 def probe_nccl_two_ranks_one_gpu(timeout_s: float = 90.0) -> dict:
-    port = str(_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", PROBE, str(r), port], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outs, ok = [], True
@@ -363,7 +351,7 @@ def main(argv=None) -> int:
     (Path(work) / "student_path").write_text(student)
     (Path(work) / "timing_path").write_text(timing)
 
-    port = _port()
+    port = free_port()
     t0 = time.perf_counter()
     if args.ranks == 1:
         out = rank_main(0, 1, port, args, work)

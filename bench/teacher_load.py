@@ -5,7 +5,7 @@ invalid /v1/logprobs requests, every answer checked.
         [--invalid-frac 0.3] [--api-key-file FILE] [--max-request-bytes N] [--server-pid PID] \
         [--model PATH] [--json-out report.json]
 
-What it does (issue 9, item 5):
+What it does:
 1. Reads GET /v1/model (vocab, max_model_len, max_top_k) and builds a fixed pool
    of random ragged token sequences, with reference log-probs from ONE
    transformers float32 forward of the teacher per sequence (the model directory

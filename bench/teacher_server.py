@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import numpy as np
+
+from rollout.host import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,12 +87,6 @@ def bench_offline(model: str, max_model_len: int, seqs, configs, repeats: int) -
 
 
 # ----------------------------------------------------------------------------- servers
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(args: list[str], ready_path: str, log_path: str, timeout_s: float = 300.0) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -1,11 +1,15 @@
 """The one typed config tree of an opd run.
 
-Frozen dataclasses with a comment on every field; defaults live only here.
-`load_config(path, overrides)` reads a YAML file, applies dotted overrides
-(`learner.lr=1e-5`, values parsed as YAML scalars), and builds the tree. Unknown
-keys, wrong types and bad values are all collected and raised together as one
-`ConfigError` that names each key, the bad value and what is valid, before any
-actor starts.
+Frozen dataclasses with a comment on every field. Each stage owns its
+sections beside its code (rollout/config.py: student, teacher, data, rollout;
+learner/config.py: learner, loss, and the table of losses); this module
+defines the driver's own sections (train, eval, reward, log, run, placement),
+composes them all into `Config`, and owns the front end and the cross-section
+checks. `load_config(path, overrides)` reads a YAML file, applies dotted
+overrides (`learner.lr=1e-5`, values parsed as YAML scalars), and builds the
+tree. Unknown keys, wrong types and bad values are all collected and raised
+together as one `ConfigError` that names each key, the bad value and what is
+valid, before any actor starts.
 
 Each component receives its own sub-config (`cfg.rollout`, `cfg.learner`, ...),
 never the root.
@@ -24,6 +28,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+# The stages' own sections, composed below (and re-exported: cluster/, tests,
+# bench and recipes import every section from this module).
+from learner.config import LOSSES, LearnerConfig, LossConfig  # noqa: F401
+from rollout.config import (  # noqa: F401
+    SECTION_NAMES,
+    DataConfig,
+    RolloutConfig,
+    StudentConfig,
+    TeacherConfig,
+    non_negative,
+    parse_cpu_list,
+    positive,
+)
 
 
 class ConfigError(ValueError):
@@ -45,327 +63,6 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------
 # The tree
 # --------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class StudentConfig:
-    # Student checkpoint (required): a local Hugging Face directory, a hub id
-    # (e.g. Qwen/Qwen3-1.7B), or `tiny:NAME` for a tiny model built locally
-    # (cluster/tiny_models.py, tests and the demo).
-    model: str | None = None
-    # Weight dtype in the samplers: "auto" is bfloat16 when the run has GPUs,
-    # float32 on CPU.
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Longest prompt + completion the samplers accept (tokens).
-    max_model_len: int = 4096
-
-    def problems(self) -> list[str]:
-        return _positive(self, "max_model_len")
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherConfig:
-    # URL of a running teacher_server (e.g. http://teacher-node:8000). When
-    # null, the driver starts `python -m teacher_server --model teacher.model`
-    # itself, in a Ray actor that books its GPUs and CPUs, and stops it at the
-    # end (cluster/teacher_proc.py).
-    url: str | None = None
-    # Model the driver serves when `url` is null (same forms as student.model).
-    model: str | None = None
-    # File holding the API key sent as `Authorization: Bearer ...` (the key is
-    # never logged). For a self-started server the same key is configured on
-    # it; null there = a random key made for the run.
-    api_key_file: str | None = None
-    # Teacher weight dtype for a self-started server: "auto" is bfloat16 when
-    # the run has GPUs, float32 on CPU.
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # Max sequence length of a self-started server.
-    max_model_len: int = 4096
-    # Tensor parallel size of a self-started server (GPUs it takes).
-    tensor_parallel_size: int = 1
-    # KV cache of a self-started server on CPU (GiB).
-    kv_cache_gib: float = 1.0
-    # Ray CPUs a self-started server's actor books (its GPUs:
-    # tensor_parallel_size when the run has GPUs).
-    cpus: float = 1.0
-    # Softmax temperature applied to the teacher's logits before scoring (the
-    # target of the loss). loss.kind=reverse_kl requires it to equal
-    # rollout.temperature (then the student learns the teacher itself); the
-    # top-k losses fit the student at 1 to the teacher at this temperature.
-    # eval/reverse_kl always scores at 1.
-    temperature: float = 1.0
-    # Top-k teacher support fetched per position (needed by the *_topk and jsd
-    # losses; 0 = only the sampled token's logprob).
-    top_k: int = 0
-    # Token budget of one /v1/logprobs request; larger batches are split.
-    max_tokens_per_request: int = 16384
-    # Requests in flight at once from this run.
-    max_concurrency: int = 8
-    # Timeout of one HTTP request (seconds).
-    request_timeout_s: float = 120.0
-    # Give up on a batch (the run checkpoints and stops) once the teacher has
-    # been unreachable or overloaded for this long (seconds).
-    unavailable_timeout_s: float = 600.0
-    # How long a self-started server may take to report healthy (seconds).
-    startup_timeout_s: float = 600.0
-
-    def problems(self) -> list[str]:
-        out = _positive(self, "max_model_len", "tensor_parallel_size", "kv_cache_gib", "temperature",
-                        "max_tokens_per_request", "max_concurrency", "request_timeout_s",
-                        "unavailable_timeout_s", "startup_timeout_s")
-        out += _non_negative(self, "cpus")
-        if self.top_k < 0:
-            out.append(f"teacher.top_k: {self.top_k} is negative; use 0 (sampled token only) or K > 0")
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    # Training prompts (required): a JSONL or Parquet file, or a `datasets`
-    # dataset saved with save_to_disk, each record with a `prompt` (text) or
-    # `messages` (chat) field; `answer` and other fields are carried through.
-    # `tiny:arithmetic` builds the demo's arithmetic task locally.
-    train: str | None = None
-    # Held-out prompts in the same format; null takes `eval_size` records off
-    # the end of the training file instead.
-    eval: str | None = None
-    # Held-out records split off `train` when `eval` is null.
-    eval_size: int = 64
-    # Render `prompt`/`messages` with the tokenizer's chat template.
-    apply_chat_template: bool = True
-    # Shuffle the prompt stream (deterministically by run.seed, per epoch).
-    shuffle: bool = True
-    # Prompts longer than this (tokens) are an error naming the record.
-    max_prompt_tokens: int = 1024
-
-    def problems(self) -> list[str]:
-        return _positive(self, "max_prompt_tokens") + _non_negative(self, "eval_size")
-
-
-@dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    # Number of sampler actors (each a vLLM engine).
-    num_samplers: int = 1
-    # Completions sampled per prompt (n).
-    samples_per_prompt: int = 4
-    # Longest completion (tokens).
-    max_new_tokens: int = 1024
-    # Sampling temperature T (0 = greedy). loss.kind=reverse_kl trains the
-    # distribution sampled from, softmax(logits / T), toward the teacher at
-    # teacher.temperature, which must equal T (> 0); for the top-k losses and
-    # sft T only chooses the states trained on (README, "Temperatures").
-    temperature: float = 1.0
-    # Nucleus sampling mass (1.0 = off) and top-k sampling (0 = off). The
-    # learner scores tokens under the same truncation (vLLM's rule, repeated
-    # on its logits: learner/logprobs.py), so the importance ratio stays 1
-    # on-policy; reverse_kl then trains the truncated policy (learner/losses.py).
-    top_p: float = 1.0
-    top_k: int = 0
-    # Strings that end a completion (besides the EOS token).
-    stop: tuple[str, ...] = ()
-    # Token ids that end a completion (besides the EOS token).
-    stop_token_ids: tuple[int, ...] = ()
-    # Base sampling seed; each step and sampler derive their own from it.
-    seed: int = 0
-    # Tensor parallel size of one sampler engine (GPUs per sampler on GPU).
-    tensor_parallel_size: int = 1
-    # CPUs reserved per sampler actor in the placement group.
-    cpus_per_sampler: float = 1.0
-    # GPU memory fraction a sampler's vLLM engine may use (GPU only; vLLM's
-    # default). Lower it when placement.gpus_per_bundle < 1 puts other roles
-    # on the same GPU.
-    gpu_memory_utilization: float = 0.9
-    # KV cache per sampler on CPU (GiB, VLLM_CPU_KVCACHE_SPACE).
-    kv_cache_gib: float = 1.0
-    # CPU threads of a CPU sampler: "auto" (every core the sampler's process
-    # may run on but one, vLLM's own reserve), or cores like "0-1" / "0,2,4"
-    # (the engine is pinned to them, one thread each). Passed on as VLLM_CPU_OMP_THREADS_BIND when the
-    # engine runs in its own process (which also takes vLLM's "nobind" and
-    # per-rank "0-3|4-7").
-    cpu_threads_bind: str = "auto"
-    # Where a sampler's vLLM engine runs: "inprocess" (inside the sampler actor;
-    # on CPU a sampler then starts in ~19 s instead of ~54 s, needs ~1.2 GiB
-    # less RSS and generated 1.3x faster: python -m bench.sampler_engine),
-    # "multiprocess" (vLLM's default: a separate engine-core process, which
-    # overlaps scheduling with GPU work), or "auto": inprocess on CPU with
-    # tensor_parallel_size 1, multiprocess otherwise.
-    engine_process: Literal["auto", "inprocess", "multiprocess"] = "auto"
-    # How a CPU sampler's linear layers multiply (GPU samplers ignore it):
-    # "onednn" (vLLM's CPU default: every weight re-packed into a oneDNN GEMM
-    # handler, so a weight update goes through vLLM's layerwise reload, which
-    # re-packs every layer: 4-7x a memcpy of the weights) or "plain" (torch's
-    # F.linear on the plain weight, what vLLM does for the layers it marks
-    # `_cpu_skip_gemm_dispatch`; a weight update is copied into the live
-    # parameters: 1.5-2x a memcpy; generation took 0.87x-1.28x onednn's time,
-    # depending on the model: python -m bench.cpu_reload). Unquantized models only.
-    cpu_gemm: Literal["onednn", "plain"] = "onednn"
-    # Threads that copy a weight update into a CPU sampler's live weights
-    # (cpu_gemm=plain only; the sampler serves no request meanwhile): 0 = the
-    # cores its engine process may run on, divided by the samplers loading at
-    # the same time. vLLM pins a CPU engine's torch to fewer threads (one on a
-    # 2-core box), which halves the copy's speed (bench/README.md).
-    weight_load_threads: int = 0
-    # Run vLLM without CUDA graphs / torch.compile (faster start, slower
-    # decoding on GPU). CPU samplers always run eager.
-    enforce_eager: bool = False
-    # Weight transport learner rank 0 -> samplers: "nccl" (vLLM's official NCCL
-    # weight-transfer engine, GPU), "shm" (CPU: bytes through one /dev/shm
-    # region, control over gloo; every sampler on learner rank 0's node, and
-    # /dev/shm must hold the whole update), "gloo" (CPU, any node: loopback or
-    # network TCP, several times slower than shm), or "auto": nccl when the
-    # samplers have GPUs, else shm when every sampler shares learner rank 0's
-    # Ray node (learner rank 0 checks the samplers' node ids when it connects),
-    # else gloo.
-    weight_sync_backend: Literal["auto", "nccl", "gloo", "shm"] = "auto"
-    # shm transport with cpu_gemm=plain samplers: after the first update the
-    # samplers keep the parameters it updates in one shared-memory region,
-    # which learner rank 0 writes every later update into directly. A push is
-    # then one copy of the weights whatever the number of samplers (without:
-    # one load per sampler), and the samplers on the node hold one copy of
-    # them in RAM between them. Samplers that cannot (cpu_gemm=onednn, models
-    # whose loading is not plain copies) keep their own weights.
-    shm_shared_weights: bool = True
-    # Bucket size of one weight-sync transfer (MiB): bounds the extra memory
-    # (gloo); with shm the unit of pipelining (the region holds the whole update).
-    weight_sync_bucket_mb: int = 64
-    # Timeout of one weight update, and of a sampler RPC (seconds).
-    weight_sync_timeout_s: float = 600.0
-    # Timeout of one generate call (seconds); a sampler that exceeds it is
-    # treated as dead and restarted.
-    generate_timeout_s: float = 1800.0
-
-    def problems(self) -> list[str]:
-        out = _positive(self, "num_samplers", "samples_per_prompt", "max_new_tokens", "tensor_parallel_size",
-                        "kv_cache_gib", "weight_sync_bucket_mb", "weight_sync_timeout_s", "generate_timeout_s")
-        out += _non_negative(self, "temperature", "top_k", "cpus_per_sampler", "weight_load_threads")
-        if not 0.0 < self.top_p <= 1.0:
-            out.append(f"rollout.top_p: {self.top_p} is outside (0, 1]; use 1.0 to disable nucleus sampling")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            out.append(f"rollout.gpu_memory_utilization: {self.gpu_memory_utilization} is outside (0, 1]")
-        if self.engine_process == "inprocess" and self.tensor_parallel_size != 1:
-            out.append(f"rollout.engine_process=inprocess runs one engine worker, but tensor_parallel_size is "
-                       f"{self.tensor_parallel_size}: use engine_process=multiprocess (or auto)")
-        try:
-            parse_cpu_list(self.cpu_threads_bind)
-        except ValueError as e:
-            out.append(f"rollout.cpu_threads_bind: {e}")
-        return out
-
-
-def parse_cpu_list(spec: str) -> list[int] | None:
-    """Cores of `rollout.cpu_threads_bind`: None for "auto" (and vLLM's
-    "nobind"), else the listed cores ("0-3", "0,2,4", "0-1,6"; vLLM's per-rank
-    groups "0-3|4-7" give their union), sorted and unique."""
-    if spec in ("auto", "nobind"):
-        return None
-    cores: set[int] = set()
-    for part in str(spec).replace("|", ",").split(","):
-        lo, sep, hi = part.strip().partition("-")
-        try:
-            a, b = int(lo), int(hi) if sep else int(lo)
-        except ValueError:
-            raise ValueError(f"{spec!r} is not 'auto' or a core list like '0-3' or '0,2,4'") from None
-        if a < 0 or b < a:
-            raise ValueError(f"{spec!r}: the range {part.strip()!r} is empty or negative")
-        cores.update(range(a, b + 1))
-    return sorted(cores)
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnerConfig:
-    # Learner ranks (one Ray actor each: one GPU each on GPU, one process on CPU).
-    world_size: int = 1
-    # DeepSpeed ZeRO stage (0 = plain data parallel).
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    # Training precision: fp32 master weights always; "bfloat16" computes in
-    # bf16; "auto" is bfloat16 when the run has GPUs, float32 on CPU.
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # Peak learning rate (AdamW). 1e-6 is the usual full fine-tuning value of
-    # RL-style trainers (OpenRLHF, verl); LoRA and tiny models take more.
-    lr: float = 1e-6
-    # Linear warmup steps from 0 to `lr`.
-    warmup_steps: int = 0
-    # Schedule after warmup.
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    # Final learning rate as a fraction of `lr` (cosine/linear).
-    min_lr_ratio: float = 0.0
-    # AdamW weight decay. Decoupled decay shrinks every weight each step
-    # whatever the gradient, so even a policy with zero advantages moves
-    # (self-distillation stays bitwise still only at 0, the default).
-    weight_decay: float = 0.0
-    # AdamW betas.
-    betas: tuple[float, float] = (0.9, 0.999)
-    # Clip the global gradient norm to this (0 = off).
-    grad_clip: float = 1.0
-    # Token budget of one micro-batch (prompt + completion tokens, padded).
-    micro_batch_tokens: int = 8192
-    # Gradient checkpointing in the student's forward.
-    gradient_checkpointing: bool = False
-    # CPUs reserved per learner rank in the placement group.
-    cpus_per_worker: float = 1.0
-    # Torch threads of a CPU learner rank; 0 = Ray's default (one per reserved
-    # CPU). In train.mode=sync the roles take turns, so a rank may use more
-    # cores than it reserves: on the 2-core box, 2 threads cut the 25M
-    # student's train phase from 3.1 s to 1.8-2.0 s (bench/README.md).
-    cpu_threads: int = 0
-    # With the shm weight transport (CPU, samplers on rank 0's node), ZeRO-0
-    # and fp32 weights sent as fp32: rank 0's parameters live in the
-    # shared-memory region the samplers load from, so a push packs nothing
-    # (the samplers' loads are the only copy). Other setups ignore it.
-    shm_resident_weights: bool = True
-    # Timeout of every collective and learner RPC (seconds): a dead rank fails
-    # the run instead of hanging it.
-    collective_timeout_s: float = 600.0
-
-    def problems(self) -> list[str]:
-        out = _positive(self, "world_size", "lr", "micro_batch_tokens", "collective_timeout_s")
-        out += _non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "cpus_per_worker", "cpu_threads")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            out.append(f"learner.min_lr_ratio: {self.min_lr_ratio} is outside [0, 1]")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            out.append(f"learner.betas: {list(self.betas)} must both be in [0, 1)")
-        return out
-
-
-LOSS_KINDS = ("reverse_kl", "reverse_kl_topk", "forward_kl_topk", "jsd", "sft")
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    # reverse_kl: on-policy distillation ("On-Policy Distillation", TML 2025) (sampled-token reverse KL
-    #   as a per-token advantage, importance-sampling loss).
-    # reverse_kl_topk / forward_kl_topk / jsd: divergences over the teacher's
-    #   top-k support (teacher.top_k > 0).
-    # sft: cross-entropy on the completions (sequence-level KD when
-    #   train.sample_from=teacher).
-    kind: Literal["reverse_kl", "reverse_kl_topk", "forward_kl_topk", "jsd", "sft"] = "reverse_kl"
-    # Scale of the reverse-KL advantage A_t = -coef * (lp_sampler - lp_teacher).
-    kl_coef: float = 1.0
-    # Discount of future per-token advantages (0 = each token's own advantage,
-    # 1 = undiscounted sum to the end of the completion).
-    discount: float = 0.0
-    # Truncate the importance ratio exp(lp_learner - lp_sampler) at this cap.
-    ratio_cap: float = 2.0
-    # "token": mean over all trained tokens of the batch; "sequence": mean per
-    # sequence, then over sequences.
-    normalize: Literal["token", "sequence"] = "token"
-    # Generalized JSD interpolation (0 -> forward KL, 1 -> reverse KL, in the
-    # GKD's D_JSD(beta) convention with P = teacher).
-    jsd_beta: float = 0.5
-    # Probability outside the teacher's top-k in the *_topk and jsd losses:
-    # "bucket" adds one tail category holding each side's remaining mass (the
-    # student's exact, from the learner's full logits), so student mass where
-    # the teacher has little is penalised; "renormalize" restricts both
-    # distributions to the top-k and renormalises (ignores that mass).
-    topk_tail: Literal["renormalize", "bucket"] = "bucket"
-
-    def problems(self) -> list[str]:
-        out = _positive(self, "ratio_cap")
-        if not 0.0 <= self.discount <= 1.0:
-            out.append(f"loss.discount: {self.discount} is outside [0, 1]")
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            out.append(f"loss.jsd_beta: {self.jsd_beta} is outside [0, 1]")
-        return out
-
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -390,7 +87,7 @@ class TrainConfig:
     rollout_chunks: int = 1
 
     def problems(self) -> list[str]:
-        out = _positive(self, "steps", "prompts_per_step", "max_policy_lag", "rollout_chunks")
+        out = positive(self, "steps", "prompts_per_step", "max_policy_lag", "rollout_chunks")
         if self.rollout_chunks > self.prompts_per_step:
             out.append(f"train.rollout_chunks: {self.rollout_chunks} chunks of {self.prompts_per_step} prompts per "
                        f"step would leave chunks empty; use at most train.prompts_per_step")
@@ -419,8 +116,8 @@ class EvalConfig:
     grader: str | None = None
 
     def problems(self) -> list[str]:
-        out = _non_negative(self, "every_steps", "temperature") + _positive(self, "num_prompts",
-                                                                            "samples_per_prompt")
+        out = non_negative(self, "every_steps", "temperature") + positive(self, "num_prompts",
+                                                                          "samples_per_prompt")
         if self.grader is not None:
             from cluster.task_fns import resolve_grader
 
@@ -479,7 +176,7 @@ class WandbConfig:
     table_samples: int = 4
 
     def problems(self) -> list[str]:
-        return _non_negative(self, "table_every_steps", "table_samples")
+        return non_negative(self, "table_every_steps", "table_samples")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,7 +187,7 @@ class LogConfig:
     print_every_steps: int = 1
 
     def problems(self) -> list[str]:
-        return _positive(self, "print_every_steps")
+        return positive(self, "print_every_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -515,7 +212,7 @@ class RunConfig:
     export_every_steps: int = 0
 
     def problems(self) -> list[str]:
-        return _non_negative(self, "save_every_steps", "export_every_steps") + _positive(self, "keep_checkpoints")
+        return non_negative(self, "save_every_steps", "export_every_steps") + positive(self, "keep_checkpoints")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -576,16 +273,18 @@ class Config:
         if self.teacher.url is None and not self.teacher.model:
             out.append("teacher: set either teacher.url (a running teacher_server) or teacher.model "
                        "(the driver starts one); both are null")
-        if self.loss.kind in ("reverse_kl_topk", "forward_kl_topk", "jsd") and self.teacher.top_k <= 0:
+        loss = LOSSES[self.loss.kind]
+        if loss.needs_topk and self.teacher.top_k <= 0:
             out.append(f"loss.kind={self.loss.kind} needs the teacher's top-k support: set teacher.top_k "
                        f"to K > 0 (e.g. teacher.top_k=20); it is {self.teacher.top_k}")
-        # (added by the learner) The sampled-token reverse-KL estimator needs
-        # the student's own samples: on teacher samples lp_sampler is the
-        # teacher's, so the advantage lp_teacher - lp_sampler is 0.
-        if self.train.sample_from == "teacher" and self.loss.kind == "reverse_kl":
-            out.append("loss.kind=reverse_kl with train.sample_from=teacher: the sampled-token estimator needs the "
-                       "student's own samples (on teacher samples its advantage is 0); for off-policy reverse KL "
-                       "use loss.kind=reverse_kl_topk with teacher.top_k > 0, or sample from the student")
+        # Only the sampled-token reverse-KL estimator is restricted: it needs
+        # the student's own samples (on teacher samples lp_sampler is the
+        # teacher's, so the advantage lp_teacher - lp_sampler is 0).
+        if self.train.sample_from not in loss.sample_from:
+            out.append(f"loss.kind={self.loss.kind} with train.sample_from={self.train.sample_from}: the "
+                       "sampled-token estimator needs the student's own samples (on teacher samples its advantage "
+                       "is 0); for off-policy reverse KL use loss.kind=reverse_kl_topk with teacher.top_k > 0, or "
+                       "sample from the student")
         if self.train.sample_from == "teacher" and self.train.mode == "async":
             out.append("train.mode=async overlaps student sampling with training; with "
                        "train.sample_from=teacher there is no student sampling: use train.mode=sync")
@@ -629,7 +328,7 @@ class Config:
         return out
 
     def _temperature_and_reward_problems(self) -> list[str]:
-        """The temperature rule (README, "What a run trains toward, and what it logs")
+        """The temperature rule (docs/method.md, "Temperatures")
         and the reward's requirements.
 
         reverse_kl trains the distribution the samplers draw from,
@@ -674,25 +373,11 @@ class Config:
 # Field checks
 # --------------------------------------------------------------------------
 
-def _section(obj) -> str:
-    return _SECTION_NAMES.get(type(obj), type(obj).__name__)
-
-
-def _positive(obj, *names: str) -> list[str]:
-    return [f"{_section(obj)}.{n}: {getattr(obj, n)!r} must be > 0"
-            for n in names if getattr(obj, n) is not None and not getattr(obj, n) > 0]
-
-
-def _non_negative(obj, *names: str) -> list[str]:
-    return [f"{_section(obj)}.{n}: {getattr(obj, n)!r} must be >= 0"
-            for n in names if getattr(obj, n) is not None and not getattr(obj, n) >= 0]
-
-
-_SECTION_NAMES: dict[type, str] = {}
-
+# positive / non_negative (rollout/config.py) name a field by its section's
+# dotted key, registered here from the tree.
 
 def _register_sections(cls: type, prefix: str) -> None:
-    _SECTION_NAMES[cls] = prefix or "config"
+    SECTION_NAMES[cls] = prefix or "config"
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         t = hints[f.name]

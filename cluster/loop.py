@@ -57,13 +57,14 @@ class RunContext:
     # Arguments of LearnerGroup.init_weight_sync, to rebuild the group after a
     # sampler restart.
     sync_kwargs: dict = dataclasses.field(default_factory=dict)
-    sampler_restarts: int = 0
 
 
 MAX_SAMPLER_RECOVERIES_PER_STEP = 3
 
 
-def _actor_died(e: BaseException) -> bool:
+def actor_died(e: BaseException) -> bool:
+    """The call failed because its Ray actor is dead or unreachable (the
+    driver restarts a dead sampler; a dead learner rank ends the run)."""
     import ray
 
     return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
@@ -137,7 +138,6 @@ def restart_dead_samplers(ctx: RunContext, cause: BaseException, next_push: str)
             release_stuck_sampler(ctx.pool, i)
         ctx.pool.restart(i)
     ctx.learners.init_weight_sync(ctx.pool, **ctx.sync_kwargs)
-    ctx.sampler_restarts += len(bad)
     return {"rollout/sampler_restarts": len(bad), "time/sampler_recovery_s": time.monotonic() - t0}
 
 
@@ -159,7 +159,7 @@ def with_sampler_recovery(ctx: RunContext, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs), metrics
         except Exception as e:  # noqa: BLE001 - only actor deaths are recovered
-            if not _actor_died(e) or attempt == MAX_SAMPLER_RECOVERIES_PER_STEP:
+            if not actor_died(e) or attempt == MAX_SAMPLER_RECOVERIES_PER_STEP:
                 raise
             for k, v in recover_samplers(ctx, e).items():
                 metrics[k] = metrics.get(k, 0) + v
@@ -217,7 +217,7 @@ def checkpoint(ctx: RunContext) -> Path:
     stream_state = ctx.uncommitted_stream_state or ctx.stream.state_dict()
     state = {"version": ctx.version, "stream": stream_state, "wandb_run_id": ctx.logger.run_id,
              "trained_tokens": ctx.trained_tokens}
-    return save_checkpoint(ctx.run_dir, ctx.step, ctx.learners.save, state, ctx.cfg.run.keep_checkpoints)
+    return save_checkpoint(ctx.run_dir, ctx.step, ctx.learners.save_shards, state, ctx.cfg.run.keep_checkpoints)
 
 
 def export(ctx: RunContext) -> Path:
@@ -460,7 +460,7 @@ def do_async_training(ctx: RunContext) -> None:
             try:
                 batch, metrics = fut.result()
             except Exception as e:  # noqa: BLE001 - a dead sampler: restart, then redo the same prompts
-                if not _actor_died(e):
+                if not actor_died(e):
                     raise
                 rec = recover_samplers(ctx, e)
                 batch, metrics = rollout_and_score(ctx, records, sampling_seed(ctx, ctx.step), recover=True)

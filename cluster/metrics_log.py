@@ -56,7 +56,6 @@ class MetricsLogger:
             os.replace(tmp, self.path)
         self._f = open(self.path, "a")
         self.mode = resolve_wandb_mode(wcfg.mode)
-        self.wcfg = wcfg
         self.run = None
         if self.mode != "disabled":
             import wandb
@@ -75,10 +74,6 @@ class MetricsLogger:
                       f"run as a new wandb run", flush=True)
                 self.run = wandb.init(**kwargs)
         self.run_id = self.run.id if self.run is not None else run_id
-
-    @property
-    def wandb_dir(self) -> str | None:
-        return None if self.run is None else self.run.dir
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}

@@ -34,10 +34,8 @@ class PlacementError(RuntimeError):
 
 @dataclasses.dataclass
 class RayInfo:
-    address: str | None  # None for a local cluster this process started
-    started_local: bool
+    started_local: bool  # this process started a local cluster (and stops it at the end)
     cluster_gpus: float
-    cluster_cpus: float
 
 
 def connect(pcfg: PlacementConfig, env_vars: dict[str, str] | None = None) -> RayInfo:
@@ -61,8 +59,7 @@ def connect(pcfg: PlacementConfig, env_vars: dict[str, str] | None = None) -> Ra
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, **kwargs)
         started = True
     res = ray.cluster_resources()
-    return RayInfo(address=address, started_local=started, cluster_gpus=float(res.get("GPU", 0)),
-                   cluster_cpus=float(res.get("CPU", 0)))
+    return RayInfo(started_local=started, cluster_gpus=float(res.get("GPU", 0)))
 
 
 @dataclasses.dataclass

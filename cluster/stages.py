@@ -22,6 +22,7 @@ from typing import Any
 
 from cluster.config import EvalConfig, LossConfig, RewardConfig, RolloutConfig, TeacherConfig
 from cluster.task_fns import call, group_advantages, resolve_grader, resolve_reward
+from learner.config import LOSSES
 from rollout.types import Completion, RolloutBatch
 
 
@@ -110,7 +111,7 @@ def score_completions(teacher, comps: list[Completion], records: list, tcfg: Tea
     lp_teacher - lp_student (KL(teacher || student)).
     """
     t0 = time.monotonic()
-    need_topk = loss_cfg.kind in ("reverse_kl_topk", "forward_kl_topk", "jsd")
+    need_topk = LOSSES[loss_cfg.kind].needs_topk
     seqs = [(list(c.prompt_ids) + list(c.completion_ids), len(c.prompt_ids)) for c in comps]
     keep = [i for i, c in enumerate(comps) if len(c.completion_ids) > 0]
     res = teacher.score([seqs[i] for i in keep], top_k=tcfg.top_k if need_topk else 0,

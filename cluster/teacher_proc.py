@@ -46,7 +46,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,18 +55,13 @@ import urllib.request
 from pathlib import Path
 
 from cluster.config import TeacherConfig
+from rollout.host import cpu_kv_cache_space, free_port
 
 LOG_NAME = "teacher_server.log"
 
 
 class TeacherStartError(RuntimeError):
     pass
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def bind_host(actor_node_id: str, driver_node_id: str, node_ip: str) -> str:
@@ -275,7 +269,7 @@ def start_teacher(tcfg: TeacherConfig, model_path: str | None, run_dir: Path, *,
     handle = TeacherHandle("", actor, log_path, key_file, own)
     try:
         # The KV cache of a CPU server is the teacher's own (actors get the samplers' in their env).
-        proc_env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(tcfg.kv_cache_gib))), **(env or {})}
+        proc_env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(tcfg.kv_cache_gib), **(env or {})}
         unset = [] if "OMP_NUM_THREADS" in os.environ else ["OMP_NUM_THREADS"]
         ref = actor.start.remote(server_args(tcfg, model_path), key, str(log_path), proc_env, unset,
                                  ray.get_runtime_context().get_node_id(), model_ref)

@@ -35,18 +35,18 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from pathlib import Path
 
 import yaml
 
-from cluster.checkpoint import clean_partial, latest_checkpoint, read_driver_state
+from cluster.checkpoint import LEARNER, clean_partial, latest_checkpoint, read_driver_state
 from cluster.config import Config, ConfigError, load_config, to_dict
-from cluster.loop import RunContext, checkpoint, do_async_training, do_sync_training
+from cluster.loop import RunContext, actor_died, checkpoint, do_async_training, do_sync_training
 from cluster.metrics_log import MetricsLogger
 from cluster.task_fns import TaskFunctionError
 from cluster.tiny_data import resolve_data
+from rollout.host import cpu_kv_cache_space
 from rollout.prompts import PromptDataError
 from rollout.teacher_client import TeacherUnavailableError, TokenizerMismatchError
 from cluster.models import check_student_on_nodes, hf_env, resolve_models
@@ -54,12 +54,6 @@ from cluster.models import check_student_on_nodes, hf_env, resolve_models
 
 class WorkerDied(RuntimeError):
     pass
-
-
-def _is_actor_death(e: BaseException) -> bool:
-    import ray
-
-    return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def actor_env(cfg: Config) -> dict[str, str]:
     """Environment every actor gets (vLLM CPU settings, DeepSpeed accelerator)."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, int(cfg.rollout.kv_cache_gib))),
+    env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(cfg.rollout.kv_cache_gib),
            "TOKENIZERS_PARALLELISM": "false"}
     for k in ("OPD_CACHE_DIR", "DS_ACCELERATOR", "VLLM_CPU_OMP_THREADS_BIND", "WANDB_MODE"):
         if k in os.environ:
@@ -211,14 +205,11 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     teacher = TeacherClient.from_config(dataclasses.replace(cfg.teacher, api_key_file=teacher_proc.api_key_file),
                                         teacher_proc.url)
     teardown.append(teacher.close)
-    # On CPU "auto" stays "auto": learner rank 0 picks shm when every sampler
-    # is on its Ray node, else gloo (the samplers' "opd_shm" engine takes both).
     backend = cfg.rollout.weight_sync_backend
-    if backend == "auto" and plan.uses_gpus:
-        backend = "nccl"
+    if backend == "auto":
+        backend = "nccl" if plan.uses_gpus else "gloo"
     sync_kwargs = dict(backend=backend, bucket_bytes=cfg.rollout.weight_sync_bucket_mb << 20,
-                       timeout_s=cfg.rollout.weight_sync_timeout_s, dtype=cfg.student.dtype,
-                       share_weights=cfg.rollout.shm_shared_weights)
+                       timeout_s=cfg.rollout.weight_sync_timeout_s, dtype=cfg.student.dtype)
     chosen = learners.init_weight_sync(pool, **sync_kwargs)
     print(f"[opd] weight sync over {chosen} (rollout.weight_sync_backend={cfg.rollout.weight_sync_backend})",
           flush=True)
@@ -244,7 +235,7 @@ def run(cfg: Config, resume: bool = False) -> int:
         ctx = RunContext(cfg=cfg, run_dir=run_dir, logger=logger, **parts)
         if state is not None:
             print(f"[opd] resuming from {ckpt.name} (step {state['step']})", flush=True)
-            ctx.learners.load(str(ckpt / "learner"))
+            ctx.learners.load(str(ckpt / LEARNER))
             ctx.step = ctx.start_step = state["step"]
             ctx.trained_tokens = state.get("trained_tokens", 0)
             ctx.version = state["version"]
@@ -258,7 +249,7 @@ def run(cfg: Config, resume: bool = False) -> int:
         try:
             (do_async_training if cfg.train.mode == "async" else do_sync_training)(ctx)
         except Exception as e:
-            if _is_actor_death(e):
+            if actor_died(e):
                 # Dead samplers were restarted inside the loop; what reaches here
                 # is a dead learner rank (its state is gone with it).
                 last = latest_checkpoint(run_dir)

@@ -4,7 +4,8 @@
 - `batching.py`: rank split, token-budget micro-batches, collation (pure).
 - `worker.py`: `LearnerWorker`, one DeepSpeed rank (a Ray actor).
 - `group.py`: `LearnerGroup`, all ranks as one (what the driver holds).
-- `checkpoint.py`: atomic checkpoint directories and the `latest` pointer.
+- `checkpoint.py`: the learners' checkpoint shards (meta.json) and the shared fsync/atomic-write helpers;
+  the run's checkpoint protocol (staging, commit, `latest`, retention) is cluster/checkpoint.py.
 - `weight_sender.py`: the sending side of weight sync (gloo on CPU, vLLM NCCL on GPU).
 
 Never imports vllm at module level (weight_sender's NCCL path imports it lazily).

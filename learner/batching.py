@@ -14,7 +14,7 @@ Plan (`plan_micro_batches`):
    ZeRO-2/3 reduce gradients in every backward, as collectives, so all ranks
    must run the same number of passes or they deadlock.
 
-Tested in tests/unit/test_batching.py.
+Tested in tests/unit/test_checkpoint.py.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ rank surfaces as an error (its peers' collectives time out) instead of a hang.
                                top_k=cfg.rollout.top_k, top_p=cfg.rollout.top_p)
     group.init_weight_sync(pool)            # once, after the samplers are up
     group.push_weights(pool, version=k + 1)
-    group.save(run_dir / "checkpoints", client_state={...}, keep=2)
-    group.load(run_dir / "checkpoints")     # on resume, before the first step
+    group.save_shards(staging / "learner")  # cluster/checkpoint.py commits the checkpoint
+    group.load(ckpt_dir / "learner")        # on resume, before the first step
     group.export_hf(run_dir / "final")
     group.shutdown()
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from learner import checkpoint as ckpt
 from learner.batching import plan_micro_batches, rank_shard, sequence_lengths
+from learner.config import LOSSES, LearnerConfig, LossConfig
 from rollout.types import RolloutBatch
 from rollout.weight_sync import ParamSpec, WeightSyncClient
 
@@ -39,7 +39,7 @@ def _token_denominator(batch: RolloutBatch, normalize: str) -> float:
 
 
 class LearnerGroup:
-    def __init__(self, workers: list, learner_cfg, loss_cfg):
+    def __init__(self, workers: list, learner_cfg: LearnerConfig, loss_cfg: LossConfig):
         self.workers = workers
         self.cfg = learner_cfg
         self.loss_cfg = loss_cfg
@@ -48,9 +48,9 @@ class LearnerGroup:
         self._sync_wait_s = self.timeout_s  # how long a weight-sync call may take (init_weight_sync)
 
     @classmethod
-    def create(cls, model_path: str, learner_cfg, loss_cfg, seed: int, scheduling_strategies: list | None = None,
-               *, num_gpus_per_worker: float = 0.0, total_steps: int | None = None,
-               ds_config_overrides: dict | None = None) -> "LearnerGroup":
+    def create(cls, model_path: str, learner_cfg: LearnerConfig, loss_cfg: LossConfig, seed: int,
+               scheduling_strategies: list | None = None, *, num_gpus_per_worker: float = 0.0,
+               total_steps: int | None = None, ds_config_overrides: dict | None = None) -> "LearnerGroup":
         """Start `learner_cfg.world_size` ranks. `scheduling_strategies[r]`
         (e.g. a PlacementGroupSchedulingStrategy bundle) places rank r;
         `num_gpus_per_worker` > 0 gives each rank a GPU and NCCL;
@@ -110,7 +110,7 @@ class LearnerGroup:
 
     # ------------------------------------------------------------ training
 
-    def set_loss(self, loss_cfg) -> None:
+    def set_loss(self, loss_cfg: LossConfig) -> None:
         """Switch the objective between steps (e.g. an SFT warm-up, then
         reverse KL); the optimizer state is kept."""
         self._all(lambda w: w.set_loss_config.remote(loss_cfg), "set_loss")
@@ -128,12 +128,12 @@ class LearnerGroup:
         1 without truncation). Returns the `learner/*` and `time/*` metrics
         of the step."""
         t0 = time.perf_counter()
-        if self.loss_cfg.kind == "reverse_kl" and batch.teacher_logprobs_B_T is None:
-            raise ValueError("loss.kind=reverse_kl needs teacher logprobs, but the batch has "
+        kind, loss = self.loss_cfg.kind, LOSSES[self.loss_cfg.kind]
+        if loss.needs_teacher_lp and batch.teacher_logprobs_B_T is None:
+            raise ValueError(f"loss.kind={kind} needs teacher logprobs, but the batch has "
                              "teacher_logprobs_B_T=None; score it with the teacher or use loss.kind=sft")
-        if self.loss_cfg.kind in ("reverse_kl_topk", "forward_kl_topk", "jsd") and (
-                batch.teacher_top_ids_B_T_K is None or batch.teacher_top_logprobs_B_T_K is None):
-            raise ValueError(f"loss.kind={self.loss_cfg.kind} needs the teacher's top-k support, but the batch has "
+        if loss.needs_topk and (batch.teacher_top_ids_B_T_K is None or batch.teacher_top_logprobs_B_T_K is None):
+            raise ValueError(f"loss.kind={kind} needs the teacher's top-k support, but the batch has "
                              "teacher_top_ids_B_T_K=None; set teacher.top_k > 0 so the teacher returns it")
         plan = self.plan(batch)
         denom = _token_denominator(batch, self.loss_cfg.normalize)
@@ -191,24 +191,21 @@ class LearnerGroup:
         return ray.get(self.workers[0].param_specs.remote(dtype), timeout=self.timeout_s)
 
     def init_weight_sync(self, client: WeightSyncClient, backend: str = "gloo", bucket_bytes: int = 64 << 20,
-                         timeout_s: float = 600.0, dtype: str | None = None, share_weights: bool = True) -> str:
+                         timeout_s: float = 600.0, dtype: str | None = None) -> str:
         """Connect learner rank 0 to every sampler (once; again after a sampler
-        restart). `backend`: "gloo" (CPU, any node), "shm" (CPU, samplers on
-        rank 0's node), "nccl" (vLLM's NCCL engine) or "auto" (rank 0 picks:
-        rollout.weight_sync.choose_backend); `dtype` casts the sent weights
-        (e.g. the samplers' "bfloat16"), None = the learner's dtype;
-        `share_weights`: rollout.shm_shared_weights (shm only). Returns the
-        transport rank 0 chose."""
-        if backend not in ("auto", "gloo", "shm", "nccl"):
-            raise ValueError(f"weight sync backend {backend!r} is not valid; use 'auto', 'gloo', 'shm' or 'nccl'")
+        restart). `backend`: "gloo" (CPU, any node), "nccl" (vLLM's NCCL engine)
+        or "auto" (rank 0 picks: rollout.weight_sync.choose_backend); `dtype`
+        casts the sent weights (e.g. the samplers' "bfloat16"), None = the
+        learner's dtype. Returns the transport rank 0 chose."""
+        if backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"weight sync backend {backend!r} is not valid; use 'auto', 'gloo' or 'nccl'")
         from learner.weight_sender import SEND_OVERRUN_S
 
         # Rank 0's sender gives up by itself after `timeout_s` (and aborts
         # the transfer, which takes a little longer): wait for its error
         # rather than calling the rank dead first.
         self._sync_wait_s = max(self.timeout_s, timeout_s + SEND_OVERRUN_S)
-        chosen = self._all(lambda w: w.init_weight_sync.remote(client, backend, bucket_bytes, timeout_s, dtype,
-                                                                   share_weights),
+        chosen = self._all(lambda w: w.init_weight_sync.remote(client, backend, bucket_bytes, timeout_s, dtype),
                            "init_weight_sync", self._sync_wait_s)[0]
         self._sync_backend = chosen
         return chosen
@@ -229,28 +226,16 @@ class LearnerGroup:
 
     # --------------------------------------------------------- checkpoints
 
-    def save(self, root: str | Path, client_state: dict | None = None, keep: int | None = None) -> Path:
-        """Atomically write the full training state under checkpoint root
-        `root` as `step_<steps_done>` and point `root/latest` at it (see
-        learner/checkpoint.py). `client_state` (JSON) is returned by load();
-        `keep` prunes older checkpoints."""
-        root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        staging = ckpt.new_staging_dir(root, "save")
-        self.save_shards(staging, client_state)
-        import ray
-
-        return Path(ray.get(self.workers[0].commit_checkpoint.remote(str(staging), str(root), keep),
-                            timeout=self.timeout_s))
-
-    def save_shards(self, staging: str | Path, client_state: dict | None = None) -> None:
-        """The first half of save(): every rank writes into `staging`; nothing
-        is visible to load() until rank 0 commits."""
-        self._all(lambda w: w.save_checkpoint.remote(str(staging), client_state), "save_checkpoint")
+    def save_shards(self, path: str | Path) -> None:
+        """Every rank writes its part of the training state into the learner
+        checkpoint directory `path` (LearnerWorker.save_checkpoint). Nothing
+        is committed: the caller owns the directory (the driver's staging
+        directory, cluster/checkpoint.py)."""
+        self._all(lambda w: w.save_checkpoint.remote(str(path)), "save_checkpoint")
 
     def load(self, path: str | Path) -> dict:
-        """Restore from a checkpoint root (its latest) or directory.
-        Returns {"steps_done", "path", "client_state"}."""
+        """Restore from the learner checkpoint directory `path` (a committed
+        checkpoint's `learner/`). Returns {"steps_done", "path"}."""
         return self._all(lambda w: w.load_checkpoint.remote(str(path)), "load_checkpoint")[0]
 
     def export_hf(self, path: str | Path, max_shard_size: int | str | None = None) -> Path:

@@ -66,8 +66,9 @@ The variants of GKD and "On-Policy Distillation" by config (train.sample_from x 
   off-policy + reverse KL : sample_from=teacher, kind=reverse_kl_topk
   either     + JSD(beta)  : kind=jsd;   sequence-level KD / SFT: kind=sft
 `reverse_kl` itself needs the student's own samples (on teacher samples
-lp_sampler is the teacher's and the advantage is 0); cluster/config.py
-rejects sample_from=teacher with kind=reverse_kl.
+lp_sampler is the teacher's and the advantage is 0): its entry in `LOSSES`
+(learner/config.py) allows sample_from=student only, and cluster/config.py
+rejects the rest.
 
 Temperature: `reverse_kl` trains the distribution the sampler drew from
 (learner logits / sampling temperature, for an unbiased ratio); `sft` and the
@@ -108,6 +109,8 @@ import dataclasses
 import math
 
 import torch
+
+from learner.config import LOSSES, LossConfig
 
 TOPK_TAIL_MODES = ("renormalize", "bucket")
 
@@ -308,42 +311,39 @@ class LossInputs:
     student_tail_lp_B_T: torch.Tensor | None = None
 
 
-NEEDS_TEACHER_LP = ("reverse_kl",)
-NEEDS_TOPK = ("reverse_kl_topk", "forward_kl_topk", "jsd")
-
-
-def compute_loss(inputs: LossInputs, loss_cfg, denominator: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(inputs: LossInputs, loss_cfg: LossConfig,
+                 denominator: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scalar loss of a micro-batch (its share of the global loss) and
-    per-token extras for metrics. `loss_cfg` is a `cluster.config.LossConfig`."""
+    per-token extras for metrics. `LOSSES[loss_cfg.kind]` (learner/config.py)
+    says what the loss reads and names its per-token function here; its call
+    follows from what it reads: the policy-gradient surrogate (teacher
+    logprobs of the sampled tokens), a divergence over the teacher's top-k
+    support, or the completion tokens alone (sft)."""
     kind = loss_cfg.kind
+    spec = LOSSES.get(kind)
+    fn = None if spec is None else globals()[spec.fn]
     mask = inputs.mask_B_T
     extras: dict[str, torch.Tensor] = {}
-    if kind == "reverse_kl":
+    if spec is not None and spec.needs_teacher_lp:
         if inputs.teacher_lp_B_T is None:
-            raise ValueError("loss.kind=reverse_kl needs teacher logprobs, but the batch has "
+            raise ValueError(f"loss.kind={kind} needs teacher logprobs, but the batch has "
                              "teacher_logprobs_B_T=None; score the batch with the teacher or use loss.kind=sft")
-        loss_B_T, extras = reverse_kl(inputs.learner_lp_B_T, inputs.sampler_lp_B_T, inputs.teacher_lp_B_T, mask,
-                                      kl_coef=loss_cfg.kl_coef, discount=loss_cfg.discount,
-                                      ratio_cap=loss_cfg.ratio_cap, reward_advantage_B_T=inputs.reward_advantage_B_T)
+        loss_B_T, extras = fn(inputs.learner_lp_B_T, inputs.sampler_lp_B_T, inputs.teacher_lp_B_T, mask,
+                              kl_coef=loss_cfg.kl_coef, discount=loss_cfg.discount, ratio_cap=loss_cfg.ratio_cap,
+                              reward_advantage_B_T=inputs.reward_advantage_B_T)
     elif inputs.reward_advantage_B_T is not None:
         raise ValueError(f"a reward advantage needs the policy-gradient loss (loss.kind=reverse_kl), not "
                          f"loss.kind={kind}; set reward.coef=0 or loss.kind=reverse_kl")
-    elif kind == "sft":
-        loss_B_T = sft(inputs.learner_lp_B_T, mask)
-    elif kind in NEEDS_TOPK:
+    elif spec is None:
+        raise ValueError(f"loss.kind={kind!r} is not valid; use one of {', '.join(LOSSES)}")
+    elif spec.needs_topk:
         if inputs.student_top_lp_B_T_K is None or inputs.teacher_top_lp_B_T_K is None:
             raise ValueError(f"loss.kind={kind} needs the teacher's top-k support, but the batch has "
                              "teacher_top_ids_B_T_K=None; set teacher.top_k > 0")
-        tail = getattr(loss_cfg, "topk_tail", "bucket")
-        args = (inputs.student_top_lp_B_T_K, inputs.teacher_top_lp_B_T_K)
-        kw = dict(tail=tail, student_tail_lp_B_T=inputs.student_tail_lp_B_T)
-        if kind == "reverse_kl_topk":
-            loss_B_T = reverse_kl_topk(*args, **kw)
-        elif kind == "forward_kl_topk":
-            loss_B_T = forward_kl_topk(*args, **kw)
-        else:
-            loss_B_T = jsd_topk(*args, beta=loss_cfg.jsd_beta, **kw)
+        kw = dict(tail=loss_cfg.topk_tail, student_tail_lp_B_T=inputs.student_tail_lp_B_T)
+        if fn is jsd_topk:
+            kw["beta"] = loss_cfg.jsd_beta
+        loss_B_T = fn(inputs.student_top_lp_B_T_K, inputs.teacher_top_lp_B_T_K, **kw)
     else:
-        raise ValueError(f"loss.kind={kind!r} is not valid; use one of reverse_kl, reverse_kl_topk, "
-                         "forward_kl_topk, jsd, sft")
+        loss_B_T = fn(inputs.learner_lp_B_T, mask)
     return aggregate(loss_B_T, mask, loss_cfg.normalize, denominator), extras

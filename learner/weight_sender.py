@@ -1,8 +1,8 @@
 """Sending side of weight sync: learner rank 0 pushes full weights to every sampler.
 
 `make_sender(client, backend, ...)` resolves `rollout.weight_sync_backend`
-("auto": nccl with GPUs, else shm when every sampler runs on this process's
-Ray node, else gloo; see rollout.weight_sync.choose_backend) and builds one of:
+("auto": nccl with GPUs, else gloo; see rollout.weight_sync.choose_backend)
+and builds one of:
 
 `GlooWeightSender` (CPU) is the counterpart of rollout/weight_receiver.py:
 it hosts the TCPStore and is rank 0 of a private gloo group with every
@@ -24,43 +24,13 @@ that does not match its spec, a failing gather) broadcasts an abort header so
 the receivers raise instead of waiting; transport failures raise after the
 group's timeout, never hang forever.
 
-`ShmWeightSender` (CPU, samplers on this node) runs the same protocol over the
-same gloo group, but packs each bucket straight into a shared-memory region
-(a file under /dev/shm, sized to the whole update, mapped by every sampler
-worker) and broadcasts only the header: one copy of each byte on this side,
-none over TCP, and the samplers load bucket b while it packs bucket b+1. The
-region is created (after checking /dev/shm has room) at the first send,
-unlinked as soon as every worker has mapped it (the accept vote), so it
-disappears with the last mapping even if a process is killed, and replaced
-by a new one on `connect`/`reconnect` (a restarted sampler maps the new
-one). It is rewritten only by the next update, after every sampler finished
-this one (vLLM's layerwise reload keeps views of it until then).
-
-Shared mode (`share_weights`, rollout.shm_shared_weights): after a packed
-update every sampler served, the sender asks each worker for its parameter
-layout (`client.shared_weight_layouts`); when all are equal it creates one
-region laid out like them and writes later updates straight into it: the
-workers rebind their parameters to it at the end of the first one, so they
-load nothing and share one copy of the weights (`_share`). A re-formed group
-(`connect`) packs again.
-
-With `adopt(named_parameters)` (learner rank 0 calls it after a push when
-learner.shm_resident_weights applies: ZeRO-0, fp32, the parameters' own dtype
-sent) the parameters move into their slots of the region and are trained
-there in place; the next pushes find each tensor already at its slot and
-pack nothing, so the samplers' loads are the only copy. Adopted tensors have
-their own storage over the mapping (torch.save writes only them) and keep
-the mapping alive after the region is replaced or the sender shut down.
-In shared mode `adopt` moves them into a private mirror of the shared
-layout instead, so a push starts with one bulk copy of the mirror.
-
 `NcclWeightSender` (GPU) wraps vLLM's official `NCCLTrainerWeightTransferEngine`
 behind the same `send(version, specs, tensors)`; it imports vllm lazily (the
 learner never imports vllm otherwise). vLLM's engine has no timeout, so the
 sender runs it under a deadline (`call_with_deadline`, `timeout_s`) and, past
 it, aborts the NCCL group and the samplers' open updates (see the class).
 It runs only on GPUs; its failure handling is unit-tested with a stand-in
-engine (tests/unit/test_nccl_sender.py).
+engine (tests/unit/test_weight_update_failure.py).
 """
 
 from __future__ import annotations
@@ -69,10 +39,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import time
-import uuid
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -81,26 +48,15 @@ import torch
 from rollout.weight_sync import (
     HEADER_ABORT,
     HEADER_OK,
-    SHM_DATA_OFFSET,
-    SHM_DIR,
     GlooUpdateInfo,
     ParamSpec,
     WeightSyncClient,
     WeightSyncError,
     choose_backend,
-    dest_views,
     dtype_name,
     gloo_allreduce_sum,
     gloo_broadcast,
-    layout_id,
-    map_region,
     open_gloo_group,
-    param_slots,
-    plan_param_region,
-    plan_region,
-    region_header,
-    tensor_over,
-    torch_threads,
 )
 
 logger = logging.getLogger(__name__)
@@ -201,7 +157,10 @@ class GlooWeightSender:
         if self._group is None:
             self.connect()
         t0 = time.perf_counter()
-        info = self._plan(version, specs)
+        info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
+        cap = max(info.bucket_nbytes(), default=0)
+        if self._buffer is None or self._buffer.numel() < cap:
+            self._buffer = torch.empty(cap, dtype=torch.uint8)  # the packing memory
         buckets = info.buckets()
 
         # Two RPCs less per push when the client can open the update on each
@@ -214,7 +173,7 @@ class GlooWeightSender:
             except BaseException:
                 # Some samplers may have opened the update: close it there, or
                 # they would refuse to sample until their timeout.
-                self._abort_open_updates("a failed start")
+                abort_open_updates(self.client, "a failed start")
                 raise
         exe = ThreadPoolExecutor(max_workers=1)
         args = (dataclasses.asdict(info), True, version) if fused else (dataclasses.asdict(info),)
@@ -228,11 +187,10 @@ class GlooWeightSender:
                     fut.result(timeout=self.timeout_s)  # raises the samplers' reason
                 finally:
                     if fused:  # e.g. a stale update left open on a sampler, which refused to start
-                        self._abort_open_updates("a rejected update")
+                        abort_open_updates(self.client, "a rejected update")
                 raise WeightSyncError(f"weight update v{version} was rejected by a sampler", "validate")
-            self._accepted(info)
             try:
-                resident = self._stream(info, buckets, _checked(specs, tensors))
+                self._stream(buckets, _checked(specs, tensors))
                 t_stream = time.perf_counter()
             except BaseException:
                 # We told the receivers to abort: let them record it (their
@@ -252,47 +210,17 @@ class GlooWeightSender:
         # their commit) to finish, the finish RPC (none when fused).
         self.last_stats = {"sync/start_vote_s": t_vote - t0, "sync/stream_s": t_stream - t_vote,
                            "sync/drain_s": t1 - t_stream, "sync/finish_s": t2 - t1, "sync/total_s": t2 - t0,
-                           "sync/bytes": float(sum(s.nbytes for s in specs)), "sync/buckets": float(len(buckets)),
-                           "sync/resident_bytes": float(resident)}
+                           "sync/bytes": float(sum(s.nbytes for s in specs)), "sync/buckets": float(len(buckets))}
 
-    def _abort_open_updates(self, after: str) -> None:
-        abort_open_updates(self.client, after)
-
-    def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
-        """The update info of one send; makes sure the packing memory fits it."""
-        info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
-        cap = max(info.bucket_nbytes(), default=0)
-        if self._buffer is None or self._buffer.numel() < cap:
-            self._buffer = torch.empty(cap, dtype=torch.uint8)
-        return info
-
-    def _accepted(self, info: GlooUpdateInfo) -> None:
-        """Every receiver voted to accept `info` (nothing is loaded yet)."""
-
-    def _bucket_memory(self, info: GlooUpdateInfo, b: int) -> torch.Tensor:
-        """Where bucket b is packed."""
-        return self._buffer
-
-    def _ship(self, b: int, packed: torch.Tensor) -> None:
-        """After bucket b's header: move its packed bytes to the receivers."""
-        gloo_broadcast(self._group, packed, f"bucket {b} ({packed.numel()} bytes)")
-
-    def _stream(self, info: GlooUpdateInfo, buckets: list[list[ParamSpec]], tensors: Iterator[torch.Tensor]) -> int:
-        """Pack and ship every bucket; returns the bytes that were already in
-        their slot (nothing to pack)."""
+    def _stream(self, buckets: list[list[ParamSpec]], tensors: Iterator[torch.Tensor]) -> None:
+        """Pack and broadcast every bucket, each after its header."""
         header = torch.zeros(2, dtype=torch.int64)
-        resident = 0
         for b, bucket in enumerate(buckets):
             try:
-                dest = self._bucket_memory(info, b)
                 off = 0
                 for _spec in bucket:
                     flat = next(tensors).detach().contiguous().reshape(-1).view(torch.uint8)
-                    slot = dest[off: off + flat.numel()]
-                    if flat.data_ptr() == slot.data_ptr():
-                        resident += flat.numel()  # already lives in its slot (ShmWeightSender.adopt)
-                    else:
-                        slot.copy_(flat)
+                    self._buffer[off: off + flat.numel()].copy_(flat)
                     off += flat.numel()
                 if b == len(buckets) - 1:
                     next(tensors, None)  # run the iterator's end check before the last bucket ships
@@ -302,349 +230,12 @@ class GlooWeightSender:
                 raise
             header[0], header[1] = HEADER_OK, off
             gloo_broadcast(self._group, header, f"the header of bucket {b}")
-            self._ship(b, dest[:off])
-        return resident
+            gloo_broadcast(self._group, self._buffer[:off], f"bucket {b} ({off} bytes)")
 
     def shutdown(self) -> None:
         self._group = None
         self._store = None
         self._buffer = None
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-class ShmWeightSender(GlooWeightSender):
-    """Learner rank 0's shared-memory sender (CPU, every sampler on this
-    node; their engines must be "opd_shm"). Same calls as GlooWeightSender."""
-
-    backend = "shm"
-
-    def __init__(self, client: WeightSyncClient, master_address: str, master_port: int,
-                 world_size: int | None = None, bucket_bytes: int = 64 << 20, timeout_s: float = 600.0,
-                 group_name: str = "opd_weight_sync", shm_dir: str = SHM_DIR, share_weights: bool = True):
-        super().__init__(client, master_address, master_port, world_size=world_size, bucket_bytes=bucket_bytes,
-                         timeout_s=timeout_s, group_name=group_name)
-        self.shm_dir = shm_dir
-        # Shared mode (rollout.shm_shared_weights): see `_share`.
-        self.share_weights = share_weights
-        self._shared: _SharedRegion | None = None
-        self.shared_refused: str | None = None  # why the samplers do not share a region (None: they do, or untried)
-        self._mmap = None
-        self._region: torch.Tensor | None = None
-        self._path: str | None = None
-        self._token: str | None = None
-        self._unlink = None  # weakref.finalize that unlinks the file (until the vote did it)
-        self._slots: dict[str, tuple[int, ParamSpec]] = {}  # name -> (region offset, spec) of the last plan
-
-    def connect(self) -> None:
-        # A new group means fresh receiver engines that have mapped nothing:
-        # give them a new region (the old file may be unlinked already), and
-        # pack again until every one of them has a layout to share.
-        self._release_region()
-        self._drop_shared()
-        super().connect()
-
-    def send(self, version: int, specs: Sequence[ParamSpec], tensors: Iterable) -> None:
-        super().send(version, specs, tensors)
-        self.last_stats["sync/shared"] = float(self._shared is not None and self._shared.covers(specs))
-        if self._shared is None and self.share_weights and self.shared_refused is None:
-            self._share(specs)
-
-    def _share(self, specs: Sequence[ParamSpec]) -> None:
-        """After a packed update every sampler served: ask each worker for the
-        layout of its parameters (rollout.copy_plan.param_layout, known once
-        its in-place load was replayed). When all are equal, create one region
-        laid out like them: the next update is written straight into it and
-        every worker adopts it as its parameter memory (shared mode). From
-        then on a push is one copy of each byte, done here, whatever the
-        number of samplers, and the samplers hold one copy of the weights
-        between them. Samplers that load layerwise (rollout.cpu_gemm=onednn)
-        or layouts that differ keep the packed path (`shared_refused` says
-        why)."""
-        ask = getattr(self.client, "shared_weight_layouts", None)
-        if ask is None:
-            self.shared_refused = "the sampler client cannot report parameter layouts"
-            return
-        try:
-            answers = ask([s.name for s in specs])
-        except Exception as e:  # the update itself went through: keep packing
-            self.shared_refused = f"the samplers could not report their parameter layouts: {e}"
-            logger.warning("weight sync: %s", self.shared_refused)
-            return
-        why = next((a["why"] for a in answers if a["layout"] is None), None)
-        ids = {a["id"] for a in answers if a["layout"] is not None}
-        if why is None and len(ids) > 1:
-            why = f"the samplers' parameter layouts differ ({len(ids)} kinds)"
-        if why is not None:
-            # A sampler that has not replayed every name yet may after the next
-            # update; anything else (onednn layout, refused replay) is final.
-            if "not replayed yet" not in why:
-                self.shared_refused = why
-                logger.info("weight sync: samplers keep their own weights (%s)", why)
-            return
-        layout = answers[0]["layout"]
-        self._shared = _SharedRegion(layout, *self._new_region(plan_param_region(layout)[1], "shared"))
-        # Packed updates are over until the group is re-formed (`connect`):
-        # free the packing region (weights adopted into it keep their slots).
-        self._release_region()
-        logger.info("weight sync: %d sampler workers share one region of parameters (%s, %.1f MiB)",
-                    len(answers), self._shared.path, self._shared.region.numel() / 2**20)
-
-    def _drop_shared(self) -> None:
-        if self._shared is not None and self._shared.unlink.alive:
-            self._shared.unlink()
-        # The samplers' parameters keep the mapping alive until they unshare.
-        self._shared = None
-        self.shared_refused = None
-
-    def _plan(self, version: int, specs: Sequence[ParamSpec]) -> GlooUpdateInfo:
-        info = GlooUpdateInfo.build(version, specs, self.bucket_bytes)
-        shared = self._shared
-        if shared is not None and shared.covers(specs):
-            return dataclasses.replace(info, shm_path=shared.path, shm_token=shared.token,
-                                       shm_bytes=shared.region.numel(), shm_layout=shared.id)
-        offsets, nbytes = plan_region(info.bucket_nbytes())
-        if self._region is None or self._region.numel() < nbytes:
-            self._create_region(nbytes)
-        slots, start = {}, 0
-        for b, end in enumerate(info.bucket_ends):
-            off = offsets[b]
-            for spec in specs[start:end]:
-                slots[spec.name] = (off, spec)
-                off += spec.nbytes
-            start = end
-        self._slots = slots
-        return dataclasses.replace(info, shm_path=self._path, shm_token=self._token, shm_bytes=self._region.numel(),
-                                   bucket_offsets=offsets)
-
-    def slot(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor | None:
-        """The region memory where the last planned update packs `name`, as a
-        tensor of `dtype` and `shape` with its own storage (so torch.save and
-        safetensors treat it as one tensor, not a view of the region); None
-        when `name` is not in that update as `dtype` `shape`, or its offset
-        is not aligned for `dtype`."""
-        entry = self._slots.get(name) if self._mmap is not None else None
-        if entry is None:
-            return None
-        off, spec = entry
-        if spec.torch_dtype != dtype or tuple(spec.shape) != tuple(shape):
-            return None
-        if off % dtype.itemsize:
-            return None
-        return tensor_over(self._mmap, dtype, off, shape)
-
-    def adopt(self, params: Iterable[tuple[str, torch.nn.Parameter]]) -> int:
-        """Move each parameter's data into its slot of the region (copy, then
-        `param.data = slot`), so later updates find it there and pack nothing:
-        a push then costs the samplers' loads only. Call it only between
-        updates (the samplers read the region during one), with the tensors
-        the updates send as they are (same names, dtypes and shapes), and only
-        when whatever trains them updates `param.data` in place (a plain
-        torch optimizer, e.g. DeepSpeed ZeRO-0 in fp32; not optimizers that
-        keep their own flat copy of the weights). The slots then belong to
-        these parameters: sending other tensors under their names would
-        overwrite them. Parameters without a slot are left alone. Returns the
-        bytes now resident in the region.
-
-        In shared mode the parameters move into a private mirror of the
-        samplers' shared region instead (same layout, each tensor where the
-        samplers' copy of it lies): a push then starts with one bulk copy of
-        the mirror into the shared region."""
-        if self._shared is not None:
-            return self._shared.adopt(params)
-        resident = 0
-        with torch.no_grad():
-            for name, p in params:
-                view = self.slot(name, p.dtype, tuple(p.shape))
-                if view is None:
-                    continue
-                if p.data_ptr() != view.data_ptr():
-                    view.copy_(p.detach())
-                    p.data = view
-                resident += view.numel() * view.element_size()
-        return resident
-
-    def _create_region(self, nbytes: int) -> None:
-        self._release_region()
-        self._mmap, self._region, self._path, self._token, self._unlink = self._new_region(nbytes, "weights")
-
-    def _new_region(self, nbytes: int, kind: str):
-        """(mmap, uint8 tensor, path, token, finalizer that unlinks the file)
-        of a new region under shm_dir holding `nbytes`, its header written."""
-        st = os.statvfs(self.shm_dir)
-        free = st.f_bavail * st.f_frsize
-        if free < nbytes:
-            raise self._no_room(nbytes, free)
-        path = os.path.join(self.shm_dir, f"opd-{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        # Unlinked at the first accepted vote, or when this sender goes away.
-        unlink = weakref.finalize(self, _unlink_quietly, path)
-        try:
-            try:
-                # Reserve every page now: a full tmpfs then fails here, not as a
-                # SIGBUS in the middle of packing.
-                os.posix_fallocate(fd, 0, nbytes)
-            except OSError as e:
-                unlink()
-                raise self._no_room(nbytes, free, e) from e
-            mm, region = map_region(fd, nbytes)
-        finally:
-            os.close(fd)
-        token = uuid.uuid4().hex
-        header = region_header(token)
-        region[:len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-        logger.info("weight sync: shared-memory region %s (%.1f MiB)", path, nbytes / 2**20)
-        return mm, region, path, token, unlink
-
-    def _no_room(self, nbytes: int, free: int, err: OSError | None = None) -> WeightSyncError:
-        return WeightSyncError(
-            f"{self.shm_dir} has {free / 2**20:.0f} MiB free, the shared-memory weight-sync region needs "
-            f"{nbytes / 2**20:.0f} MiB (the whole update){f' ({err})' if err else ''}: set "
-            f"rollout.weight_sync_backend=gloo, or give {self.shm_dir} more room (e.g. docker run --shm-size, "
-            f"or `mount -o remount,size=... {self.shm_dir}`)", "init")
-
-    def _accepted(self, info: GlooUpdateInfo) -> None:
-        # Every worker has mapped the region (mapping is part of its vote):
-        # drop the name, so the memory goes away with the last mapping.
-        unlink = self._shared.unlink if info.shm_layout is not None else self._unlink
-        if unlink is not None and unlink.alive:
-            unlink()
-
-    def _stream(self, info: GlooUpdateInfo, buckets: list[list[ParamSpec]], tensors: Iterator[torch.Tensor]) -> int:
-        if info.shm_layout is None:
-            return super()._stream(info, buckets, tensors)
-        # Shared mode: every tensor goes straight to where the samplers' copies
-        # would put it (their live parameters; they serve nothing until finish).
-        # One header after the last tensor says all of it is written (the
-        # workers load nothing, so waking them per bucket would only take
-        # cores from the copy); an abort header if the stream fails.
-        shared = self._shared
-        dests = shared.dests
-        resident = 0
-        header = torch.zeros(2, dtype=torch.int64)
-        # Every core: the learner's actor runs 1 thread, and the samplers are idle now.
-        with torch_threads(len(os.sched_getaffinity(0))):
-            with torch.no_grad():
-                if shared.mirrored:
-                    # Adopted weights are already laid out like the samplers':
-                    # one copy of the whole region moves them (and anything
-                    # else the mirror holds, which the loop below overwrites).
-                    shared.region[SHM_DATA_OFFSET:].copy_(shared.mirror[SHM_DATA_OFFSET:])
-                try:
-                    for spec in (s for bucket in buckets for s in bucket):
-                        t = next(tensors).detach()
-                        if shared.mirrored and shared.in_mirror(spec.name, t):
-                            resident += spec.nbytes
-                            continue
-                        for view in dests[spec.name]:
-                            view.copy_(t)
-                    next(tensors, None)  # the iterator's end check, before the header
-                except BaseException:
-                    header[0], header[1] = HEADER_ABORT, 0
-                    gloo_broadcast(self._group, header, "the abort header of a shared update")
-                    raise
-                header[0], header[1] = HEADER_OK, sum(s.nbytes for bucket in buckets for s in bucket)
-                gloo_broadcast(self._group, header, "the header of a shared update")
-        return resident
-
-    def _bucket_memory(self, info: GlooUpdateInfo, b: int) -> torch.Tensor:
-        return self._region[info.bucket_offsets[b]:]
-
-    def _ship(self, b: int, packed: torch.Tensor) -> None:
-        pass  # the header told the workers: they read bucket b in place
-
-    def _release_region(self) -> None:
-        if self._unlink is not None:
-            self._unlink()
-            self._unlink = None
-        # Never mmap.close(): torch.frombuffer tensors (the region, adopted
-        # parameters) do not pin the buffer export, so close() would unmap
-        # memory they still point to. They hold a reference to the mmap
-        # object instead: it unmaps when the last of them is gone.
-        self._region = None
-        self._mmap = None
-        self._path = self._token = None
-        self._slots = {}
-
-    def shutdown(self) -> None:
-        super().shutdown()
-        self._release_region()
-        self._drop_shared()
-
-
-@dataclasses.dataclass
-class _SharedRegion:
-    """The samplers' shared parameter memory (ShmWeightSender shared mode)."""
-
-    layout: dict
-    mmap: object
-    region: torch.Tensor
-    path: str
-    token: str
-    unlink: weakref.finalize
-    id: str = ""
-    dests: dict = dataclasses.field(default_factory=dict)
-    # The learner's private copy of the layout (ShmWeightSender.adopt): its
-    # parameters live there, each where the samplers' copy of it lies.
-    mirror_mmap: object = None
-    mirror: torch.Tensor | None = None
-    mirror_dests: dict = dataclasses.field(default_factory=dict)
-    mirrored: bool = False  # some parameter lives in the mirror
-
-    def __post_init__(self) -> None:
-        self.id = layout_id(self.layout)
-        self.dests = dest_views(self._filled_slots(self.region), self.layout)
-
-    def _filled_slots(self, region: torch.Tensor) -> list[torch.Tensor]:
-        slots = param_slots(region, self.layout)
-        for slot, value in zip(slots, self.layout["fill"], strict=True):
-            if value is not None:
-                slot.fill_(value)  # what no copy writes (e.g. vocabulary padding), as the samplers hold it
-        return slots
-
-    def adopt(self, params: Iterable[tuple[str, torch.nn.Parameter]]) -> int:
-        """Move each parameter whose update is one whole contiguous copy into
-        its place in the mirror (`param.data` = a tensor with its own storage
-        over the mirror, as ShmWeightSender.slot gives); returns the bytes
-        resident there."""
-        import mmap
-
-        if self.mirror is None:
-            nbytes = self.region.numel()
-            self.mirror_mmap = mmap.mmap(-1, nbytes)
-            self.mirror = tensor_over(self.mirror_mmap, torch.uint8, 0, (nbytes,))
-            self.mirror_dests = dest_views(self._filled_slots(self.mirror), self.layout)
-        base, resident = self.mirror.data_ptr(), 0
-        with torch.no_grad():
-            for name, p in params:
-                views = self.mirror_dests.get(name, [])
-                if len(views) != 1 or not views[0].is_contiguous() or views[0].dtype != p.dtype \
-                        or views[0].shape != p.shape:
-                    continue
-                v = views[0]
-                if p.data_ptr() != v.data_ptr():
-                    own = tensor_over(self.mirror_mmap, v.dtype, v.data_ptr() - base, v.shape)
-                    own.copy_(p.detach())
-                    p.data = own
-                resident += v.numel() * v.element_size()
-        self.mirrored = self.mirrored or resident > 0
-        return resident
-
-    def in_mirror(self, name: str, t: torch.Tensor) -> bool:
-        views = self.mirror_dests.get(name, [])
-        return len(views) == 1 and t.data_ptr() == views[0].data_ptr() and t.dtype == views[0].dtype
-
-    def covers(self, specs: Sequence[ParamSpec]) -> bool:
-        """Every tensor of `specs` has its place here, as it was recorded
-        (same dtype and shape); else the update is packed."""
-        d = self.layout["dests"]
-        return all(s.name in d and d[s.name][0] == s.dtype and tuple(d[s.name][1]) == tuple(s.shape)
-                   for s in specs)
 
 
 class _VersionedClient:
@@ -880,37 +471,15 @@ class NcclWeightSender:
         self._abort_group()
 
 
-def samplers_on_this_node(client) -> bool | None:
-    """True when every sampler of `client` runs on this process's Ray node;
-    None when that cannot be told (no Ray, or a client without `node_ids`)."""
-    node_ids = getattr(client, "node_ids", None)
-    if node_ids is None:
-        return None
-    import ray
-
-    if not ray.is_initialized():
-        return None
-    mine = ray.get_runtime_context().get_node_id()
-    return all(n == mine for n in node_ids())
-
-
 def make_sender(client: WeightSyncClient, backend: str, master_address: str, master_port: int,
-                bucket_bytes: int = 64 << 20, timeout_s: float = 600.0, share_weights: bool = True):
+                bucket_bytes: int = 64 << 20, timeout_s: float = 600.0):
     """The sender for `rollout.weight_sync_backend=backend` ("auto", "gloo",
-    "shm", "nccl"); "auto" is resolved here, on learner rank 0, where the
-    samplers' and our own node are known. `share_weights`:
-    rollout.shm_shared_weights (shm only). Not connected yet."""
-    if backend == "auto":
-        has_gpu = torch.cuda.is_available()
-        backend = choose_backend("auto", has_gpu, None if has_gpu else samplers_on_this_node(client))
-    else:
-        choose_backend(backend, has_gpu=True)  # validates the name
-    if backend == "shm":
-        return ShmWeightSender(client, master_address, master_port, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
-                               share_weights=share_weights)
+    "nccl"); "auto" is resolved here, on learner rank 0. Not connected yet."""
+    backend = choose_backend(backend, torch.cuda.is_available()) if backend == "auto" else backend
+    choose_backend(backend, has_gpu=True)  # validates the name
     cls = {"gloo": GlooWeightSender, "nccl": NcclWeightSender}[backend]
     return cls(client, master_address, master_port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
 
 
-__all__ = ["GlooWeightSender", "NcclWeightSender", "ShmWeightSender", "abort_open_updates", "call_with_deadline",
-           "make_sender", "samplers_on_this_node", "specs_from_named"]
+__all__ = ["GlooWeightSender", "NcclWeightSender", "abort_open_updates", "call_with_deadline", "make_sender",
+           "specs_from_named"]

@@ -17,12 +17,10 @@ import copy
 import dataclasses
 import datetime
 import inspect
-import json
 import math
 import os
 import random
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,8 +30,10 @@ import torch
 
 from learner import checkpoint as ckpt
 from learner.batching import collate
+from learner.config import LearnerConfig, LossConfig
 from learner.logprobs import completion_logprobs, sampling_truncation
 from learner.losses import LossInputs, compute_loss
+from rollout.host import free_port
 from rollout.types import RolloutBatch
 from rollout.weight_sync import ParamSpec, concrete_dtype, dtype_name
 
@@ -76,7 +76,7 @@ def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int | No
     raise ValueError(f"learner.lr_schedule={schedule!r} is not valid; use constant, cosine or linear")
 
 
-def build_ds_config(learner_cfg, world_size: int, overrides: dict | None = None) -> dict:
+def build_ds_config(learner_cfg: LearnerConfig, world_size: int, overrides: dict | None = None) -> dict:
     """The DeepSpeed config of a learner rank. Gradient accumulation is driven
     by the worker (set_gradient_accumulation_boundary per micro-batch), so the
     config says 1 micro-batch of 1 row per step."""
@@ -113,7 +113,9 @@ def undo_init_optimizer_step(ds_optimizer) -> bool:
     brings back torch's lazy initialisation at the first real step; the fp32
     masters are re-copied from the low-precision weights they were cloned from
     (the dummy step never wrote those back). Returns True when it undid one."""
-    if type(ds_optimizer).__name__ != "FP16_UnfusedOptimizer":
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(ds_optimizer, FP16_UnfusedOptimizer):
         return False
     inner = getattr(ds_optimizer, "optimizer", None)
     if not isinstance(inner, torch.optim.Optimizer) or not inner.state:
@@ -165,12 +167,6 @@ def disable_dropout(model: torch.nn.Module) -> list[str]:
     return changed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def node_address() -> tuple[str, int]:
     """This node's IP (as Ray sees it) and a free TCP port."""
     try:
@@ -179,7 +175,7 @@ def node_address() -> tuple[str, int]:
         ip = ray.util.get_node_ip_address()
     except Exception:  # outside Ray
         ip = "127.0.0.1"
-    return ip, free_port()
+    return ip, free_port("")  # other nodes' ranks connect to it
 
 
 class LearnerWorker:
@@ -188,8 +184,8 @@ class LearnerWorker:
     DeepSpeed engine."""
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
-                 learner_cfg, loss_cfg, seed: int, *, use_gpu: bool = False, total_steps: int | None = None,
-                 ds_config_overrides: dict | None = None):
+                 learner_cfg: LearnerConfig, loss_cfg: LossConfig, seed: int, *, use_gpu: bool = False,
+                 total_steps: int | None = None, ds_config_overrides: dict | None = None):
         self.rank, self.world_size = rank, world_size
         self.model_path = str(model_path)
         learner_cfg = dataclasses.replace(learner_cfg, dtype=concrete_dtype(learner_cfg.dtype, use_gpu))
@@ -253,7 +249,7 @@ class LearnerWorker:
         return {"rank": self.rank, "world_size": self.world_size, "device": str(self.device),
                 "zero_stage": self.ds_config["zero_optimization"]["stage"], "steps_done": self.steps_done}
 
-    def set_loss_config(self, loss_cfg) -> None:
+    def set_loss_config(self, loss_cfg: LossConfig) -> None:
         self.loss_cfg = loss_cfg
 
     def address(self) -> tuple[str, int]:
@@ -306,7 +302,7 @@ class LearnerWorker:
         if mb.teacher_top_ids_B_T_K is not None:
             top_ids = mb.teacher_top_ids_B_T_K
             K = top_ids.shape[-1]
-            if getattr(self.loss_cfg, "topk_tail", "bucket") == "bucket":
+            if self.loss_cfg.topk_tail == "bucket":
                 top_ids = torch.where(torch.isfinite(mb.teacher_top_lp_B_T_K), top_ids, top_ids[..., :1])
                 tail_from = 1
             ids_B_T_K = torch.cat([sampled, top_ids], dim=-1)
@@ -537,10 +533,9 @@ class LearnerWorker:
     # --------------------------------------------------------- weight sync
 
     def init_weight_sync(self, client, backend: str, bucket_bytes: int, timeout_s: float,
-                         dtype: str | None = None, share_weights: bool = True) -> str | None:
-        """Rank 0 builds the sender for `backend` ("auto", "gloo", "shm",
-        "nccl"; "auto" resolved here: shm when every sampler shares this
-        actor's Ray node, see learner/weight_sender.make_sender) and
+                         dtype: str | None = None) -> str | None:
+        """Rank 0 builds the sender for `backend` ("auto", "gloo", "nccl";
+        "auto" resolved here, see learner/weight_sender.make_sender) and
         rendezvouses with every sampler; returns the transport it chose. Other
         ranks only record the dtype (and return None)."""
         self._sync_dtype = None if dtype is None else getattr(torch, dtype)
@@ -550,7 +545,7 @@ class LearnerWorker:
         from learner.weight_sender import make_sender
 
         # Called again after a sampler restart: tear the old group down first so
-        # its store port, gloo sockets and shared-memory region are released.
+        # its store port and gloo sockets are released.
         if getattr(self, "_sender", None) is not None:
             try:
                 self._sender.shutdown()
@@ -558,30 +553,9 @@ class LearnerWorker:
                 pass
             self._sender = None
         addr, port = node_address()
-        self._sender = make_sender(client, backend, addr, port, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
-                                   share_weights=share_weights)
+        self._sender = make_sender(client, backend, addr, port, bucket_bytes=bucket_bytes, timeout_s=timeout_s)
         self._sender.connect()
         return self._sender.backend
-
-    def _weights_can_live_in_region(self) -> bool:
-        """True when rank 0's parameters may be moved into the shm sender's
-        region (learner.shm_resident_weights): the optimizer is a plain torch
-        optimizer holding the module's own Parameters (DeepSpeed ZeRO-0 in
-        fp32: it updates `param.data` in place wherever it lives; ZeRO-1/2/3
-        and the bf16/fp16 wrappers keep flat copies that would go stale), and
-        updates send the parameters' own dtype."""
-        if not getattr(self.cfg, "shm_resident_weights", False) or not hasattr(self._sender, "adopt"):
-            return False
-        if self.ds_config["zero_optimization"]["stage"] != 0 or self.device.type != "cpu":
-            return False
-        opt = self.engine.optimizer
-        if not isinstance(opt, torch.optim.Optimizer) or not type(opt).__module__.startswith("torch.optim"):
-            return False
-        params = [p for _, p in self._named_parameters()]
-        if self._sync_dtype is not None and any(p.dtype != self._sync_dtype for p in params):
-            return False
-        in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
-        return all(id(p) in in_opt for p in params if p.requires_grad)
 
     def push_weights(self, version: int) -> dict:
         """Send the current weights as `version`. Every rank calls it in
@@ -605,9 +579,6 @@ class LearnerWorker:
                 for _ in tensors:
                     pass
             stats = dict(getattr(self._sender, "last_stats", {}) or {})
-            if self._weights_can_live_in_region():
-                # Between updates: the next push finds the weights in their slots.
-                stats["sync/adopted_bytes"] = float(self._sender.adopt(self._named_parameters()))
         else:
             for _ in tensors:
                 pass
@@ -617,13 +588,15 @@ class LearnerWorker:
 
     # --------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self, staging_dir: str, client_state: dict | None = None) -> None:
-        """Write this rank's part of the training state into `staging_dir`
-        (DeepSpeed's model/optimizer/scheduler files under `engine/`, and this
-        rank's RNG state). All ranks call it; then rank 0 commit_checkpoint()s."""
-        staging = Path(staging_dir)
-        staging.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(staging), tag="engine", client_state={"steps_done": self.steps_done},
+    def save_checkpoint(self, path: str) -> None:
+        """Write this rank's part of the training state into the learner
+        checkpoint directory `path` (DeepSpeed's model/optimizer/scheduler
+        files under `engine/`, this rank's RNG state; rank 0 adds meta.json).
+        All ranks call it; the driver commits the checkpoint afterwards
+        (cluster/checkpoint.py)."""
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(d), tag="engine", client_state={"steps_done": self.steps_done},
                                     save_latest=False)
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -634,23 +607,16 @@ class LearnerWorker:
             rng["numpy"] = np.random.get_state()
         except ImportError:
             pass
-        torch.save(rng, staging / f"rng_rank{self.rank}.pt")
+        torch.save(rng, d / f"rng_rank{self.rank}.pt")
         if self.rank == 0:
-            (staging / "client_state.json").write_text(json.dumps(client_state or {}))
-
-    def commit_checkpoint(self, staging_dir: str, root: str, keep: int | None = None) -> str:
-        """Rank 0 only, after every rank's save_checkpoint returned."""
-        meta = {"steps_done": self.steps_done, "world_size": self.world_size,
-                "zero_stage": int(self.ds_config["zero_optimization"]["stage"]), "dtype": self.cfg.dtype,
-                "model_path": self.model_path, "saved_at": time.time()}
-        final = ckpt.commit(staging_dir, root, ckpt.step_name(self.steps_done), meta)
-        ckpt.cleanup(root, keep)
-        return str(final)
+            ckpt.write_meta(d, {"steps_done": self.steps_done, "world_size": self.world_size,
+                                "zero_stage": int(self.ds_config["zero_optimization"]["stage"]),
+                                "dtype": self.cfg.dtype, "model_path": self.model_path, "saved_at": time.time()})
 
     def load_checkpoint(self, path: str) -> dict:
-        """Restore the full training state from a checkpoint directory or root
-        (its `latest`). All ranks call it. Returns {"steps_done", "client_state"}."""
-        d = ckpt.resolve(path)
+        """Restore the full training state from the learner checkpoint
+        directory `path`. All ranks call it. Returns {"steps_done", "path"}."""
+        d = Path(path)
         meta = ckpt.read_meta(d)
         stage = int(self.ds_config["zero_optimization"]["stage"])
         if meta["world_size"] != self.world_size or meta["zero_stage"] != stage:
@@ -658,8 +624,8 @@ class LearnerWorker:
                 f"checkpoint {d} was written by {meta['world_size']} learner ranks with ZeRO stage "
                 f"{meta['zero_stage']}; this group has {self.world_size} ranks with stage {stage}: resume with "
                 f"learner.world_size={meta['world_size']} learner.zero_stage={meta['zero_stage']}")
-        load_path, client = self.engine.load_checkpoint(str(d), tag="engine", load_optimizer_states=True,
-                                                        load_lr_scheduler_states=True)
+        load_path, _ = self.engine.load_checkpoint(str(d), tag="engine", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
         if load_path is None:
             raise ckpt.CheckpointError(f"DeepSpeed found no engine state in {d}/engine")
         rng_file = d / f"rng_rank{self.rank}.pt"
@@ -674,9 +640,7 @@ class LearnerWorker:
 
                 np.random.set_state(rng["numpy"])
         self.steps_done = int(meta["steps_done"])
-        cs = d / "client_state.json"
-        return {"steps_done": self.steps_done, "path": str(d),
-                "client_state": json.loads(cs.read_text()) if cs.exists() else {}}
+        return {"steps_done": self.steps_done, "path": str(d)}
 
     def shutdown(self) -> None:
         import torch.distributed as dist

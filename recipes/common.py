@@ -9,6 +9,7 @@ command of its own.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -70,20 +71,27 @@ def pair_from_args(teacher: str | None, student: str | None, log=print) -> Pair:
     return Pair(teacher=Path(teacher).resolve(), student=Path(student).resolve())
 
 
-def matmul_params(model_dir: str | os.PathLike) -> int:
-    """recipes.sft.flop_params of a checkpoint (FLOP counts of the tables)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from recipes.sft import flop_params
-
-    return flop_params(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
-
-
 def default_run_dir(kind: str) -> str:
     """runs/<kind>-<UTC time>: a fresh directory per invocation (the driver
     refuses a run.dir holding an earlier run's checkpoints)."""
     return str(REPO / "runs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+
+
+def run_parser(kind: str, doc: str, *, steps: int, prompts_per_step: int, lr: float, eval_every: int,
+               lr_help: str, overrides_help: str) -> argparse.ArgumentParser:
+    """The command line every recipe that runs the driver has (`python -m
+    recipes.<kind>`, described by the first paragraph of `doc`); the recipe
+    adds its own options."""
+    ap = argparse.ArgumentParser(prog=f"python -m recipes.{kind}", description=doc.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--prompts-per-step", type=int, default=prompts_per_step)
+    ap.add_argument("--samples-per-prompt", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=lr, help=lr_help)
+    ap.add_argument("--eval-every", type=int, default=eval_every)
+    ap.add_argument("--out", default=None, help=f"output directory (default runs/{kind}-<time>)")
+    ap.add_argument("overrides", nargs="*", help=overrides_help)
+    return ap
 
 
 def driver_config(overrides: list[str]):

@@ -35,14 +35,14 @@ teacher and the student for its metrics, which a dedicated SFT job would not.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 from recipes.common import (accuracy, build_pair, default_run_dir, driver_config, mean_prompt_tokens,
-                            model_accuracy, run_driver, write_json)
-from recipes.report import FlopCounts, cumulative_flops, flops_to_reach, format_table, read_metrics, series
+                            model_accuracy, run_driver, run_parser, write_json)
+from recipes.report import (FlopCounts, cumulative_flops, flops_to_reach, format_table, read_metrics, save_figure,
+                            series, subplots)
 
 # method -> (driver overrides, FLOP accounting of recipes.report.step_flops)
 DRIVER_METHODS: dict[str, tuple[list[str], str]] = {
@@ -103,7 +103,7 @@ def accuracy_vs_flops(rows: list[dict], flops: dict[int, FlopCounts], init_flops
 
 
 def comparison_tables(results: dict[str, dict], init: dict, teacher_acc: float, targets: list[float]) -> str:
-    """The seed-style table (one row per method) and the compute-to-target
+    """The table of "On-Policy Distillation" (one row per method) and the compute-to-target
     table. `results[m]` holds rows, flops (step -> FlopCounts); `init` holds
     the student init's accuracy and SFT FLOPs."""
     head = ["method", "held-out accuracy", "teacher FLOPs", "student FLOPs"]
@@ -148,12 +148,7 @@ def choose_targets(results: dict[str, dict], teacher_acc: float) -> tuple[float,
 
 
 def plot_compare(results: dict[str, dict], init_acc: float, teacher_acc: float, out_png: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = subplots(3, figsize=(15, 4))
     for m, r in results.items():
         for ax, which in ((axes[0], "student"), (axes[1], "total")):
             pts = accuracy_vs_flops(r["rows"], r["flops"], which=which)
@@ -171,23 +166,14 @@ def plot_compare(results: dict[str, dict], init_acc: float, teacher_acc: float, 
     axes[0].set_xscale("symlog", linthresh=1e9)
     axes[1].set_xscale("symlog", linthresh=1e9)
     axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m recipes.compare", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = run_parser("compare", __doc__, steps=60, prompts_per_step=64, lr=2e-4, eval_every=10,
+                    lr_help="the same learning rate for every method",
+                    overrides_help="driver overrides applied to every driver method")
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {ALL_METHODS}")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--prompts-per-step", type=int, default=64)
-    ap.add_argument("--samples-per-prompt", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-4, help="the same learning rate for every method")
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--out", default=None, help="output directory (default runs/compare-<time>)")
-    ap.add_argument("overrides", nargs="*", help="driver overrides applied to every driver method")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in ALL_METHODS]
@@ -232,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     tables = comparison_tables(results, init, teacher_acc, targets)
     header = (f"# recipes.compare: {args.steps} steps x {args.prompts_per_step} prompts x "
               f"{args.samples_per_prompt} samples, lr {args.lr}\n\nstudent {n_s:,} matmul params, teacher "
-              f"{n_t:,}; teacher SFT cost {t_sum['train_flops']:.2e} FLOPs (not counted below, as in \"On-Policy Distillation\"). "
+              f"{n_t:,}; teacher SFT cost {t_sum['train_flops']:.2e} FLOPs (not counted below, as in "
+              f"\"On-Policy Distillation\"). "
               f"Targets: the best accuracy every method reaches, then half and three quarters of the "
               f"init-to-teacher gap.\n\n")
     (out / "compare.md").write_text(header + tables + "\n")

@@ -31,7 +31,7 @@ from recipes.common import Pair, accuracy, default_run_dir, driver_config, pair_
 from recipes.report import demo_summary, demo_table, plot_demo, read_metrics
 
 # On top of recipes.common.BASE_OVERRIDES: the demo's distillation settings
-# (chosen by the runs recorded in the README's closing note).
+# (chosen by the runs in recipes/README.md, "Demo").
 DEMO_OVERRIDES = [
     "loss.kind=reverse_kl",
     "train.steps=150",
@@ -51,7 +51,7 @@ DEMO_OVERRIDES = [
     "learner.warmup_steps=10",
     "eval.every_steps=15",
 ]
-# The target: the student closes at least half of its accuracy gap.
+# The demo's target: the student closes at least half of its accuracy gap.
 TARGET_GAP_CLOSED = 0.5
 
 

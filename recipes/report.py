@@ -143,7 +143,7 @@ def flops_to_reach(curve: list[tuple[float, float]], target: float) -> float | N
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
-    """A GitHub-markdown table (what the README's closing note carries)."""
+    """A GitHub-markdown table (as in recipes/README.md)."""
     def cell(v):
         if v is None:
             return "-"
@@ -213,14 +213,30 @@ def demo_table(s: dict) -> str:
 # --------------------------------------------------------------------------
 
 
-def plot_demo(rows: list[dict], teacher_accuracy: float, out_png: str | Path, title: str = "") -> Path:
-    """Reverse KL (training batches and held-out) and held-out accuracy over steps."""
+def subplots(ncols: int, figsize: tuple[float, float]):
+    """(figure, axes) of `ncols` side-by-side plots, drawn without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    return plt.subplots(1, ncols, figsize=figsize)
+
+
+def save_figure(fig, out_png: str | Path) -> Path:
+    """Lay `fig` out, write it as a PNG and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out_png)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_demo(rows: list[dict], teacher_accuracy: float, out_png: str | Path, title: str = "") -> Path:
+    """Reverse KL (training batches and held-out) and held-out accuracy over steps."""
+    fig, (ax1, ax2) = subplots(2, figsize=(10, 4))
     for key, label in (("teacher/reverse_kl", "train batch (sampled)"), ("eval/reverse_kl", "held-out")):
         s = series(rows, key)
         if s:
@@ -238,8 +254,4 @@ def plot_demo(rows: list[dict], teacher_accuracy: float, out_png: str | Path, ti
     ax2.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out_png)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png)

@@ -24,14 +24,13 @@ dirs, `self_distill.md` (the table), `self_distill.json`, `self_distill.png`
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-from recipes.common import default_run_dir, driver_config, run_driver, write_json
+from recipes.common import default_run_dir, driver_config, run_driver, run_parser, write_json
 from recipes.sft import STUDENT_RECIPE, build_sft_model
-from recipes.report import format_table, read_metrics, series
+from recipes.report import format_table, read_metrics, save_figure, series, subplots
 
 RUNS: dict[str, list[str]] = {
     "sft_own_samples": ["loss.kind=sft", "train.sample_from=student"],
@@ -58,12 +57,7 @@ def self_distill_table(results: dict[str, list[dict]]) -> str:
 
 
 def plot_self_distill(results: dict[str, list[dict]], out_png: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = subplots(2, figsize=(10, 4))
     for name, rows in results.items():
         kl = series(rows, "eval/reverse_kl")
         if kl:
@@ -80,22 +74,12 @@ def plot_self_distill(results: dict[str, list[dict]], out_png: Path) -> Path:
     ax2.set_ylim(0, 1.02)
     ax2.legend()
     fig.suptitle("self-distillation: the init as its own teacher")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m recipes.self_distill", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--prompts-per-step", type=int, default=32)
-    ap.add_argument("--samples-per-prompt", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3, help="the same learning rate for both runs")
-    ap.add_argument("--eval-every", type=int, default=5)
-    ap.add_argument("--out", default=None, help="output directory (default runs/self_distill-<time>)")
-    ap.add_argument("overrides", nargs="*", help="driver overrides applied to both runs")
+    ap = run_parser("self_distill", __doc__, steps=20, prompts_per_step=32, lr=2e-3, eval_every=5,
+                    lr_help="the same learning rate for both runs", overrides_help="driver overrides applied to both runs")
     args = ap.parse_args(argv)
     out = Path(args.out or default_run_dir("self_distill")).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,7 @@ prompt order (result[p][s], as `SamplerActor.generate`). The pool is also the
 out to every sampler and raises `WeightSyncError` naming the samplers that
 failed. `init_weight_transfer_engine` assigns each sampler its rank offset in
 the transfer group (learner = rank 0, then every sampler's workers in pool
-order), for the gloo, shm and NCCL transports alike; `node_ids` tells the
-sender where the samplers run.
+order), for the gloo and NCCL transports alike.
 
     pool = SamplerPool.create(model_path, cfg.rollout, cfg.student)   # inside ray.init(), CPU samplers
     pool = SamplerPool.create(..., scheduling_strategies=plan.sampler_strategies,
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rollout.sampler import SAMPLER_MAX_CONCURRENCY, SamplerActor, unlink_shm_files
 from rollout.types import Completion
 from rollout.weight_sync import WeightSyncError
 
@@ -57,8 +57,6 @@ def sampler_actor_options(rollout_cfg, num_gpus: float, scheduling_strategy=None
     the driver often runs on a GPU-less head node, and a sampler asking for 0
     GPUs would see every GPU of its node (Ray sets CUDA_VISIBLE_DEVICES only
     for the GPUs an actor requests). A fraction (< 1) shares one GPU."""
-    from rollout.sampler import SAMPLER_MAX_CONCURRENCY
-
     if num_gpus < 0:
         raise ValueError(f"num_gpus of a sampler must be >= 0, got {num_gpus}")
     opts = dict(max_concurrency=SAMPLER_MAX_CONCURRENCY, num_cpus=rollout_cfg.cpus_per_sampler,
@@ -66,6 +64,16 @@ def sampler_actor_options(rollout_cfg, num_gpus: float, scheduling_strategy=None
     if scheduling_strategy is not None:
         opts["scheduling_strategy"] = scheduling_strategy
     return opts
+
+
+def _spawn_sampler(factory: tuple, i: int, **kwargs):
+    """Start sampler `i`'s actor from `SamplerPool.create`'s arguments
+    (`factory`) without waiting for it; `kwargs` go to `SamplerActor`."""
+    import ray
+
+    path, rollout_cfg, student_cfg, strategies, num_gpus = factory
+    return (ray.remote(SamplerActor).options(**sampler_actor_options(rollout_cfg, num_gpus, strategies[i]))
+            .remote(path, rollout_cfg, student_cfg, sampler_index=i, **kwargs))
 
 
 class SamplerPool:
@@ -97,10 +105,6 @@ class SamplerPool:
         what each bundle holds). None, for a pool made without a plan (tests,
         benchmarks on one machine): tensor_parallel_size GPUs when this
         process sees CUDA, else 0."""
-        import ray
-
-        from rollout.sampler import SamplerActor
-
         num = rollout_cfg.num_samplers if num_samplers is None else num_samplers
         if scheduling_strategies is not None and len(scheduling_strategies) != num:
             raise ValueError(f"{len(scheduling_strategies)} scheduling strategies for {num} samplers")
@@ -110,13 +114,11 @@ class SamplerPool:
             import torch
 
             num_gpus_per_sampler = rollout_cfg.tensor_parallel_size if torch.cuda.is_available() else 0
-        actor_cls = ray.remote(SamplerActor)
-        actors = [actor_cls.options(**sampler_actor_options(rollout_cfg, num_gpus_per_sampler, strategies[i]))
-                  .remote(path, rollout_cfg, student_cfg, sampler_index=i, initial_version=initial_version)
-                  for i in range(num)]
+        factory = (path, rollout_cfg, student_cfg, strategies, num_gpus_per_sampler)
+        actors = [_spawn_sampler(factory, i, initial_version=initial_version) for i in range(num)]
         pool = cls(actors, timeout_s=rollout_cfg.weight_sync_timeout_s,
                    generate_timeout_s=rollout_cfg.generate_timeout_s, max_new_tokens=rollout_cfg.max_new_tokens)
-        pool._factory = (path, rollout_cfg, student_cfg, strategies, num_gpus_per_sampler)
+        pool._factory = factory
         pool._fanout("ready", [(a.ready, ()) for a in actors], timeout_s=rollout_cfg.generate_timeout_s)
         for i in range(num):
             pool._record_shm_files(i)
@@ -135,8 +137,6 @@ class SamplerPool:
             self._shm_files.pop(i, None)
 
     def _release_shm_files(self, i: int) -> None:
-        from rollout.sampler import unlink_shm_files
-
         unlink_shm_files(self._shm_files.pop(i, []))
 
     def restart(self, i: int) -> None:
@@ -148,21 +148,16 @@ class SamplerPool:
         `create`."""
         import ray
 
-        from rollout.sampler import SamplerActor
-
         if self._factory is None:
             raise RuntimeError("SamplerPool.restart needs a pool made by SamplerPool.create")
         if not 0 <= i < len(self.samplers):
             raise IndexError(f"sampler {i} does not exist (pool of {len(self.samplers)})")
-        path, rollout_cfg, student_cfg, strategies, num_gpus = self._factory
         try:
             ray.kill(self.samplers[i])
         except Exception:
             pass
         self._release_shm_files(i)
-        self.samplers[i] = ray.remote(SamplerActor).options(**sampler_actor_options(
-            rollout_cfg, num_gpus, strategies[i])).remote(
-            path, rollout_cfg, student_cfg, sampler_index=i, require_update=True)
+        self.samplers[i] = _spawn_sampler(self._factory, i, require_update=True)
         self._workers = None
         self._fanout("ready", [(self.samplers[i].ready, ())], timeout_s=self.generate_timeout_s)
         self._record_shm_files(i)
@@ -213,11 +208,6 @@ class SamplerPool:
 
     def total_workers(self) -> int:
         return sum(self.num_workers())
-
-    def node_ids(self) -> list[str]:
-        """The Ray node id of every sampler (the weight sender compares them
-        with its own to choose the shared-memory transport)."""
-        return self._fanout("node_id", [(s.node_id, ()) for s in self.samplers])
 
     # -- WeightSyncClient ---------------------------------------------------
 
@@ -277,13 +267,6 @@ class SamplerPool:
         """Close an open update on every sampler (after a partial failure of
         start_weight_update, or a sender that died before update_weights)."""
         self._fanout("abort_weight_update", [(s.abort_weight_update, ()) for s in self.samplers])
-
-    def shared_weight_layouts(self, names: list[str]) -> list[dict]:
-        """Every sampler worker's parameter layout for the update `names`
-        (learner/weight_sender.ShmWeightSender shared mode), in rank order."""
-        answers = self._fanout("shared_weight_layouts", [(s.shared_weight_layouts, (list(names),))
-                                                         for s in self.samplers])
-        return [a for per_sampler in answers for a in per_sampler]
 
     def validate_update(self, update_info: dict) -> list[str]:
         problems = self._fanout("validate_update", [(s.validate_update, (update_info,)) for s in self.samplers])

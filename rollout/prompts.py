@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.config import DataConfig
+from rollout.config import DataConfig
 
 # At most this many problems are spelled out in one PromptDataError.
 _MAX_SHOWN_PROBLEMS = 20

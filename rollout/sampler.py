@@ -11,12 +11,8 @@ logprobs of given tokens (prompt_logprobs).
 Weight updates arrive through vLLM's four control-plane calls
 (init_weight_transfer_engine / start_weight_update / update_weights /
 finish_weight_update), forwarded to the workers with `llm.collective_rpc`;
-the transport is vLLM's NCCL engine on GPU and one of `rollout/weight_receiver.py`'s
-engines on CPU ("opd_shm", which also takes plain gloo updates, unless
-`rollout.weight_sync_backend=gloo` asks for "opd_gloo"; `engine_backend`).
-`node_id()` tells learner rank 0 where the sampler runs, so "auto" can pick
-the shared-memory transport when everything is on its node. Atomicity for
-callers:
+the transport is vLLM's NCCL engine on GPU and `rollout/weight_receiver.py`'s
+"opd_gloo" engine on CPU (`engine_backend`). Atomicity for callers:
 
 * the actor is threaded (`max_concurrency > 1`) so control calls and
   `weight_version()` answer while another call is running, but generate/score
@@ -52,8 +48,10 @@ import threading
 import time
 from typing import Any, Union
 
+from rollout.config import parse_cpu_list
+from rollout.host import cpu_kv_cache_space
 from rollout.types import Completion
-from rollout.weight_sync import WeightSyncError, choose_backend, concrete_dtype, engine_backend  # noqa: F401 (re-exported)
+from rollout.weight_sync import WeightSyncError, concrete_dtype, engine_backend
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +116,6 @@ def bind_cpu_threads(spec: str) -> int:
     process to those cores, one thread each. Returns the thread count."""
     import torch
 
-    from cluster.config import parse_cpu_list
-
     cores = parse_cpu_list(spec)
     if cores is not None:
         os.sched_setaffinity(0, cores)
@@ -147,26 +143,20 @@ class SamplerActor:
         # Read by vLLM when the engine is built (this actor owns its process).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
         if not has_gpu:
-            # vLLM parses this as an integer number of GiB.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(rollout_cfg.kv_cache_gib)))
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = cpu_kv_cache_space(rollout_cfg.kv_cache_gib)
             if self.in_process:
                 bind_cpu_threads(rollout_cfg.cpu_threads_bind)
             else:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout_cfg.cpu_threads_bind
         self.backend = engine_backend(rollout_cfg.weight_sync_backend, has_gpu)
 
-        import rollout.weight_receiver  # noqa: F401  (registers opd_gloo/opd_shm and the plain-GEMM loader here too)
+        import rollout.weight_receiver  # noqa: F401  (registers opd_gloo here too)
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
         kwargs: dict[str, Any] = {}
         if has_gpu:
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
-        elif rollout_cfg.cpu_gemm == "plain":
-            # Linear layers keep plain weights: updates are copied in place (rollout.weight_receiver),
-            # by this many threads (read in the engine's worker process, which inherits the variable).
-            kwargs["load_format"] = rollout.weight_receiver.PLAIN_GEMM_LOAD_FORMAT
-            os.environ[rollout.weight_receiver.LOAD_THREADS_ENV] = str(rollout_cfg.weight_load_threads)
         if rollout_cfg.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = TP_EXECUTOR_BACKEND
         try:
@@ -206,12 +196,6 @@ class SamplerActor:
         """This actor's process id (its in-process vLLM engine runs here too)."""
         return os.getpid()
 
-    def node_id(self) -> str:
-        """The Ray node this sampler (and its vLLM workers) runs on."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
     def shm_files(self) -> list[str]:
         """The /dev/shm segments (Python `SharedMemory`, "psm_*": vLLM's
         message queues) mapped by this actor and its vLLM processes. vLLM does
@@ -224,26 +208,10 @@ class SamplerActor:
         """Worker processes of this engine (its ranks in the weight-sync group)."""
         return len(self.llm.collective_rpc("opd_weight_state"))
 
-    def weight_load(self) -> list[str]:
-        """How each engine worker takes a weight update: "in_place" (CPU,
-        rollout.cpu_gemm=plain) or "layerwise_reload" (vLLM's reload)."""
-        return [s["load"] for s in self.weight_states()]
-
     def weight_states(self) -> list[dict]:
         """Each engine worker's weight state (rollout.weight_receiver
-        `opd_weight_state`: dirty, last error, load path, copy replay)."""
+        `opd_weight_state`: dirty, last error, reload open, engine)."""
         return self.llm.collective_rpc("opd_weight_state")
-
-    def shared_weight_layouts(self, names: list[str]) -> list[dict]:
-        """Each engine worker's answer to "can the update `names` be written
-        straight into your parameters?" (rollout.weight_receiver
-        `opd_shared_layout`: {"layout", "id", "why"}). Waits for a running
-        generate: the layout is read from the live model."""
-        self._acquire_engine()
-        try:
-            return self.llm.collective_rpc("opd_shared_layout", args=(list(names),))
-        finally:
-            self._release_engine()
 
     def needs_full_update(self) -> str | None:
         return self._needs_full_update
@@ -550,11 +518,6 @@ class SamplerActor:
             self._update_open = False
             self._cond.notify_all()
 
-    def _close_update(self) -> None:
-        with self._cond:
-            self._update_open = False
-            self._cond.notify_all()
-
     def shutdown(self) -> None:
         files = _mapped_shm_files()
         llm = getattr(self, "llm", None)
@@ -606,7 +569,3 @@ def unlink_shm_files(paths) -> int:
         except OSError:  # gone already, or not ours to remove: cleanup never fails a run
             pass
     return n
-
-
-# Re-exported so callers can take both from one place.
-from rollout.pool import SamplerPool  # noqa: E402,F401

@@ -57,7 +57,7 @@ from typing import Any
 
 import aiohttp
 
-from cluster.config import TeacherConfig
+from rollout.config import TeacherConfig
 from teacher_server import protocol as P
 
 log = logging.getLogger(__name__)
@@ -525,22 +525,8 @@ class TeacherClient:
             while pending:
                 req = P.LogprobsRequest(sequences=[P.ScoreSequence(token_ids=seqs[i][0], start=seqs[i][1])
                                                    for i in pending], top_k=top_k, temperature=temperature)
-                status, data, ctype = await self._request("POST", "/v1/logprobs", P.encode(req, self.encoding), stats)
-                if status == 200:
-                    try:
-                        resp = P.decode(data, P.LogprobsResponse, ctype)
-                    except P.ProtocolError as e:
-                        errors.update({i: f"malformed teacher reply: {e.message}" for i in pending})
-                        return
-                    if len(resp.results) != len(pending):
-                        errors.update({i: f"teacher returned {len(resp.results)} results for {len(pending)} "
-                                          f"sequences" for i in pending})
-                        return
-                    for i, r in zip(pending, resp.results, strict=True):
-                        take(i, r)
-                    return
-                pending = await self._handle_item_error(status, data, ctype, pending, "sequences", errors,
-                                                        stats, run_pack)
+                pending = await self._post_pack("/v1/logprobs", req, P.LogprobsResponse, pending, "sequences", take,
+                                                errors, stats, run_pack)
 
         packs = pack_by_budget([len(ids) for ids, _ in seqs], self.max_tokens_per_request)
         await _gather_or_cancel([run_pack(p) for p in packs])
@@ -556,6 +542,27 @@ class TeacherClient:
                         min(errors.items()))
         return ScoreResult(out_lp, out_ids if top_k > 0 else None, out_tlp if top_k > 0 else None,
                            sorted(errors.items()), metrics)
+
+    async def _post_pack(self, path, req, reply_type, pending, collection, take, errors, stats, run_pack):
+        """POST one packed request for the items `pending` (indices into the
+        call's `collection`: "sequences" or "prompts"). A well-formed 200 reply
+        hands take(i, result) each item's result; a malformed one fails them
+        all. Returns the items still to send (see `_handle_item_error`)."""
+        status, data, ctype = await self._request("POST", path, P.encode(req, self.encoding), stats)
+        if status != 200:
+            return await self._handle_item_error(status, data, ctype, pending, collection, errors, stats, run_pack)
+        try:
+            resp = P.decode(data, reply_type, ctype)
+        except P.ProtocolError as e:
+            errors.update({i: f"malformed teacher reply: {e.message}" for i in pending})
+            return []
+        if len(resp.results) != len(pending):
+            errors.update({i: f"teacher returned {len(resp.results)} results for {len(pending)} {collection}"
+                           for i in pending})
+            return []
+        for i, r in zip(pending, resp.results, strict=True):
+            take(i, r)
+        return []
 
     async def _handle_item_error(self, status, data, ctype, pending, collection, errors, stats, run_pack):
         """Shared handling of a non-200 reply to a packed request: returns the
@@ -589,6 +596,12 @@ class TeacherClient:
         out: list[list[P.GenerateSample] | None] = [None] * len(ps)
         errors: dict[int, str] = {}
 
+        def take(i: int, r: P.GenerateResult) -> None:
+            if len(r.samples) != n or any(len(s.token_ids) != len(s.logprobs) for s in r.samples):
+                errors[i] = f"teacher returned {len(r.samples)} samples (expected {n}) or ragged logprobs"
+            else:
+                out[i] = r.samples
+
         async def run_pack(pending: list[int]) -> None:
             while pending:
                 # The server seeds prompt i, sample k with seed + i*n + k; several
@@ -600,25 +613,8 @@ class TeacherClient:
                                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                         seed=None if seed is None else seed + pending[0] * n,
                                         stop_token_ids=list(stop_token_ids))
-                status, data, ctype = await self._request("POST", "/v1/generate", P.encode(req, self.encoding), stats)
-                if status == 200:
-                    try:
-                        resp = P.decode(data, P.GenerateResponse, ctype)
-                    except P.ProtocolError as e:
-                        errors.update({i: f"malformed teacher reply: {e.message}" for i in pending})
-                        return
-                    if len(resp.results) != len(pending):
-                        errors.update({i: f"teacher returned {len(resp.results)} results for {len(pending)} "
-                                          f"prompts" for i in pending})
-                        return
-                    for i, r in zip(pending, resp.results, strict=True):
-                        if len(r.samples) != n or any(len(s.token_ids) != len(s.logprobs) for s in r.samples):
-                            errors[i] = f"teacher returned {len(r.samples)} samples (expected {n}) or ragged logprobs"
-                        else:
-                            out[i] = r.samples
-                    return
-                pending = await self._handle_item_error(status, data, ctype, pending, "prompts", errors,
-                                                        stats, run_pack)
+                pending = await self._post_pack("/v1/generate", req, P.GenerateResponse, pending, "prompts", take,
+                                                errors, stats, run_pack)
 
         packs = pack_by_budget([(len(p) + max_new_tokens) * n for p in ps], self.max_tokens_per_request)
         await _gather_or_cancel([run_pack(p) for p in packs])

@@ -2,7 +2,7 @@
 (receivers), in the manner of vLLM's weight-transfer API
 (`vllm/distributed/weight_transfer/base.py`).
 
-Three transports share this contract (`rollout.weight_sync_backend`; see
+Two transports share this contract (`rollout.weight_sync_backend`; see
 `choose_backend`):
 
 * `nccl` (GPU): vLLM's official `NCCLWeightTransferEngine` on the sampler
@@ -11,13 +11,6 @@ Three transports share this contract (`rollout.weight_sync_backend`; see
   `GlooWeightTransferEngine` in vLLM's `WeightTransferEngineFactory` under
   "opd_gloo"; learner rank 0 broadcasts over a gloo process group of
   (rank 0 = learner, ranks 1.. = every sampler worker).
-* `shm` (CPU, every sampler on learner rank 0's node): `ShmWeightTransferEngine`
-  ("opd_shm"). The same gloo group carries only the control messages (vote,
-  per-bucket headers); the bulk bytes go through one shared-memory region
-  (a file under /dev/shm) that the sender packs each bucket into and every
-  worker maps, so a byte is copied once by the sender and read in place by
-  each receiver. An "opd_shm" engine also accepts plain gloo updates (no
-  region named), so samplers built for "auto" serve either sender.
 
 The sampler side is always driven through vLLM's four control-plane calls
 (init_weight_transfer_engine / start_weight_update / update_weights /
@@ -27,48 +20,31 @@ what the sender holds to call them on all samplers at once. A client with
 update_weights call on each sampler (two Ray round trips less per push); a
 sampler that cannot start still joins the accept vote, with a reject.
 
-Shared mode (shm only, rollout.shm_shared_weights): once every worker has
-recorded its in-place load as plain copies (rollout/copy_plan.py) and their
-parameter layouts are equal, the sender creates a region laid out like those
-parameters (`plan_param_region`, `param_slots`, `dest_views`), writes each
-update straight to where the workers' copies would land, and the workers
-adopt the region as their parameter memory at the end of the first such
-update (`shm_layout` names the layout). One copy per push whatever the
-number of samplers, one copy of the weights in RAM for all of them; the
-header then comes once, after the last write.
-
 Wire format: the parameters of one update, in the order of
 `GlooUpdateInfo.names`, are cut into buckets at `bucket_ends`; a bucket is its
 tensors back-to-back (each contiguous, in its own dtype, no padding), cut up
 on the workers with `unpack_bucket`. Before the first bucket every rank joins
 one all-reduce of a reject flag (the workers validate names/shapes against
-their model, and for shm map the region, first: any reject and all raise
-before a weight is touched), and each bucket is preceded by a broadcast int64
-header [status, nbytes] (status HEADER_ABORT: the sender failed mid-stream,
-the workers raise instead of waiting). Over gloo the bucket's bytes follow as
-one broadcast uint8 tensor (memory: one bucket on either side); over shm the
-header means "bucket b is in the region at `bucket_offsets[b]`" (memory: the
-region holds the whole update, because vLLM's layerwise reload keeps views of
-a bucket until the layer they belong to is complete; the sender rewrites it
-only in the next update, after every worker finished this one).
+their model first: any reject and all raise before a weight is touched), and
+each bucket is preceded by a broadcast int64 header [status, nbytes] (status
+HEADER_ABORT: the sender failed mid-stream, the workers raise instead of
+waiting). The bucket's bytes follow as one broadcast uint8 tensor (memory:
+one bucket on either side).
 
 This module imports torch only (no vllm, no deepspeed): both sides use it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import torch
 
 GLOO_BACKEND_NAME = "opd_gloo"
-SHM_BACKEND_NAME = "opd_shm"
 # Values of rollout.weight_sync_backend.
-BACKENDS = ("auto", "nccl", "gloo", "shm")
+BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,16 +114,6 @@ class GlooUpdateInfo:
     shapes: list[list[int]]
     # bucket b holds params [bucket_ends[b-1], bucket_ends[b]) (bucket_ends[-1] == len(names))
     bucket_ends: list[int]
-    # Shared-memory transport only (None/empty: the bytes come over gloo).
-    shm_path: str | None = None  # the region's file (under /dev/shm) on the learner's node
-    shm_token: str | None = None  # written at the region's start: proves the mapped file is the sender's
-    shm_bytes: int = 0  # the region's size
-    bucket_offsets: list[int] | None = None  # where bucket b starts in the region
-    # Shared mode (shm only): the region is not a staging area but the
-    # samplers' own parameter memory, laid out by the layout with this id
-    # (`layout_id`, `plan_param_region`); the sender writes each tensor
-    # straight into the slots its copies land in, the workers load nothing.
-    shm_layout: str | None = None
 
     def specs(self) -> list[ParamSpec]:
         return [ParamSpec(n, d, tuple(s)) for n, d, s in zip(self.names, self.dtype_names, self.shapes, strict=True)]
@@ -170,22 +136,6 @@ class GlooUpdateInfo:
             raise ValueError(f"weight update: bad bucket_ends {self.bucket_ends} for {n} parameters")
         for d in self.dtype_names:
             dtype_from_name(d)
-        if self.shm_layout is not None and (self.shm_path is None or not self.shm_token):
-            raise ValueError(f"weight update: shared layout {self.shm_layout} without a shared-memory region")
-        if self.shm_path is not None and self.shm_layout is None:
-            offsets = self.bucket_offsets or []
-            if len(offsets) != len(self.bucket_ends) or not self.shm_token:
-                raise ValueError(f"weight update: shared-memory region {self.shm_path} with {len(offsets)} bucket "
-                                 f"offsets for {len(self.bucket_ends)} buckets (or no token)")
-            end = SHM_DATA_OFFSET
-            for b, (off, specs) in enumerate(zip(offsets, self.buckets(), strict=True)):
-                if off < end:
-                    raise ValueError(f"weight update: bucket {b} starts at {off} in the shared-memory region, "
-                                     f"overlapping what comes before it (which ends at {end})")
-                end = off + sum(s.nbytes for s in specs)
-            if end > self.shm_bytes:
-                raise ValueError(f"weight update: the buckets end at byte {end}, past the shared-memory region's "
-                                 f"{self.shm_bytes} bytes")
 
     @staticmethod
     def build(version: int, specs: Sequence[ParamSpec], bucket_bytes: int) -> "GlooUpdateInfo":
@@ -217,21 +167,6 @@ def plan_buckets(specs: Sequence[ParamSpec], bucket_bytes: int) -> list[int]:
     if specs:
         ends.append(len(specs))
     return ends
-
-
-def pack_bucket(tensors: Iterable[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Concatenate tensors' bytes into one flat uint8 tensor (CPU)."""
-    views = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
-    total = sum(v.numel() for v in views)
-    if out is None:
-        out = torch.empty(total, dtype=torch.uint8)
-    elif out.numel() < total:
-        raise ValueError(f"pack buffer holds {out.numel()} bytes, bucket needs {total}")
-    off = 0
-    for v in views:
-        out[off: off + v.numel()].copy_(v)
-        off += v.numel()
-    return out[:total]
 
 
 def unpack_bucket(flat: torch.Tensor, specs: Sequence[ParamSpec]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -274,24 +209,6 @@ class WeightSyncClient(Protocol):
 
     def finish_weight_update(self, weight_version: str | None = None) -> None: ...
 
-
-class WeightSender(Protocol):
-    """Learner side, held by learner rank 0 (learner/weight_sender.py).
-
-    `specs` (names, dtypes, full shapes: known without gathering, e.g. from
-    ZeRO-3's `ds_shape`) are declared up front; `tensors` then yields the full
-    tensors (or `(name, tensor)` pairs) one by one in the same order. The
-    iterator is what gathers ZeRO-3 parameters, so every learner rank iterates
-    it in lockstep while only rank 0 transmits."""
-
-    def send(self, version: int, specs: Sequence[ParamSpec], tensors: Iterable) -> None: ...
-
-    def shutdown(self) -> None: ...
-
-
-# --------------------------------------------------------------------------
-# Added by the sampler/weight-sync component (additive).
-# --------------------------------------------------------------------------
 
 class WeightSyncError(RuntimeError):
     """A weight update failed. `stage` says where ("init", "validate",
@@ -391,167 +308,19 @@ HEADER_OK = 0
 HEADER_ABORT = 1
 
 
-# --------------------------------------------------------------------------
-# Shared-memory region of the shm transport (one per sender; both sides).
-# Layout: [0, SHM_DATA_OFFSET) header (magic + the sender's token), then the
-# buckets, each starting on a page boundary, tensors back-to-back inside.
-# --------------------------------------------------------------------------
-
-SHM_DIR = "/dev/shm"
-SHM_MAGIC = b"opd-weight-region-v1\0"
-SHM_DATA_OFFSET = 4096
-SHM_ALIGN = 4096
-
-
-def plan_region(bucket_nbytes: Sequence[int]) -> tuple[list[int], int]:
-    """(start offset of each bucket, region size) for buckets of these sizes."""
-    offsets, end = [], SHM_DATA_OFFSET
-    for n in bucket_nbytes:
-        offsets.append(end)
-        end += -(-n // SHM_ALIGN) * SHM_ALIGN
-    return offsets, max(end, SHM_DATA_OFFSET)
-
-
-def region_header(token: str) -> bytes:
-    return SHM_MAGIC + token.encode() + b"\0"
-
-
-def map_region(fd: int, nbytes: int):
-    """mmap `nbytes` of the open file `fd` shared and read-write, pages
-    populated up front (the first touch is paid here, not inside an update).
-    Returns (mmap, uint8 tensor over it). The tensor holds a reference to
-    the mmap object, so the mapping lives while any view of it does (a
-    region still referenced by a model's loader is never unmapped under it)
-    as long as nobody calls `mmap.close()`: torch.frombuffer does not pin
-    the buffer export, so close() would succeed and leave the views dangling."""
-    import mmap
-    import warnings
-
-    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        region = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes)
-    return mm, region
-
-
-def open_region(path: str, token: str, nbytes: int):
-    """Receiver side: map the sender's region `path` and check its token.
-    Raises WeightSyncError (stage "init") saying what is wrong and the fix."""
-    import os
-
-    hint = ("the samplers must run on learner rank 0's node and see its /dev/shm; set "
-            "rollout.weight_sync_backend=gloo otherwise")
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError as e:
-        raise WeightSyncError(f"cannot open the weight-sync shared-memory region {path}: {e.strerror}; {hint}",
-                              stage="init") from None
-    try:
-        size = os.fstat(fd).st_size
-        if size < nbytes:
-            raise WeightSyncError(f"the weight-sync shared-memory region {path} holds {size} bytes, the update "
-                                  f"says {nbytes}", stage="init")
-        mm, region = map_region(fd, nbytes)
-    finally:
-        os.close(fd)
-    want = region_header(token)
-    if mm[:len(want)] != want:
-        del region
-        mm.close()
-        raise WeightSyncError(f"{path} is not the learner's weight-sync region (its token differs): this sampler "
-                              f"sees another /dev/shm than the learner; {hint}", stage="init")
-    return mm, region
-
-
-def layout_id(layout: dict) -> str:
-    """A short digest of a shared-parameter layout (rollout.copy_plan.param_layout):
-    equal for samplers that can share one region."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def plan_param_region(layout: dict) -> tuple[list[int], int]:
-    """(start offset of each parameter slot, region size) of a shared-parameter
-    region: the header, then the layout's parameters in order, each on a
-    SHM_ALIGN boundary. Both sides compute it from the layout alone."""
-    return plan_region([dtype_from_name(d).itemsize * math.prod(shape) for _, d, shape in layout["params"]])
-
-
-def param_slots(region: torch.Tensor, layout: dict) -> list[torch.Tensor]:
-    """The layout's parameters as tensors over `region` (uint8, the whole
-    mapping): slot i has parameter i's dtype and shape."""
-    offsets, _ = plan_param_region(layout)
-    out = []
-    for off, (_, d, shape) in zip(offsets, layout["params"], strict=True):
-        dt = dtype_from_name(d)
-        out.append(region[off: off + dt.itemsize * math.prod(shape)].view(dt).view(shape))
-    return out
-
-
-def dest_views(slots: Sequence[torch.Tensor], layout: dict) -> dict[str, list[torch.Tensor]]:
-    """Checkpoint name -> the views of `slots` its tensor is copied into."""
-    out = {}
-    for name, (_, _, dests) in layout["dests"].items():
-        views = []
-        for i, off, shape, strides in dests:
-            flat = slots[i].view(-1)
-            views.append(flat.as_strided(shape, strides, flat.storage_offset() + off))
-        out[name] = views
-    return out
-
-
-def tensor_over(buffer, dtype: torch.dtype, offset: int, shape: Sequence[int]) -> torch.Tensor:
-    """A `dtype` tensor of `shape` at byte `offset` of `buffer` (an mmap) with
-    its own storage, so torch.save and safetensors write only it, not the
-    whole mapping; it keeps the mapping alive."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # frombuffer on a writable mmap: nothing to warn about
-        return torch.frombuffer(buffer, dtype=dtype, count=math.prod(shape), offset=offset).view(tuple(shape))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run the block with at least `n` torch threads (a weight copy while the
-    engine serves nothing). Uses torch._C.set_num_threads: vLLM replaces
-    torch.set_num_threads with a no-op in a CPU engine after pinning it."""
-    before = torch.get_num_threads()
-    if n > before:
-        torch._C.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n > before:
-            torch._C.set_num_threads(before)
-
-
-def choose_backend(requested: str, has_gpu: bool, same_node: bool | None = None) -> str:
-    """The transport for `rollout.weight_sync_backend=requested`: "nccl",
-    "gloo" or "shm". "auto": nccl when the samplers have GPUs; else shm when
-    every sampler runs on learner rank 0's node (`same_node`; None = unknown,
-    e.g. no Ray), so the bytes cross one shared-memory region instead of TCP;
-    else gloo (works across nodes)."""
+def choose_backend(requested: str, has_gpu: bool) -> str:
+    """The transport for `rollout.weight_sync_backend=requested`: "nccl" or
+    "gloo". "auto": nccl when the samplers have GPUs, else gloo."""
     if requested not in BACKENDS:
         raise ValueError(f"rollout.weight_sync_backend={requested!r} is not valid; use one of {list(BACKENDS)}")
     if requested == "auto":
-        if has_gpu:
-            return "nccl"
-        return "shm" if same_node else "gloo"
+        return "nccl" if has_gpu else "gloo"
     if requested == "nccl" and not has_gpu:
         raise ValueError("rollout.weight_sync_backend=nccl needs GPU samplers; this sampler has no CUDA device "
-                         "(use gloo, shm or auto)")
+                         "(use gloo or auto)")
     return requested
 
 
 def engine_backend(requested: str, has_gpu: bool) -> str:
-    """The vLLM `WeightTransferConfig.backend` a sampler starts with. The
-    sampler cannot know where the learner runs, so for "auto" on CPU it takes
-    "opd_shm", which also receives plain gloo updates: learner rank 0 then
-    decides (choose_backend with the samplers' node ids) and the two sides
-    agree by construction."""
-    transport = choose_backend(requested, has_gpu, same_node=True)
-    return {"nccl": "nccl", "gloo": GLOO_BACKEND_NAME, "shm": SHM_BACKEND_NAME}[transport]
+    """The vLLM `WeightTransferConfig.backend` a sampler starts with."""
+    return {"nccl": "nccl", "gloo": GLOO_BACKEND_NAME}[choose_backend(requested, has_gpu)]

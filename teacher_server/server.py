@@ -223,6 +223,16 @@ class TeacherServer:
                 self._idle.set()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
+    @contextlib.asynccontextmanager
+    async def _admitted(self, request: web.Request, endpoint: str, request_type: type):
+        """(engine, decoded request) of a call to `endpoint`, inside its
+        admission (`_admit`). The body is read (bounded, timed) before
+        admission: a stalled upload holds no queue slot."""
+        engine = self._ready_engine()
+        body, ct = await self._read(request)
+        async with self._admit(endpoint):
+            yield engine, decode(body, request_type, ct)
+
     async def _read(self, request: web.Request) -> tuple[bytes, str]:
         ct = media_type(request.headers.get("Content-Type"))
         if ct not in (CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK):
@@ -273,11 +283,7 @@ class TeacherServer:
         return self._reply(request, self._ready_engine().tokenizer)
 
     async def _logprobs(self, request: web.Request) -> web.Response:
-        engine = self._ready_engine()
-        # Read (bounded, timed) before admission: a stalled upload holds no queue slot.
-        body, ct = await self._read(request)
-        async with self._admit("/v1/logprobs"):
-            req = decode(body, LogprobsRequest, ct)
+        async with self._admitted(request, "/v1/logprobs", LogprobsRequest) as (engine, req):
             info = engine.info
             validate_logprobs_request(req, info.vocab_size, info.max_model_len, info.max_top_k)
             n_tokens = count_tokens(req)
@@ -294,10 +300,7 @@ class TeacherServer:
             return self._reply(request, resp)
 
     async def _generate(self, request: web.Request) -> web.Response:
-        engine = self._ready_engine()
-        body, ct = await self._read(request)
-        async with self._admit("/v1/generate"):
-            req = decode(body, GenerateRequest, ct)
+        async with self._admitted(request, "/v1/generate", GenerateRequest) as (engine, req):
             info = engine.info
             validate_generate_request(req, info.vocab_size, info.max_model_len)
             resp = await engine.generate(req)

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of a REAL teacher_server over HTTP (issue 9, item 6):
+"""Property-based fuzzing of a REAL teacher_server over HTTP:
 random JSON/MessagePack bodies with random field types, ids, starts, top_k and
 temperatures, random raw bytes, random methods, paths, content types, Accept
 and Authorization headers. Never a 500, the process stays alive, every error has

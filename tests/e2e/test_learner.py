@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from cluster import checkpoint as cpt
 from cluster.config import LearnerConfig, LossConfig
 from learner import checkpoint as ckpt
 from learner.batching import plan_micro_batches, sequence_lengths
@@ -244,40 +244,44 @@ def test_hf_export_loads_with_identical_logprobs(zero_runs, scored_batch, studen
 
 
 def test_checkpoint_restore_after_kill_continues_exactly(ray_session, student_path, scored_batch, tmp_path):
-    """Run A: 2 steps, save, 2 more steps (the reference), then a save that
-    crashes mid-way (shards written, never committed, one file truncated) and
-    the actors are killed. Run B: new actors load the root's latest -> the
-    step-2 checkpoint, and its steps 3 and 4 equal A's (loss, lr, grad norm):
-    weights, AdamW moments, lr schedule and step count were all restored."""
+    """Run A: 2 steps, save (cluster/checkpoint.py's commit of the learners'
+    shards), 2 more steps (the reference), then a save that crashes mid-way
+    (shards written into the staging directory, never committed, one file
+    truncated) and the actors are killed. Run B: new actors load the run's
+    latest -> the step-2 checkpoint, and its steps 3 and 4 equal A's (loss,
+    lr, grad norm): weights, AdamW moments, lr schedule and step count were
+    all restored."""
     cfg = _cfg(zero_stage=2, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1)
-    root = tmp_path / "ckpt"
+    run_dir = tmp_path / "run"
+    root = cpt.ckpt_root(run_dir)
     a = LearnerGroup.create(student_path, cfg, LossConfig(), seed=0, total_steps=5)
     try:
         _train(a, scored_batch, range(2))
-        saved = a.save(root, client_state={"prompt_cursor": 12})
+        saved = cpt.save_checkpoint(run_dir, 2, a.save_shards, {"prompt_cursor": 12}, keep=2)
         assert saved.name == "step_00000002" and (root / "latest").read_text() == "step_00000002"
         ref = _train(a, scored_batch, range(2, 4))
-        staging = ckpt.new_staging_dir(root, "save")
-        a.save_shards(staging)
+        staging = cpt.new_staging_dir(root, 4)
+        a.save_shards(staging / cpt.LEARNER)
         victim = max((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
         victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     finally:
         a.kill()  # the processes die; no shutdown, no commit
     assert (root / "latest").read_text() == "step_00000002"
-    assert ckpt.resolve(root) == root / "step_00000002"
+    assert cpt.latest_checkpoint(run_dir) == root / "step_00000002"
 
     b = LearnerGroup.create(student_path, cfg, LossConfig(), seed=0, total_steps=5)
     try:
-        other = tmp_path / "other" / "step_00000001"
+        other = tmp_path / "other" / "step_00000001" / cpt.LEARNER
         other.mkdir(parents=True)
         ckpt.write_atomic(other / ckpt.META, b'{"steps_done": 1, "world_size": 4, "zero_stage": 3}')
         with pytest.raises(Exception, match="learner.world_size=4 learner.zero_stage=3"):
             b.load(other)
-        info = b.load(root)
-        assert info["steps_done"] == 2 and info["client_state"] == {"prompt_cursor": 12}
+        latest = cpt.latest_checkpoint(run_dir)
+        info = b.load(latest / cpt.LEARNER)
+        assert info["steps_done"] == 2 and cpt.read_driver_state(latest) == {"step": 2, "prompt_cursor": 12}
         got = _train(b, scored_batch, range(2, 4))
         # A later save cleans up the crashed staging directory.
-        b.save(root, keep=1)
+        cpt.save_checkpoint(run_dir, info["steps_done"] + 2, b.save_shards, {}, keep=1)
         assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
     finally:
         b.shutdown()

@@ -1,5 +1,5 @@
-"""The estimator stays exact where the method says it is (issue #20, items 1
-and 7), everything real on CPU:
+"""The estimator stays exact where the method says it is, everything real
+on CPU:
 
 - the learner's truncation (learner/logprobs.py, top-k / top-p) repeats
   vLLM's own sampler code on the same logits, and its log-probs equal a real
@@ -27,7 +27,7 @@ import pytest
 import ray
 import torch
 
-from tests.e2e.test_cluster import base_overrides, read_metrics, run_in_process
+from tests.e2e.test_cluster import base_overrides, read_metrics, run_demo, run_in_process
 
 PROMPTS = ["12+7=", [{"role": "user", "content": "What is 3*4?"}], [5, 40, 41, 42, 43]]
 
@@ -123,10 +123,9 @@ def test_top_p_run_stays_on_policy(ray_session, teacher_server, tmp_path):
     untruncated distribution, the same run logged 1.5-1.7 and a mean ratio of
     ~0.2, the nucleus mass), so the importance ratio is 1 on-policy."""
     run_dir = tmp_path / "top_p"
-    rc = run_in_process(base_overrides(run_dir, teacher_server, steps=3)
-                        + ["rollout.top_p=0.8", "rollout.top_k=20", "eval.every_steps=0", "learner.lr=2e-3"])
-    assert rc == 0
-    rows = [r for r in read_metrics(run_dir) if "learner/logprob_abs_diff" in r]
+    rows = run_demo(run_dir, teacher_server, 3,
+                    ["rollout.top_p=0.8", "rollout.top_k=20", "eval.every_steps=0", "learner.lr=2e-3"])
+    rows = [r for r in rows if "learner/logprob_abs_diff" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
     diffs = [r["learner/logprob_abs_diff"] for r in rows]
     assert max(diffs) < 1e-3, diffs

@@ -1,6 +1,5 @@
 """Faults that clusters inflict, injected into real runs on this machine
-(issue 9, items 1, 2 and 4; item 3, SIGKILL during a checkpoint, is in
-test_cluster.py):
+(SIGKILL during a checkpoint is in test_cluster.py):
 
 - a sampler actor's process is SIGKILLed mid-run: the driver restarts it,
   re-sends the current weights before it samples again (the learner/sampler
@@ -133,7 +132,7 @@ def _launch_teacher(model_path: str, port: int, api_key_file: str, log: Path) ->
 
 @pytest.mark.slow
 def test_teacher_killed_restarted_then_down_for_good(ray_session, teacher_path, tmp_path, capfd):
-    from tests.fixtures.teacher import free_port
+    from rollout.host import free_port
 
     key = tmp_path / "key"
     key.write_text("reliability-key\n")

@@ -107,9 +107,10 @@ def test_tensor_parallel_sampler_in_a_placement_group(ray_session, student_path,
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from learner.weight_sender import ShmWeightSender, specs_from_named
+    from learner.weight_sender import GlooWeightSender, specs_from_named
     from rollout.pool import SamplerPool
-    from tests.fixtures.sampler import free_port, sampler_configs
+    from rollout.host import free_port
+    from tests.fixtures.sampler import sampler_configs
 
     # One engine worker per core: vLLM's CPU worker binds each rank's threads.
     rollout_cfg, student_cfg = sampler_configs(tensor_parallel_size=2, cpus_per_sampler=2.0, cpu_threads_bind="0|1")
@@ -129,7 +130,7 @@ def test_tensor_parallel_sampler_in_a_placement_group(ray_session, student_path,
         with torch.no_grad():
             for p in new.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        sender = ShmWeightSender(pool, "127.0.0.1", free_port(), bucket_bytes=96 << 10, timeout_s=120.0)
+        sender = GlooWeightSender(pool, "127.0.0.1", free_port(), bucket_bytes=96 << 10, timeout_s=120.0)
         sender.connect()
         named = [(n, p.detach()) for n, p in new.named_parameters()]
         sender.send(1, specs_from_named(named), iter(named))

@@ -1,4 +1,4 @@
-"""The user's own task through the real driver (issue 20, items 5 and 6):
+"""The user's own task through the real driver:
 vLLM CPU samplers in Ray actors, the session's teacher_server over HTTP,
 DeepSpeed on gloo.
 
@@ -20,7 +20,7 @@ import math
 
 import pytest
 
-from tests.e2e.test_cluster import base_overrides, read_metrics, run_in_process
+from tests.e2e.test_cluster import run_demo
 
 REWARD = "reward.fn=tests.fixtures.user_task:digit_fraction"
 
@@ -38,12 +38,10 @@ def _heldout_answers(n: int) -> list[str]:
 def test_reward_rises_under_plain_rl_with_a_user_grader(ray_session, teacher_server, tmp_path):
     run_dir = tmp_path / "rl"
     steps, n_eval = 8, 16
-    rc = run_in_process(base_overrides(run_dir, teacher_server, steps=steps)
-                        + [REWARD, "reward.coef=1", "loss.kl_coef=0", "learner.lr=5e-3",
-                           f"eval.every_steps={steps}", f"eval.num_prompts={n_eval}", "eval.samples_per_prompt=2",
-                           "eval.temperature=0", "eval.grader=tests.fixtures.user_task:answer_width"])
-    assert rc == 0
-    rows = read_metrics(run_dir)
+    rows = run_demo(run_dir, teacher_server, steps,
+                    [REWARD, "reward.coef=1", "loss.kl_coef=0", "learner.lr=5e-3", f"eval.every_steps={steps}",
+                     f"eval.num_prompts={n_eval}", "eval.samples_per_prompt=2", "eval.temperature=0",
+                     "eval.grader=tests.fixtures.user_task:answer_width"])
     trained = [r for r in rows if "learner/loss" in r]
     assert [r["step"] for r in trained] == list(range(1, steps + 1))
     mean = [r["reward/mean"] for r in trained]
@@ -79,8 +77,7 @@ def test_reward_coef_0_is_bitwise_the_run_without_a_reward(ray_session, teacher_
     runs = {}
     for name, extra in (("plain", []), ("reward0", [REWARD, "reward.coef=0"])):
         run_dir = tmp_path / name
-        assert run_in_process(base_overrides(run_dir, teacher_server, steps=3) + common + extra) == 0
-        runs[name] = ([r for r in read_metrics(run_dir) if "learner/loss" in r],
+        runs[name] = ([r for r in run_demo(run_dir, teacher_server, 3, common + extra) if "learner/loss" in r],
                       load_file(run_dir / "final" / "model.safetensors"))
     (rows_a, w_a), (rows_b, w_b) = runs["plain"], runs["reward0"]
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == [1, 2, 3]

@@ -23,9 +23,9 @@ import pytest
 import torch
 from aiohttp import ClientSession, web
 
+from rollout.host import free_port
 from rollout.teacher_client import (TeacherClient, TeacherRequestError, TeacherUnavailableError,
                                     TokenizerMismatchError, pack_by_budget)
-from tests.fixtures.teacher import free_port
 
 TOL = 2e-4  # vLLM CPU vs transformers, float32 (ENVIRONMENT.md saw ~5e-7; margin for batching)
 

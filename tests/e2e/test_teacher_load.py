@@ -1,4 +1,4 @@
-"""teacher_server under load (issue 9, item 5): 64 concurrent clients mixing valid
+"""teacher_server under load: 64 concurrent clients mixing valid
 and invalid /v1/logprobs requests against a REAL `python -m teacher_server`
 process, every answer checked.
 

@@ -1,6 +1,7 @@
-"""learner/checkpoint.py (atomic commit, `latest` pointer, crash points,
-pruning) and learner/batching.py (rank split, micro-batch packing, collate)
-and the lr schedule. No Ray, no DeepSpeed.
+"""cluster/checkpoint.py (one atomic commit of the learners' shards and the
+driver's state, the `latest` pointer, crash points, partial cleanup, retention),
+learner/checkpoint.py (the learner's meta.json), learner/batching.py (rank
+split, micro-batch packing, collate) and the lr schedule. No Ray, no DeepSpeed.
 
     .venv/bin/python -m pytest tests/unit/test_checkpoint.py -q
 """
@@ -12,84 +13,167 @@ import os
 
 import pytest
 
+from cluster import checkpoint as cpt
 from learner import checkpoint as ckpt
 from learner.batching import collate, pack_micro_batches, plan_micro_batches, split_across_ranks
 from learner.worker import hf_name, lr_factor
 from rollout.types import RolloutBatch
 
 
-def _save(root, step, payload=b"weights", crash_before=None):
-    """A fake multi-rank save: shards into staging, then commit; stop at
-    `crash_before` ("commit" / "latest") to simulate a crash there."""
-    staging = ckpt.new_staging_dir(root, "save")
-    staging.mkdir(parents=True)
-    for r in range(2):
-        (staging / f"rank{r}.bin").write_bytes(payload + bytes([r]))
-    if crash_before == "commit":
-        return staging
-    if crash_before == "latest":
-        # Everything up to the rename, but `latest` is not replaced.
-        real = ckpt.write_atomic
+class Crash(BaseException):
+    """Stands for a SIGKILL: nothing after it runs."""
+
+
+def _shards(payload):
+    """A fake two-rank LearnerGroup.save_shards."""
+    def write(path):
+        path.mkdir(parents=True)
+        for r in range(2):
+            (path / f"rank{r}.bin").write_bytes(payload + bytes([r]))
+    return write
+
+
+def _save(run_dir, step, payload=b"weights", keep=10, crash_at=None, monkeypatch=None):
+    """cluster.checkpoint.save_checkpoint with fake learner shards; with
+    `crash_at` the save dies there: "shards" (one rank's shard written),
+    "rename" (driver_state.json written and fsynced, not renamed), "latest"
+    (renamed into place, `latest` not replaced), "prune" (committed, older
+    checkpoints not pruned)."""
+    write = _shards(payload)
+    if crash_at == "shards":
+        def write(path):
+            path.mkdir(parents=True)
+            (path / "rank0.bin").write_bytes(payload + b"\x00")
+            raise Crash
+    elif crash_at == "rename":
+        real_fsync = cpt.fsync_tree
+
+        def fsync_then_crash(path):
+            real_fsync(path)
+            raise Crash
+        monkeypatch.setattr(cpt, "fsync_tree", fsync_then_crash)
+    elif crash_at == "latest":
+        real_write = cpt.write_atomic
 
         def no_latest(path, data):
-            if os.path.basename(path) == ckpt.LATEST:
-                raise KeyboardInterrupt("crash")
-            real(path, data)
+            if os.path.basename(path) == cpt.LATEST:
+                raise Crash
+            real_write(path, data)
+        monkeypatch.setattr(cpt, "write_atomic", no_latest)
+    elif crash_at == "prune":
+        def crash(*_):
+            raise Crash
+        monkeypatch.setattr(cpt, "prune", crash)
+    try:
+        if crash_at is None:
+            return cpt.save_checkpoint(run_dir, step, write, {"version": step}, keep)
+        with pytest.raises(Crash):
+            cpt.save_checkpoint(run_dir, step, write, {"version": step}, keep)
+    finally:
+        if monkeypatch is not None:
+            monkeypatch.undo()
+    return None
 
-        ckpt.write_atomic = no_latest
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                ckpt.commit(staging, root, ckpt.step_name(step), {"steps_done": step})
-        finally:
-            ckpt.write_atomic = real
-        return root / ckpt.step_name(step)
-    return ckpt.commit(staging, root, ckpt.step_name(step), {"steps_done": step})
+
+def _leftovers(root):
+    return sorted(p.name for p in root.iterdir() if cpt.TMP in p.name)
 
 
-def test_commit_and_resolve(tmp_path):
-    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
-        ckpt.resolve(tmp_path)
+def test_save_and_latest(tmp_path):
+    assert cpt.latest_checkpoint(tmp_path) is None
     d = _save(tmp_path, 3)
-    assert d == tmp_path / "step_00000003"
-    assert ckpt.resolve(tmp_path) == d and ckpt.resolve(d) == d
-    assert ckpt.read_meta(d) == {"steps_done": 3}
-    assert (d / "rank1.bin").read_bytes() == b"weights\x01"
-    assert not list(tmp_path.glob(".staging-*"))
+    root = cpt.ckpt_root(tmp_path)
+    assert d == root / "step_00000003"
+    assert cpt.latest_checkpoint(tmp_path) == d and (root / "latest").read_text() == "step_00000003"
+    assert cpt.read_driver_state(d) == {"step": 3, "version": 3}
+    assert (d / cpt.LEARNER / "rank1.bin").read_bytes() == b"weights\x01"
+    assert _leftovers(root) == []
 
 
-@pytest.mark.parametrize("crash_before", ["commit", "latest"])
-def test_crash_mid_save_keeps_previous(tmp_path, crash_before):
+@pytest.mark.parametrize("crash_at", ["shards", "rename", "latest", "prune"])
+def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch, crash_at):
+    root = cpt.ckpt_root(tmp_path)
     first = _save(tmp_path, 2, b"old")
-    _save(tmp_path, 4, b"new", crash_before=crash_before)
-    assert ckpt.resolve(tmp_path) == first
-    assert (ckpt.resolve(tmp_path) / "rank0.bin").read_bytes() == b"old\x00"
-    # The next successful save wins and cleanup removes the debris.
-    third = _save(tmp_path, 6, b"newer")
-    ckpt.cleanup(tmp_path, keep=1)
-    assert ckpt.resolve(tmp_path) == third
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000006"]
+    _save(tmp_path, 4, b"new", keep=1, crash_at=crash_at, monkeypatch=monkeypatch)
+    got = cpt.latest_checkpoint(tmp_path)
+    if crash_at == "prune":  # the commit was complete: the new checkpoint is the latest
+        assert got == root / "step_00000004" and first.is_dir()
+    else:
+        assert got == first
+        assert (got / cpt.LEARNER / "rank0.bin").read_bytes() == b"old\x00"
+        assert cpt.read_driver_state(got)["step"] == 2
+    if crash_at in ("shards", "rename"):
+        assert [n.startswith(".step_00000004.tmp-") for n in _leftovers(root)] == [True]
+        # --resume removes the partial checkpoint and nothing else.
+        assert [n.startswith(".step_00000004.tmp-") for n in cpt.clean_partial(tmp_path)] == [True]
+        assert _leftovers(root) == [] and cpt.latest_checkpoint(tmp_path) == first
+    # The next successful save wins and removes the debris and the pruned ones.
+    third = _save(tmp_path, 6, b"newer", keep=1)
+    assert cpt.latest_checkpoint(tmp_path) == third
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000006"]
 
 
 def test_resave_same_step_replaces(tmp_path):
     _save(tmp_path, 5, b"a")
     d = _save(tmp_path, 5, b"b")
-    assert (d / "rank0.bin").read_bytes() == b"b\x00"
-    assert ckpt.resolve(tmp_path) == d
-    assert not list(tmp_path.glob(".staging-*"))
+    assert (d / cpt.LEARNER / "rank0.bin").read_bytes() == b"b\x00"
+    assert cpt.latest_checkpoint(tmp_path) == d
+    assert _leftovers(cpt.ckpt_root(tmp_path)) == []
 
 
-def test_cleanup_keeps_latest_and_newest(tmp_path):
+def test_crash_while_replacing_the_same_step_falls_back(tmp_path, monkeypatch):
+    """SIGKILL between moving the old step_5 aside and renaming the new one
+    into place: `latest` names a missing directory; the newest complete
+    checkpoint is used and --resume cleans the rest."""
+    first = _save(tmp_path, 3, b"three")
+    _save(tmp_path, 5, b"a")
+    real_rename, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise Crash
+        real_rename(src, dst)
+    monkeypatch.setattr(cpt.os, "rename", rename)
+    with pytest.raises(Crash):
+        cpt.save_checkpoint(tmp_path, 5, _shards(b"b"), {}, 10)
+    monkeypatch.undo()
+    assert (cpt.ckpt_root(tmp_path) / "latest").read_text() == "step_00000005"
+    assert cpt.latest_checkpoint(tmp_path) == first
+    assert len(cpt.clean_partial(tmp_path)) == 2  # the new staging dir and the old step_5 moved aside
+    assert sorted(p.name for p in cpt.ckpt_root(tmp_path).iterdir()) == ["latest", "step_00000003"]
+
+
+def test_prune_keeps_latest_and_newest(tmp_path):
+    root = cpt.ckpt_root(tmp_path)
     for s in (1, 2, 3, 4):
         _save(tmp_path, s)
-    removed = ckpt.cleanup(tmp_path, keep=2)
+    removed = cpt.prune(root, keep=2)
     assert sorted(p.name for p in removed) == ["step_00000001", "step_00000002"]
-    assert ckpt.resolve(tmp_path).name == "step_00000004"
+    assert cpt.latest_checkpoint(tmp_path).name == "step_00000004"
+    # The checkpoint `latest` names is never pruned, even when older ones are newer.
+    (root / "latest").write_text("step_00000003")
+    assert cpt.prune(root, keep=1) == []
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
 
 
-def test_latest_pointing_at_missing_dir_is_a_clear_error(tmp_path):
-    (tmp_path / "latest").write_text("step_00000009")
+def test_latest_pointing_at_missing_dir(tmp_path):
+    root = cpt.ckpt_root(tmp_path)
+    root.mkdir()
+    (root / "latest").write_text("step_00000009")
     with pytest.raises(ckpt.CheckpointError, match="step_00000009"):
-        ckpt.resolve(tmp_path)
+        cpt.latest_checkpoint(tmp_path)
+    # With a complete checkpoint there, it is used instead.
+    d = _save(tmp_path, 2)
+    (root / "latest").write_text("step_00000009")
+    assert cpt.latest_checkpoint(tmp_path) == d
+
+
+def test_learner_meta(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="no learner checkpoint"):
+        ckpt.read_meta(tmp_path)
+    ckpt.write_meta(tmp_path, {"steps_done": 3, "world_size": 2})
+    assert ckpt.read_meta(tmp_path) == {"steps_done": 3, "world_size": 2}
 
 
 # ----------------------------------------------------------------- batching

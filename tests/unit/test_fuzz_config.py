@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the config loader (issue 9, item 6): whatever the
+"""Property-based fuzzing of the config loader: whatever the
 YAML data, overrides or file bytes, `config_from_dict` / `load_config` return a
 valid `Config` or raise `ConfigError` whose problems are non-empty strings that
 each name a key; never another exception.

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of teacher_server's wire protocol (issue 9, item 6),
+"""Property-based fuzzing of teacher_server's wire protocol,
 at unit level: `decode`, `validate_logprobs_request`, `validate_generate_request`,
 `media_type`, `ProtocolError.from_body`. No server; milliseconds per example.
 

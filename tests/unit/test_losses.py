@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from learner import losses
+from learner.config import LossConfig
 
 B, T_MAX, V, K = 5, 9, 23, 6
 
@@ -297,6 +298,21 @@ def test_errors_name_the_problem():
         losses.compute_loss(inputs, _cfg(kind="jsd"), 1.0)
     with pytest.raises(ValueError, match="normalize='tokens'"):
         losses.compute_loss(inputs, _cfg(kind="sft", normalize="tokens"), 1.0)
+    with pytest.raises(ValueError, match="loss.kind='kl' is not valid; use one of reverse_kl, reverse_kl_topk"):
+        losses.compute_loss(inputs, _cfg(kind="kl"), 1.0)
+
+
+def test_the_table_of_losses_is_the_config_s_and_names_functions_here():
+    """learner/config.py's LOSSES is the one list of loss kinds: the config's
+    valid values, and each names its per-token function in learner/losses.py."""
+    import typing
+
+    from learner.config import LOSSES
+
+    assert typing.get_args(typing.get_type_hints(LossConfig)["kind"]) == tuple(LOSSES)
+    for kind, spec in LOSSES.items():
+        assert callable(getattr(losses, spec.fn)), kind
+        assert set(spec.sample_from) <= {"student", "teacher"} and spec.sample_from, kind
 
 
 # ------------------------------------------------------- the top-k tail (bucket)
@@ -336,9 +352,8 @@ def test_bucket_penalises_student_mass_the_teacher_lacks():
         assert abs(got - bucket_ref) < 1e-6 * bucket_ref, (got, bucket_ref)
         assert 17.5 < got <= full + 1e-9
     assert float(losses.reverse_kl_topk(s_top, lp_t, tail="renormalize")) < 1e-9
-    # The default is the bucket.
-    cfg = _cfg(kind="reverse_kl_topk")
-    del cfg.topk_tail
+    # The default (the typed config's) is the bucket.
+    cfg = LossConfig(kind="reverse_kl_topk")
     inputs = losses.LossInputs(mask_B_T=torch.ones(1, 1, dtype=torch.float64), learner_lp_B_T=torch.zeros(1, 1),
                                sampler_lp_B_T=torch.zeros(1, 1), student_top_lp_B_T_K=s_top,
                                teacher_top_lp_B_T_K=lp_t, student_tail_lp_B_T=s_tail)

@@ -258,7 +258,7 @@ def test_comparison_tables_ratio_against_sft():
     # second table: FLOPs to reach 0.5 / 0.8, then the ratios vs ground-truth SFT
     assert cells("on-policy distillation", 1)[1:] == ["10.000", "20.000", "20.0x", "-"]
     assert cells("more SFT", 1)[1:] == ["200.000", "-", "1.0x", "-"]
-    # seed-style first table: final accuracy, teacher FLOPs, student FLOPs incl. the init's 1000
+    # the post-style first table: final accuracy, teacher FLOPs, student FLOPs incl. the init's 1000
     assert cells("initialisation: student SFT", 0)[1:] == ["0.200", "0.000", "1000.000"]
     assert cells("on-policy distillation", 0)[1:] == ["0.800", "0.000", "1020.000"]
     assert cells("more SFT", 0)[1:] == ["0.500", "0.000", "1200.000"]

@@ -1,4 +1,4 @@
-"""The task reward in the loss (issue 20, item 6), against naive float64
+"""The task reward in the loss, against naive float64
 references: the group baseline and advantage (cluster/task_fns.py
 `group_advantages`), and reverse_kl's value and gradient with the reward
 advantage added (learner/losses.py), from raw rewards to the gradient; the

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollout.pool import SamplerPool, split_balanced
-from rollout.sampler import bind_cpu_threads, choose_backend, engine_backend, engine_in_process, mix_seed
-from rollout.weight_sync import GLOO_BACKEND_NAME, SHM_BACKEND_NAME, WeightSyncError
+from rollout.sampler import bind_cpu_threads, engine_in_process, mix_seed
+from rollout.weight_sync import GLOO_BACKEND_NAME, WeightSyncError, choose_backend, engine_backend
 
 
 @settings(max_examples=200, deadline=None)
@@ -48,28 +48,20 @@ def test_mix_seed_is_deterministic_and_spreads():
 
 
 def test_choose_backend():
-    # auto: nccl with GPUs; on CPU shm only when every sampler is on learner
-    # rank 0's node, gloo when not or when that is unknown.
-    assert choose_backend("auto", has_gpu=True, same_node=True) == "nccl"
-    assert choose_backend("auto", has_gpu=True, same_node=False) == "nccl"
-    assert choose_backend("auto", has_gpu=False, same_node=True) == "shm"
-    assert choose_backend("auto", has_gpu=False, same_node=False) == "gloo"
+    # auto: nccl with GPUs, gloo on CPU; explicit choices are kept.
+    assert choose_backend("auto", has_gpu=True) == "nccl"
     assert choose_backend("auto", has_gpu=False) == "gloo"
-    # Explicit choices are kept (shm across nodes fails at the first push's
-    # vote, with the fix in the message).
     assert choose_backend("gloo", has_gpu=True) == "gloo"
-    assert choose_backend("shm", has_gpu=False, same_node=False) == "shm"
     with pytest.raises(ValueError, match="needs GPU samplers"):
         choose_backend("nccl", has_gpu=False)
     with pytest.raises(ValueError, match=r"weight_sync_backend='tcp' is not valid; use one of"):
         choose_backend("tcp", has_gpu=False)
+    with pytest.raises(ValueError, match=r"weight_sync_backend='shm' is not valid; use one of"):
+        choose_backend("shm", has_gpu=False)
 
 
-def test_engine_backend_serves_every_cpu_sender():
-    # The sampler cannot see the learner's node: for auto on CPU it starts the
-    # shm engine, which also takes gloo updates.
-    assert engine_backend("auto", has_gpu=False) == SHM_BACKEND_NAME
-    assert engine_backend("shm", has_gpu=False) == SHM_BACKEND_NAME
+def test_engine_backend():
+    assert engine_backend("auto", has_gpu=False) == GLOO_BACKEND_NAME
     assert engine_backend("gloo", has_gpu=False) == GLOO_BACKEND_NAME
     assert engine_backend("auto", has_gpu=True) == "nccl"
 

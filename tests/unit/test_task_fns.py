@@ -1,6 +1,6 @@
-"""The user's task functions and the temperature rule (issue 20, items 3 and
-5): built-in graders, resolving "package.module:function" specs, the errors a
-broken grader or reward raises (naming the function and the record), config
+"""The user's task functions and the temperature rule: built-in graders,
+resolving "package.module:function" specs, the errors a broken grader or
+reward raises (naming the function and the record), config
 validation (importability, the temperature rule, the reward's requirements;
 exit code 2 before anything starts), and what the held-out evaluation samples
 and scores at which temperature (cluster/stages.py `evaluate`, with a fake

@@ -53,7 +53,7 @@ def test_server_args_carry_the_teacher_config():
 
 def test_the_gpu_check_counts_the_teacher_the_driver_starts():
     rollout, learner = RolloutConfig(num_samplers=2), LearnerConfig(world_size=2)
-    info = RayInfo(address=None, started_local=False, cluster_gpus=5.0, cluster_cpus=64.0)
+    info = RayInfo(started_local=False, cluster_gpus=5.0)
     with pytest.raises(PlacementError, match=r"the run needs 6 GPUs \(2 samplers x 1 \+ 2 learner ranks, "
                                              r"placement.gpus_per_bundle=1 \+ 2 for the teacher the driver starts "
                                              r"\(teacher.tensor_parallel_size\)\) but the Ray cluster has 5.*"

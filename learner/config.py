@@ -1,0 +1,149 @@
+"""The learner stage's config: the optimizer and DeepSpeed ranks, the loss, and
+the one table of losses.
+
+Frozen dataclasses with a comment on every field; cluster/config.py composes
+them (with the rollout stage's, rollout/config.py) into the one tree of a run
+and owns the front end (YAML, dotted overrides, cross-section checks).
+
+`LOSSES` says, for each `loss.kind`, what the loss reads and where its
+samples may come from; the config's checks (cluster/config.py), the teacher
+scoring stage (cluster/stages.py), the learner (learner/group.py) and
+`learner.losses.compute_loss` all read it. It imports no torch, so that the
+config front end stays fast (`python -m cluster.config configs/demo.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from rollout.config import non_negative, positive
+
+# --------------------------------------------------------------------------
+# The losses
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    # The teacher's logprob of each sampled token (the per-token advantage
+    # lp_teacher - lp_sampler of the policy-gradient loss).
+    needs_teacher_lp: bool
+    # The teacher's top-k ids and logprobs at each position (teacher.top_k > 0).
+    needs_topk: bool
+    # The train.sample_from values the loss is valid with.
+    sample_from: tuple[str, ...]
+    # Its per-token function in learner/losses.py, named (this table imports
+    # no torch; `compute_loss` looks it up there).
+    fn: str
+
+
+LOSSES: dict[str, LossSpec] = {
+    # The sampled-token estimator: on teacher samples lp_sampler is the
+    # teacher's, so its advantage is 0.
+    "reverse_kl": LossSpec(needs_teacher_lp=True, needs_topk=False, sample_from=("student",), fn="reverse_kl"),
+    "reverse_kl_topk": LossSpec(needs_teacher_lp=False, needs_topk=True, sample_from=("student", "teacher"),
+                                fn="reverse_kl_topk"),
+    "forward_kl_topk": LossSpec(needs_teacher_lp=False, needs_topk=True, sample_from=("student", "teacher"),
+                                fn="forward_kl_topk"),
+    "jsd": LossSpec(needs_teacher_lp=False, needs_topk=True, sample_from=("student", "teacher"), fn="jsd_topk"),
+    "sft": LossSpec(needs_teacher_lp=False, needs_topk=False, sample_from=("student", "teacher"), fn="sft"),
+}
+
+# The valid values of loss.kind, in the table's order (what the config front
+# end checks a YAML value against).
+LossKind = Literal[tuple(LOSSES)]
+
+
+# --------------------------------------------------------------------------
+# The sections
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    # Learner ranks (one Ray actor each: one GPU each on GPU, one process on CPU).
+    world_size: int = 1
+    # DeepSpeed ZeRO stage (0 = plain data parallel).
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # Training precision: fp32 master weights always; "bfloat16" computes in
+    # bf16; "auto" is bfloat16 when the run has GPUs, float32 on CPU.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Peak learning rate (AdamW). 1e-6 is the usual full fine-tuning value of
+    # RL-style trainers (OpenRLHF, verl); LoRA and tiny models take more.
+    lr: float = 1e-6
+    # Linear warmup steps from 0 to `lr`.
+    warmup_steps: int = 0
+    # Schedule after warmup.
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    # Final learning rate as a fraction of `lr` (cosine/linear).
+    min_lr_ratio: float = 0.0
+    # AdamW weight decay. Decoupled decay shrinks every weight each step
+    # whatever the gradient, so even a policy with zero advantages moves
+    # (self-distillation stays bitwise still only at 0, the default).
+    weight_decay: float = 0.0
+    # AdamW betas.
+    betas: tuple[float, float] = (0.9, 0.999)
+    # Clip the global gradient norm to this (0 = off).
+    grad_clip: float = 1.0
+    # Token budget of one micro-batch (prompt + completion tokens, padded).
+    micro_batch_tokens: int = 8192
+    # Gradient checkpointing in the student's forward.
+    gradient_checkpointing: bool = False
+    # CPUs reserved per learner rank in the placement group.
+    cpus_per_worker: float = 1.0
+    # Torch threads of a CPU learner rank; 0 = Ray's default (one per reserved
+    # CPU). In train.mode=sync the roles take turns, so a rank may use more
+    # cores than it reserves and train faster; in async mode, or with several
+    # ranks on one node, extra threads oversubscribe the cores.
+    cpu_threads: int = 0
+    # Timeout of every collective and learner RPC (seconds): a dead rank fails
+    # the run instead of hanging it.
+    collective_timeout_s: float = 600.0
+
+    def problems(self) -> list[str]:
+        out = positive(self, "world_size", "lr", "micro_batch_tokens", "collective_timeout_s")
+        out += non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "cpus_per_worker", "cpu_threads")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            out.append(f"learner.min_lr_ratio: {self.min_lr_ratio} is outside [0, 1]")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            out.append(f"learner.betas: {list(self.betas)} must both be in [0, 1)")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    # reverse_kl: on-policy distillation ("On-Policy Distillation", Thinking
+    #   Machines Lab, 2025) (sampled-token reverse KL as a per-token advantage,
+    #   importance-sampling loss).
+    # reverse_kl_topk / forward_kl_topk / jsd: divergences over the teacher's
+    #   top-k support (teacher.top_k > 0).
+    # sft: cross-entropy on the completions (sequence-level KD when
+    #   train.sample_from=teacher).
+    # What each needs is in LOSSES above.
+    kind: LossKind = "reverse_kl"
+    # Scale of the reverse-KL advantage A_t = -coef * (lp_sampler - lp_teacher).
+    kl_coef: float = 1.0
+    # Discount of future per-token advantages (0 = each token's own advantage,
+    # 1 = undiscounted sum to the end of the completion).
+    discount: float = 0.0
+    # Truncate the importance ratio exp(lp_learner - lp_sampler) at this cap.
+    ratio_cap: float = 2.0
+    # "token": mean over all trained tokens of the batch; "sequence": mean per
+    # sequence, then over sequences.
+    normalize: Literal["token", "sequence"] = "token"
+    # Generalized JSD interpolation (0 -> forward KL, 1 -> reverse KL, in the
+    # GKD's D_JSD(beta) convention with P = teacher).
+    jsd_beta: float = 0.5
+    # Probability outside the teacher's top-k in the *_topk and jsd losses:
+    # "bucket" adds one tail category holding each side's remaining mass (the
+    # student's exact, from the learner's full logits), so student mass where
+    # the teacher has little is penalised; "renormalize" restricts both
+    # distributions to the top-k and renormalises (ignores that mass).
+    topk_tail: Literal["renormalize", "bucket"] = "bucket"
+
+    def problems(self) -> list[str]:
+        out = positive(self, "ratio_cap")
+        if not 0.0 <= self.discount <= 1.0:
+            out.append(f"loss.discount: {self.discount} is outside [0, 1]")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            out.append(f"loss.jsd_beta: {self.jsd_beta} is outside [0, 1]")
+        return out
