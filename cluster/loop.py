@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.checkpoint import save_checkpoint
+from cluster.checkpoint import save_checkpoint, step_name
 from cluster.config import Config
 from cluster.stages import completion_table, evaluate, reward_completions, sample_completions, score_completions
 from rollout.types import RolloutBatch
@@ -224,7 +224,7 @@ def export(ctx: RunContext) -> Path:
     """Hugging Face export of the current student to
     <run.dir>/exports/step_NNNNNNNN (run.export_every_steps); every learner
     rank takes part (a ZeRO-3 gather), rank 0 writes."""
-    path = ctx.learners.export_hf(ctx.run_dir / "exports" / f"step_{ctx.step:08d}")
+    path = ctx.learners.export_hf(ctx.run_dir / "exports" / step_name(ctx.step))
     print(f"[opd] step {ctx.step}: student exported to {path}", flush=True)
     return path
 

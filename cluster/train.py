@@ -44,12 +44,12 @@ from cluster.checkpoint import LEARNER, clean_partial, latest_checkpoint, read_d
 from cluster.config import Config, ConfigError, load_config, to_dict
 from cluster.loop import RunContext, actor_died, checkpoint, do_async_training, do_sync_training
 from cluster.metrics_log import MetricsLogger
+from cluster.models import check_student_on_nodes, hf_env, resolve_models
 from cluster.task_fns import TaskFunctionError
 from cluster.tiny_data import resolve_data
 from rollout.host import cpu_kv_cache_space
 from rollout.prompts import PromptDataError
 from rollout.teacher_client import TeacherUnavailableError, TokenizerMismatchError
-from cluster.models import check_student_on_nodes, hf_env, resolve_models
 
 
 class WorkerDied(RuntimeError):
@@ -121,7 +121,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
         print(f"[opd] models: student {student_path}" + (f", teacher {teacher_path}" if teacher_path else ""),
               flush=True)
     train_path, eval_path = resolve_data(cfg.data.train, cfg.data.eval)
-    data_cfg = __import__("dataclasses").replace(cfg.data, train=train_path, eval=eval_path)
+    data_cfg = dataclasses.replace(cfg.data, train=train_path, eval=eval_path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     # Prompts next: bad data fails in seconds, before any actor starts.
     stream, eval_records = load_prompt_sources(data_cfg, tokenizer, seed=cfg.run.seed)
@@ -133,39 +133,32 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
         # before anything starts (the server loads the same files).
         check_tokenizers(student_tok, load_tokenizer_info(teacher_path), student_path, cfg.teacher.model)
 
-    # The teacher starts on a side thread (a wait for teacher.url, or a
-    # teacher_server the driver serves in its own Ray actor, which books its
-    # GPUs: cluster/teacher_proc.py) while the samplers and the learners
-    # start: each takes about a minute on CPU, and they do not depend on each
-    # other. A teacher that fails to start fails the run at the next check
-    # below.
-    tex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher-start")
-    teacher_start: dict = {}
-
-    def start_teacher_soon(tcfg, **kwargs) -> None:
-        print(f"[opd] starting teacher ({tcfg.url or teacher_path})", flush=True)
-        teacher_start["fut"] = tex.submit(start_teacher, tcfg, teacher_path, run_dir, **kwargs)
-        tex.shutdown(wait=False)
+    # A running teacher (teacher.url): wait for it and check its tokenizer
+    # before Ray or any actor starts (only its hash travels unless they
+    # differ). A teacher the driver serves starts below, on a side thread, in
+    # its own Ray actor that books its GPUs (cluster/teacher_proc.py), while
+    # the samplers and the learners start: each takes about a minute on CPU.
+    # A teacher that fails to start fails the run at the next check.
+    teacher_fut: cf.Future | None = None
+    if cfg.teacher.url:
+        print(f"[opd] starting teacher ({cfg.teacher.url})", flush=True)
+        teacher_fut = cf.Future()
+        teacher_fut.set_result(start_teacher(cfg.teacher, None, run_dir))
+        with TeacherClient.from_config(cfg.teacher, cfg.teacher.url) as probe:
+            probe.check_tokenizer(student_tok, student_name=student_path)
 
     def stop_teacher() -> None:
+        if teacher_fut is None:
+            return  # never started
         try:
-            handle = teacher_start["fut"].result()
-        except BaseException:  # noqa: BLE001 - never started, or it failed (start_teacher cleaned up)
+            handle = teacher_fut.result()
+        except BaseException:  # noqa: BLE001 - it failed (start_teacher cleaned up)
             return
         handle.stop()
 
     def teacher_failed_fast() -> None:
-        fut = teacher_start.get("fut")
-        if fut is not None and fut.done() and fut.exception() is not None:
-            fut.result()  # raises the teacher's start error
-
-    if cfg.teacher.url:
-        # A running teacher: check its tokenizer before Ray or any actor starts
-        # (only its hash travels unless they differ).
-        start_teacher_soon(cfg.teacher)
-        teacher_start["fut"].result()
-        with TeacherClient.from_config(cfg.teacher, cfg.teacher.url) as probe:
-            probe.check_tokenizer(student_tok, student_name=student_path)
+        if teacher_fut is not None and teacher_fut.done() and teacher_fut.exception() is not None:
+            teacher_fut.result()  # raises the teacher's start error
 
     info = connect(cfg.placement, env_vars=actor_env(cfg))
     import ray
@@ -179,8 +172,12 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     cfg = with_concrete_dtypes(cfg, plan.uses_gpus)
     if not cfg.teacher.url:
         # After the groups are reserved: the teacher takes GPUs they left.
-        start_teacher_soon(cfg.teacher, num_gpus=cfg.teacher.tensor_parallel_size if plan.uses_gpus else 0,
-                           model_ref=teacher_model)
+        print(f"[opd] starting teacher ({teacher_path})", flush=True)
+        tex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher-start")
+        teacher_fut = tex.submit(start_teacher, cfg.teacher, teacher_path, run_dir,
+                                 num_gpus=cfg.teacher.tensor_parallel_size if plan.uses_gpus else 0,
+                                 model_ref=teacher_model)
+        tex.shutdown(wait=False)
     layout = plan.describe()
     (run_dir / "placement.json").write_text(json.dumps(layout, indent=1))
     # Every other node the samplers and learners landed on must see the
@@ -200,7 +197,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
                                    scheduling_strategies=plan.learner_strategies,
                                    num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps)
     teardown.append(learners.shutdown)
-    teacher_proc = teacher_start["fut"].result()
+    teacher_proc = teacher_fut.result()
     # A driver-started server's key (teacher.api_key_file, or one made for the run).
     teacher = TeacherClient.from_config(dataclasses.replace(cfg.teacher, api_key_file=teacher_proc.api_key_file),
                                         teacher_proc.url)
