@@ -48,7 +48,7 @@ def measure(model_path: str, engine_process: str, prompts: list[str], samples: i
     from rollout.pool import SamplerPool
 
     rollout_cfg = RolloutConfig(engine_process=engine_process, samples_per_prompt=samples,
-                                max_new_tokens=max_new_tokens, kv_cache_gib=1.0)
+                                max_new_tokens=max_new_tokens)
     student_cfg = StudentConfig(model=model_path, dtype="float32", max_model_len=256)
     t0 = time.perf_counter()
     pool = SamplerPool.create(model_path, rollout_cfg, student_cfg, num_samplers=1)

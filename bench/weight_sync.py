@@ -63,7 +63,7 @@ def bench_model(name: str, repeats: int, bucket_mb: int) -> list[dict]:
 
     specs = specs_from_named(live())
     nbytes = sum(s.nbytes for s in specs)
-    rollout = RolloutConfig(weight_sync_bucket_mb=bucket_mb, kv_cache_gib=1.0, max_new_tokens=8)
+    rollout = RolloutConfig(weight_sync_bucket_mb=bucket_mb, max_new_tokens=8)
     both = SamplerPool.create(path, rollout, StudentConfig(max_model_len=256), num_samplers=2)
     import psutil
     import ray

@@ -34,6 +34,7 @@ import yaml
 from learner.config import LOSSES, LearnerConfig, LossConfig  # noqa: F401
 from rollout.config import (  # noqa: F401
     SECTION_NAMES,
+    CpuConfig,
     DataConfig,
     RolloutConfig,
     StudentConfig,
@@ -258,6 +259,9 @@ class Config:
     run: RunConfig = RunConfig()
     # Ray cluster and placement.
     placement: PlacementConfig = PlacementConfig()
+    # Settings used only where a role runs on CPU (tests, the demo); GPU runs
+    # can ignore them.
+    cpu: CpuConfig = CpuConfig()
 
     def problems(self) -> list[str]:
         """Required keys and cross-section checks (each section checks its own
@@ -519,6 +523,15 @@ class _Bad:
 _BAD = _Bad()
 
 
+# Keys that moved, to the key that holds the setting now.
+MOVED = {
+    "rollout.kv_cache_gib": "cpu.sampler_kv_cache_gib",
+    "rollout.cpu_threads_bind": "cpu.sampler_threads",
+    "teacher.kv_cache_gib": "cpu.teacher_kv_cache_gib",
+    "learner.cpu_threads": "cpu.learner_threads",
+}
+
+
 def _build(cls: type, data: dict, prefix: str, problems: list[str]):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -526,6 +539,9 @@ def _build(cls: type, data: dict, prefix: str, problems: list[str]):
         if k not in fields:
             k = k if isinstance(k, str) else _show(k, 40)
             key = f"{prefix}.{k}" if prefix else k
+            if key in MOVED:
+                problems.append(f"{key}: moved to {MOVED[key]}; set that key instead")
+                continue
             problems.append(f"{key}: unknown key; valid keys {'of ' + prefix if prefix else 'at the top level'} "
                             f"are {', '.join(sorted(fields))}")
     kwargs = {}

@@ -249,13 +249,14 @@ def _run_key(tcfg: TeacherConfig) -> tuple[str, str, bool]:
 
 
 def start_teacher(tcfg: TeacherConfig, model_path: str | None, run_dir: Path, *, num_gpus: float = 0.0,
-                  env: dict | None = None, model_ref=None) -> TeacherHandle:
+                  env: dict | None = None, model_ref=None, kv_cache_gib: float = 1.0) -> TeacherHandle:
     """Wait for `teacher.url`, or start teacher_server for `model_path` in a
     Ray actor booking `num_gpus` GPUs (the caller passes
     teacher.tensor_parallel_size when the run has GPUs, else 0) and
     `teacher.cpus` CPUs; Ray must be connected. `env`: extra environment of
     the server; `model_ref`: the ResolvedModel of `model_path`, fetched on
-    the teacher's node when that node lacks it. See the module docstring."""
+    the teacher's node when that node lacks it; `kv_cache_gib`: the KV cache
+    of a CPU server (`cpu.teacher_kv_cache_gib`). See the module docstring."""
     if tcfg.url:
         wait_healthy(tcfg.url, timeout_s=tcfg.startup_timeout_s)
         return TeacherHandle(tcfg.url, api_key_file=tcfg.api_key_file)
@@ -269,7 +270,7 @@ def start_teacher(tcfg: TeacherConfig, model_path: str | None, run_dir: Path, *,
     handle = TeacherHandle("", actor, log_path, key_file, own)
     try:
         # The KV cache of a CPU server is the teacher's own (actors get the samplers' in their env).
-        proc_env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(tcfg.kv_cache_gib), **(env or {})}
+        proc_env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(kv_cache_gib), **(env or {})}
         unset = [] if "OMP_NUM_THREADS" in os.environ else ["OMP_NUM_THREADS"]
         ref = actor.start.remote(server_args(tcfg, model_path), key, str(log_path), proc_env, unset,
                                  ray.get_runtime_context().get_node_id(), model_ref)

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def actor_env(cfg: Config) -> dict[str, str]:
     """Environment every actor gets (vLLM CPU settings, DeepSpeed accelerator)."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(cfg.rollout.kv_cache_gib),
+    env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(cfg.cpu.sampler_kv_cache_gib),
            "TOKENIZERS_PARALLELISM": "false"}
     for k in ("OPD_CACHE_DIR", "DS_ACCELERATOR", "VLLM_CPU_OMP_THREADS_BIND", "WANDB_MODE"):
         if k in os.environ:
@@ -176,7 +176,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
         tex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher-start")
         teacher_fut = tex.submit(start_teacher, cfg.teacher, teacher_path, run_dir,
                                  num_gpus=cfg.teacher.tensor_parallel_size if plan.uses_gpus else 0,
-                                 model_ref=teacher_model)
+                                 model_ref=teacher_model, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib)
         tex.shutdown(wait=False)
     layout = plan.describe()
     (run_dir / "placement.json").write_text(json.dumps(layout, indent=1))
@@ -190,12 +190,13 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     teacher_failed_fast()
     pool = SamplerPool.create(student_path, cfg.rollout, cfg.student, num_samplers=cfg.rollout.num_samplers,
                               scheduling_strategies=plan.sampler_strategies,
-                              num_gpus_per_sampler=plan.gpus_per_sampler(cfg.rollout))
+                              num_gpus_per_sampler=plan.gpus_per_sampler(cfg.rollout), cpu_cfg=cfg.cpu)
     teardown.append(pool.shutdown)
     teacher_failed_fast()
     learners = LearnerGroup.create(student_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
                                    scheduling_strategies=plan.learner_strategies,
-                                   num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps)
+                                   num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps,
+                                   cpu_threads=cfg.cpu.learner_threads)
     teardown.append(learners.shutdown)
     teacher_proc = teacher_fut.result()
     # A driver-started server's key (teacher.api_key_file, or one made for the run).

@@ -90,18 +90,13 @@ class LearnerConfig:
     gradient_checkpointing: bool = False
     # CPUs reserved per learner rank in the placement group.
     cpus_per_worker: float = 1.0
-    # Torch threads of a CPU learner rank; 0 = Ray's default (one per reserved
-    # CPU). In train.mode=sync the roles take turns, so a rank may use more
-    # cores than it reserves and train faster; in async mode, or with several
-    # ranks on one node, extra threads oversubscribe the cores.
-    cpu_threads: int = 0
     # Timeout of every collective and learner RPC (seconds): a dead rank fails
     # the run instead of hanging it.
     collective_timeout_s: float = 600.0
 
     def problems(self) -> list[str]:
         out = positive(self, "world_size", "lr", "micro_batch_tokens", "collective_timeout_s")
-        out += non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "cpus_per_worker", "cpu_threads")
+        out += non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "cpus_per_worker")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             out.append(f"learner.min_lr_ratio: {self.min_lr_ratio} is outside [0, 1]")
         if not all(0.0 <= b < 1.0 for b in self.betas):

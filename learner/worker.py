@@ -185,7 +185,8 @@ class LearnerWorker:
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
                  learner_cfg: LearnerConfig, loss_cfg: LossConfig, seed: int, *, use_gpu: bool = False,
-                 total_steps: int | None = None, ds_config_overrides: dict | None = None):
+                 total_steps: int | None = None, ds_config_overrides: dict | None = None, cpu_threads: int = 0):
+        """`cpu_threads`: torch threads of a CPU rank (`cpu.learner_threads`; 0 = Ray's default)."""
         self.rank, self.world_size = rank, world_size
         self.model_path = str(model_path)
         learner_cfg = dataclasses.replace(learner_cfg, dtype=concrete_dtype(learner_cfg.dtype, use_gpu))
@@ -195,8 +196,8 @@ class LearnerWorker:
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if not use_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
-            if learner_cfg.cpu_threads > 0:
-                torch.set_num_threads(learner_cfg.cpu_threads)
+            if cpu_threads > 0:
+                torch.set_num_threads(cpu_threads)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
         from transformers import AutoModelForCausalLM

@@ -80,8 +80,6 @@ class TeacherConfig:
     max_model_len: int = 4096
     # Tensor parallel size of a self-started server (GPUs it takes).
     tensor_parallel_size: int = 1
-    # KV cache of a self-started server on CPU (GiB).
-    kv_cache_gib: float = 1.0
     # Ray CPUs a self-started server's actor books (its GPUs:
     # tensor_parallel_size when the run has GPUs).
     cpus: float = 1.0
@@ -107,7 +105,7 @@ class TeacherConfig:
     startup_timeout_s: float = 600.0
 
     def problems(self) -> list[str]:
-        out = positive(self, "max_model_len", "tensor_parallel_size", "kv_cache_gib", "temperature",
+        out = positive(self, "max_model_len", "tensor_parallel_size", "temperature",
                        "max_tokens_per_request", "max_concurrency", "request_timeout_s",
                        "unavailable_timeout_s", "startup_timeout_s")
         out += non_negative(self, "cpus")
@@ -172,14 +170,6 @@ class RolloutConfig:
     # default). Lower it when placement.gpus_per_bundle < 1 puts other roles
     # on the same GPU.
     gpu_memory_utilization: float = 0.9
-    # KV cache per sampler on CPU (GiB, VLLM_CPU_KVCACHE_SPACE).
-    kv_cache_gib: float = 1.0
-    # CPU threads of a CPU sampler: "auto" (every core the sampler's process
-    # may run on but one, vLLM's own reserve), or cores like "0-1" / "0,2,4"
-    # (the engine is pinned to them, one thread each). Passed on as VLLM_CPU_OMP_THREADS_BIND when the
-    # engine runs in its own process (which also takes vLLM's "nobind" and
-    # per-rank "0-3|4-7").
-    cpu_threads_bind: str = "auto"
     # Where a sampler's vLLM engine runs: "inprocess" (inside the sampler actor:
     # on CPU it starts faster, needs less memory and generates faster, with no
     # engine processes to spawn and no message queue per call: python -m
@@ -205,7 +195,7 @@ class RolloutConfig:
 
     def problems(self) -> list[str]:
         out = positive(self, "num_samplers", "samples_per_prompt", "max_new_tokens", "tensor_parallel_size",
-                       "kv_cache_gib", "weight_sync_bucket_mb", "weight_sync_timeout_s", "generate_timeout_s")
+                       "weight_sync_bucket_mb", "weight_sync_timeout_s", "generate_timeout_s")
         out += non_negative(self, "temperature", "top_k", "cpus_per_sampler")
         if not 0.0 < self.top_p <= 1.0:
             out.append(f"rollout.top_p: {self.top_p} is outside (0, 1]; use 1.0 to disable nucleus sampling")
@@ -214,15 +204,42 @@ class RolloutConfig:
         if self.engine_process == "inprocess" and self.tensor_parallel_size != 1:
             out.append(f"rollout.engine_process=inprocess runs one engine worker, but tensor_parallel_size is "
                        f"{self.tensor_parallel_size}: use engine_process=multiprocess (or auto)")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuConfig:
+    """Settings that only matter where a role runs on CPU (the tests and the
+    demo). A run whose roles have GPUs ignores this section."""
+
+    # KV cache of each CPU sampler (GiB; vLLM's VLLM_CPU_KVCACHE_SPACE).
+    sampler_kv_cache_gib: float = 1.0
+    # Threads of a CPU sampler's engine: "auto" (every core the sampler's
+    # process may run on but one, vLLM's own reserve), or cores like "0-1" /
+    # "0,2,4" (the engine is pinned to them, one thread each). Passed on as
+    # VLLM_CPU_OMP_THREADS_BIND when the engine runs in its own process (which
+    # also takes vLLM's "nobind" and per-rank "0-3|4-7").
+    sampler_threads: str = "auto"
+    # KV cache of a teacher server the driver starts on CPU (GiB).
+    teacher_kv_cache_gib: float = 1.0
+    # Torch threads of a CPU learner rank; 0 = Ray's default (one per CPU the
+    # rank reserves, learner.cpus_per_worker). In train.mode=sync the roles
+    # take turns, so a rank may use more cores than it reserves; in async
+    # mode, or with several ranks on one node, extra threads oversubscribe.
+    learner_threads: int = 0
+
+    def problems(self) -> list[str]:
+        out = positive(self, "sampler_kv_cache_gib", "teacher_kv_cache_gib")
+        out += non_negative(self, "learner_threads")
         try:
-            parse_cpu_list(self.cpu_threads_bind)
+            parse_cpu_list(self.sampler_threads)
         except ValueError as e:
-            out.append(f"rollout.cpu_threads_bind: {e}")
+            out.append(f"{section_name(self)}.sampler_threads: {e}")
         return out
 
 
 def parse_cpu_list(spec: str) -> list[int] | None:
-    """Cores of `rollout.cpu_threads_bind`: None for "auto" (and vLLM's
+    """Cores of `cpu.sampler_threads`: None for "auto" (and vLLM's
     "nobind"), else the listed cores ("0-3", "0,2,4", "0-1,6"; vLLM's per-rank
     groups "0-3|4-7" give their union), sorted and unique."""
     if spec in ("auto", "nobind"):

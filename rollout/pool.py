@@ -71,9 +71,9 @@ def _spawn_sampler(factory: tuple, i: int, **kwargs):
     (`factory`) without waiting for it; `kwargs` go to `SamplerActor`."""
     import ray
 
-    path, rollout_cfg, student_cfg, strategies, num_gpus = factory
+    path, rollout_cfg, student_cfg, strategies, num_gpus, cpu_cfg = factory
     return (ray.remote(SamplerActor).options(**sampler_actor_options(rollout_cfg, num_gpus, strategies[i]))
-            .remote(path, rollout_cfg, student_cfg, sampler_index=i, **kwargs))
+            .remote(path, rollout_cfg, student_cfg, sampler_index=i, cpu_cfg=cpu_cfg, **kwargs))
 
 
 class SamplerPool:
@@ -96,7 +96,7 @@ class SamplerPool:
     @classmethod
     def create(cls, model: str, rollout_cfg, student_cfg, num_samplers: int | None = None,
                scheduling_strategies: list | None = None, initial_version: int = 0, *,
-               num_gpus_per_sampler: float | None = None) -> "SamplerPool":
+               num_gpus_per_sampler: float | None = None, cpu_cfg=None) -> "SamplerPool":
         """Start `num_samplers` (default rollout_cfg.num_samplers) actors, each
         with its own Ray scheduling strategy when given (e.g. a
         PlacementGroupSchedulingStrategy per sampler), and wait until ready.
@@ -104,7 +104,8 @@ class SamplerPool:
         The driver passes its placement plan's (`PlacementPlan.gpus_per_sampler`:
         what each bundle holds). None, for a pool made without a plan (tests,
         benchmarks on one machine): tensor_parallel_size GPUs when this
-        process sees CUDA, else 0."""
+        process sees CUDA, else 0. `cpu_cfg`: the run's `cpu:` section
+        (CpuConfig; None = its defaults)."""
         num = rollout_cfg.num_samplers if num_samplers is None else num_samplers
         if scheduling_strategies is not None and len(scheduling_strategies) != num:
             raise ValueError(f"{len(scheduling_strategies)} scheduling strategies for {num} samplers")
@@ -114,7 +115,7 @@ class SamplerPool:
             import torch
 
             num_gpus_per_sampler = rollout_cfg.tensor_parallel_size if torch.cuda.is_available() else 0
-        factory = (path, rollout_cfg, student_cfg, strategies, num_gpus_per_sampler)
+        factory = (path, rollout_cfg, student_cfg, strategies, num_gpus_per_sampler, cpu_cfg)
         actors = [_spawn_sampler(factory, i, initial_version=initial_version) for i in range(num)]
         pool = cls(actors, timeout_s=rollout_cfg.weight_sync_timeout_s,
                    generate_timeout_s=rollout_cfg.generate_timeout_s, max_new_tokens=rollout_cfg.max_new_tokens)

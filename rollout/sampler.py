@@ -48,7 +48,7 @@ import threading
 import time
 from typing import Any, Union
 
-from rollout.config import parse_cpu_list
+from rollout.config import CpuConfig, parse_cpu_list
 from rollout.host import cpu_kv_cache_space
 from rollout.types import Completion
 from rollout.weight_sync import WeightSyncError, concrete_dtype, engine_backend
@@ -130,12 +130,14 @@ class SamplerActor:
     """One vLLM engine of the student. Use as a threaded Ray actor."""
 
     def __init__(self, model: str, rollout_cfg, student_cfg, sampler_index: int = 0,
-                 initial_version: int = 0, require_update: bool = False) -> None:
+                 initial_version: int = 0, require_update: bool = False, cpu_cfg: CpuConfig | None = None) -> None:
         """`require_update`: start refusing to sample until the first weight
         update lands (a restarted sampler must not serve its checkpoint's
-        weights while the others serve the learner's)."""
+        weights while the others serve the learner's). `cpu_cfg`: the run's
+        `cpu:` section (used only when this actor has no GPU)."""
         import torch
 
+        cpu_cfg = cpu_cfg or CpuConfig()
         self.cfg = rollout_cfg
         self.index = sampler_index
         has_gpu = torch.cuda.is_available()
@@ -143,11 +145,11 @@ class SamplerActor:
         # Read by vLLM when the engine is built (this actor owns its process).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
         if not has_gpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = cpu_kv_cache_space(rollout_cfg.kv_cache_gib)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = cpu_kv_cache_space(cpu_cfg.sampler_kv_cache_gib)
             if self.in_process:
-                bind_cpu_threads(rollout_cfg.cpu_threads_bind)
+                bind_cpu_threads(cpu_cfg.sampler_threads)
             else:
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout_cfg.cpu_threads_bind
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cfg.sampler_threads
         self.backend = engine_backend(rollout_cfg.weight_sync_backend, has_gpu)
 
         import rollout.weight_receiver  # noqa: F401  (registers opd_gloo here too)

@@ -108,12 +108,13 @@ def test_tensor_parallel_sampler_in_a_placement_group(ray_session, student_path,
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from learner.weight_sender import GlooWeightSender, specs_from_named
+    from rollout.config import CpuConfig
     from rollout.pool import SamplerPool
     from rollout.host import free_port
     from tests.fixtures.sampler import sampler_configs
 
     # One engine worker per core: vLLM's CPU worker binds each rank's threads.
-    rollout_cfg, student_cfg = sampler_configs(tensor_parallel_size=2, cpus_per_sampler=2.0, cpu_threads_bind="0|1")
+    rollout_cfg, student_cfg = sampler_configs(tensor_parallel_size=2, cpus_per_sampler=2.0)
     pg = placement_group([{"CPU": 2.0}], strategy="PACK")
     ray.get(pg.ready(), timeout=60)
     bundle = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
@@ -121,7 +122,7 @@ def test_tensor_parallel_sampler_in_a_placement_group(ray_session, student_path,
     pool = sender = None
     try:
         pool = SamplerPool.create(student_path, rollout_cfg, student_cfg, scheduling_strategies=[bundle],
-                                  num_gpus_per_sampler=0)
+                                  num_gpus_per_sampler=0, cpu_cfg=CpuConfig(sampler_threads="0|1"))
         assert pool.num_workers() == [2]
         _check_against_hf(pool.generate(PROMPTS, n=2, temperature=1.0, seed=7), student_hf, 1.0, 1.0)
 

@@ -92,21 +92,30 @@ def test_sampler_engine_process_and_cpu_binding():
     assert parse_cpu_list("auto") is None and parse_cpu_list("nobind") is None
     assert parse_cpu_list("0-1,6") == [0, 1, 6] and parse_cpu_list("0-1|2-3") == [0, 1, 2, 3]
     probs = problems_of(req(), ["rollout.engine_process=inprocess", "rollout.tensor_parallel_size=2",
-                             "rollout.cpu_threads_bind=3-1"])
+                             "cpu.sampler_threads=3-1"])
     assert any("engine_process=inprocess" in p and "tensor_parallel_size is 2" in p for p in probs)
-    assert any(p.startswith("rollout.cpu_threads_bind: '3-1'") for p in probs)
+    assert any(p.startswith("cpu.sampler_threads: '3-1'") for p in probs)
     cfg = config_from_dict(req(), ["rollout.engine_process=multiprocess", "rollout.tensor_parallel_size=2",
-                                "rollout.cpu_threads_bind=0-3|4-7"])
-    assert cfg.rollout.engine_process == "multiprocess" and cfg.rollout.cpu_threads_bind == "0-3|4-7"
+                                "cpu.sampler_threads=0-3|4-7"])
+    assert cfg.rollout.engine_process == "multiprocess" and cfg.cpu.sampler_threads == "0-3|4-7"
     assert any("rollout.engine_process: 'fork' is not valid" in p
                for p in problems_of(req(), ["rollout.engine_process=fork"]))
 
 
-def test_learner_threads():
-    cfg = config_from_dict(req(), ["learner.cpu_threads=2"])
-    assert cfg.learner.cpu_threads == 2
-    probs = problems_of(req(), ["learner.cpu_threads=-1"])
-    assert any(p.startswith("learner.cpu_threads: -1") for p in probs)
+def test_cpu_section_holds_the_cpu_only_knobs():
+    cfg = config_from_dict(req(), ["cpu.learner_threads=2", "cpu.sampler_kv_cache_gib=3",
+                                   "cpu.teacher_kv_cache_gib=2"])
+    assert (cfg.cpu.learner_threads, cfg.cpu.sampler_kv_cache_gib, cfg.cpu.teacher_kv_cache_gib) == (2, 3.0, 2.0)
+    probs = problems_of(req(), ["cpu.learner_threads=-1", "cpu.sampler_kv_cache_gib=0"])
+    assert any(p.startswith("cpu.learner_threads: -1") for p in probs)
+    assert any(p.startswith("cpu.sampler_kv_cache_gib: 0") for p in probs)
+    # The old places of these keys say where each one went.
+    probs = problems_of(req(), ["rollout.kv_cache_gib=2", "rollout.cpu_threads_bind=0", "teacher.kv_cache_gib=2",
+                                "learner.cpu_threads=2"])
+    for old, new in [("rollout.kv_cache_gib", "cpu.sampler_kv_cache_gib"),
+                     ("rollout.cpu_threads_bind", "cpu.sampler_threads"),
+                     ("teacher.kv_cache_gib", "cpu.teacher_kv_cache_gib"), ("learner.cpu_threads", "cpu.learner_threads")]:
+        assert any(p.startswith(f"{old}: moved to {new}") for p in probs), (old, probs)
 
 
 def test_lengths_must_fit_model():
