@@ -2,12 +2,14 @@
 (a) the same vLLM engine scoring offline in-process (the ceiling) and
 (b) vLLM's own OpenAI-compatible server with `prompt_logprobs` (what a user
 would run instead), at several batch sizes (sequences per request) and client
-concurrencies. Each route runs alone (one engine at a time), on the same model,
+concurrencies; and the same scoring through opd's `TeacherClient` against
+both servers (teacher.backend=opd vs teacher.backend=vllm: what a run gets). Each route runs alone (one engine at a time), on the same model,
 the same sequences and the same vLLM options (float32, enforce_eager, default
 CPU thread binding).
 
     .venv/bin/python -m bench.teacher_server                       # tiny teacher, a few minutes
     .venv/bin/python -m bench.teacher_server --model tiny:teacher-100m --num-seqs 256
+    .venv/bin/python -m bench.teacher_server --client-only    # only the TeacherClient rows
 
 "Tokens scored" are the positions start .. len-1 of every sequence (here the
 second half: a prompt plus a completion of equal length). The offline ceiling of
@@ -169,6 +171,27 @@ def bench_server(post, seqs, configs, repeats: int) -> dict:
     return {(b, c): max(asyncio.run(drive(post, seqs, b, c)) for _ in range(repeats)) for b, c in configs}
 
 
+def bench_client(url: str, backend: str, seqs, configs, repeats: int) -> dict:
+    """TeacherClient.score of all sequences (packs of B sequences, C in flight):
+    tokens/s, best of `repeats`. The first call also probes the server."""
+    from rollout.teacher_client import TeacherClient
+
+    pairs = [(s["token_ids"], s["start"]) for s in seqs]
+    out = {}
+    for b, c in configs:
+        budget = b * max(len(ids) for ids, _ in pairs)
+        with TeacherClient(url, backend=backend, max_tokens_per_request=budget, max_concurrency=c) as client:
+            client.score(pairs[:2])  # warm-up (probe, connections)
+            best = 0.0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                res = client.score(pairs)
+                assert not res.errors, res.errors[:3]
+                best = max(best, scored_tokens(seqs) / (time.perf_counter() - t0))
+        out[(b, c)] = best
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny:teacher")
@@ -177,6 +200,8 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--configs", default="1x16,8x4,32x2,64x1", help="BATCHxCONCURRENCY,...")
     p.add_argument("--repeats", type=int, default=2, help="runs per cell; the best is reported")
+    p.add_argument("--client-only", action="store_true",
+                   help="only TeacherClient through opd's server vs through vLLM's server")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     model = resolve_model(args.model)
@@ -188,7 +213,7 @@ def main() -> None:
     print(f"model {model}: {args.num_seqs} sequences x {args.seq_len} tokens, "
           f"{scored_tokens(seqs)} scored per run; logs in {logdir}", flush=True)
 
-    offline = bench_offline(model, args.max_model_len, seqs, configs, args.repeats)
+    offline = {} if args.client_only else bench_offline(model, args.max_model_len, seqs, configs, args.repeats)
     print("offline done", flush=True)
 
     port = free_port()
@@ -197,8 +222,10 @@ def main() -> None:
                    "float32", "--max-model-len", str(args.max_model_len), "--max-queue", "1024"],
                   url + "/health", os.path.join(logdir, "teacher_server.log"))
     try:
-        ours_json = bench_server(ours_poster(url, False), seqs, configs, args.repeats)
-        ours_msgpack = bench_server(ours_poster(url, True), seqs, configs, args.repeats)
+        client_opd = bench_client(url, "opd", seqs, configs, args.repeats)
+        if not args.client_only:
+            ours_json = bench_server(ours_poster(url, False), seqs, configs, args.repeats)
+            ours_msgpack = bench_server(ours_poster(url, True), seqs, configs, args.repeats)
         ref_ours = asyncio.run(_once(ours_poster(url, False), seqs[:4]))
     finally:
         stop(proc)
@@ -211,13 +238,25 @@ def main() -> None:
                    str(args.max_model_len), "--max-logprobs", "20", "--seed", "0"],
                   url + "/health", os.path.join(logdir, "vllm_server.log"))
     try:
-        vllm = bench_server(vllm_poster(url, model), seqs, configs, args.repeats)
+        client_vllm = bench_client(url, "vllm", seqs, configs, args.repeats)
+        if not args.client_only:
+            vllm = bench_server(vllm_poster(url, model), seqs, configs, args.repeats)
         ref_vllm = asyncio.run(_once(vllm_poster(url, model), seqs[:4]))
     finally:
         stop(proc)
     diff = max(float(np.max(np.abs(np.subtract(a, b)))) for a, b in zip(ref_ours, ref_vllm, strict=True))
 
     print(f"\nmax |teacher_server - vllm serve| logprob difference on 4 sequences: {diff:.2e}")
+    print("TeacherClient.score, tokens scored per second (best of %d)" % args.repeats)
+    hdr = f"{'batch':>5} {'conc':>4} | {'backend=opd':>11} {'backend=vllm':>12} | {'opd/vllm':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for b, c in configs:
+        o, v = client_opd[(b, c)], client_vllm[(b, c)]
+        print(f"{b:>5} {c:>4} | {o:>11.0f} {v:>12.0f} | {o / v:>8.2f}")
+    if args.client_only:
+        return
+    print()
     print("tokens scored per second (best of %d)" % args.repeats)
     hdr = (f"{'batch':>5} {'conc':>4} | {'offline':>9} {'ours-json':>9} {'ours-msgp':>9} {'vllm-srv':>9} | "
            f"{'json/off':>8} {'msgp/off':>8} {'json/vllm':>9} {'msgp/vllm':>9}")

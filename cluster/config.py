@@ -274,9 +274,14 @@ class Config:
         if not self.data.train:
             out.append("data.train: required; set it to a JSONL or Parquet file of prompts, or a directory "
                        "written by datasets' save_to_disk (e.g. data.train=/data/prompts.jsonl)")
-        if self.teacher.url is None and not self.teacher.model:
+        # With teacher.routes the top-level teacher needs a server only when it
+        # scores records (unrouted=default) or a route shares its server.
+        t = self.teacher
+        if t.url is None and not t.model and (not t.routes or t.unrouted == "default"
+                                              or any(r.url is None and not r.model for r in t.routes)):
             out.append("teacher: set either teacher.url (a running teacher_server) or teacher.model "
                        "(the driver starts one); both are null")
+        out += self._teacher_route_problems()
         loss = LOSSES[self.loss.kind]
         if loss.needs_topk and self.teacher.top_k <= 0:
             out.append(f"loss.kind={self.loss.kind} needs the teacher's top-k support: set teacher.top_k "
@@ -292,6 +297,10 @@ class Config:
         if self.train.sample_from == "teacher" and self.train.mode == "async":
             out.append("train.mode=async overlaps student sampling with training; with "
                        "train.sample_from=teacher there is no student sampling: use train.mode=sync")
+        if self.train.sample_from == "teacher" and self.teacher.backend in ("vllm", "sglang"):
+            out.append(f"train.sample_from=teacher samples through opd's teacher_server (/v1/generate); "
+                       f"teacher.backend={self.teacher.backend} only scores: use teacher.backend=opd (or auto) "
+                       f"with opd's server, or train.sample_from=student")
         out += self._temperature_and_reward_problems()
         if self.data.max_prompt_tokens + self.rollout.max_new_tokens > self.student.max_model_len:
             out.append(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_new_tokens "
@@ -329,6 +338,35 @@ class Config:
                        f"placement.gpus_per_bundle ({g}): a sampler shares its GPU, but vLLM would claim "
                        f"{self.rollout.gpu_memory_utilization:.0%} of its memory; set "
                        f"rollout.gpu_memory_utilization <= {g}")
+        return out
+
+    def _teacher_route_problems(self) -> list[str]:
+        """Several teachers and the teacher's own prompt against the rest of
+        the run (rollout/teacher_routes.py)."""
+        out = []
+        t = self.teacher
+        specs = [("teacher", t.prompt, t.system_prompt)] + [
+            (f"teacher.routes[{i}]", r.prompt or t.prompt, r.system_prompt if r.system_prompt is not None
+             else t.system_prompt) for i, r in enumerate(t.routes)]
+        if self.train.sample_from == "teacher" and (t.routes or any(p != "student" for _, p, _ in specs)):
+            out.append("train.sample_from=teacher: the teacher writes the completions from the student's prompt, "
+                       "so teacher.routes and a teacher.prompt other than student do not apply; sample from the "
+                       "student, or use one teacher with teacher.prompt=student")
+        if not self.data.apply_chat_template:
+            for key, p, system in specs:
+                if p.startswith("field:") and system is not None:
+                    out.append(f"{key}.system_prompt: the teacher's prompt ({p}) is rendered as the student's is, "
+                               "without a chat template (data.apply_chat_template=false), so it has no place for "
+                               "a system message; set data.apply_chat_template=true or drop the system prompt")
+        on_policy_pg = self.loss.kind == "reverse_kl" and self.train.sample_from == "student"
+        t_roll = self.rollout.temperature
+        for i, r in enumerate(t.routes):
+            if on_policy_pg and t_roll > 0 and r.temperature is not None and r.temperature > 0 \
+                    and r.temperature != t_roll:
+                out.append(f"teacher.routes[{i}].temperature ({r.temperature}) differs from rollout.temperature "
+                           f"({t_roll}) with loss.kind=reverse_kl: every teacher is held to the rule of "
+                           f"teacher.temperature (the student would learn a rescaled teacher); set it to {t_roll} "
+                           "or null")
         return out
 
     def _temperature_and_reward_problems(self) -> list[str]:

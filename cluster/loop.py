@@ -320,12 +320,16 @@ def merge_chunk_metrics(parts: list[dict]) -> dict:
     (time/sample_s and time/teacher_s are then busy times, which overlap),
     averages are weighted, rates recomputed."""
     out: dict = {}
+    # Per-teacher reverse KL (teacher/<name>/reverse_kl): weighted by that teacher's tokens.
+    weighted = {**_WEIGHTED, **{k: k[:-len("reverse_kl")] + "tokens" for m in parts for k in m
+                                if k.startswith("teacher/") and k.endswith("/reverse_kl") and k.count("/") == 2}}
     for m in parts:
         for k, v in m.items():
-            if k in _WEIGHTED or k in _RATES or k in _POOLED_STD or k == "rollout/mean_completion_len":
+            if k in weighted or k in _RATES or k in _POOLED_STD or k == "rollout/mean_completion_len":
                 continue
-            out[k] = out.get(k, 0) + v
-    for k, w in _WEIGHTED.items():
+            # A state, not a count (teacher/replica<i>/healthy): the last chunk's.
+            out[k] = v if k.endswith("/healthy") else out.get(k, 0) + v
+    for k, w in weighted.items():
         pairs = [(m[k], m.get(w, 0)) for m in parts if k in m]
         if pairs:
             tot = sum(x for _, x in pairs)

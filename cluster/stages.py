@@ -23,6 +23,7 @@ from typing import Any
 from cluster.config import EvalConfig, LossConfig, RewardConfig, RolloutConfig, TeacherConfig
 from cluster.task_fns import call, group_advantages, resolve_grader, resolve_reward
 from learner.config import LOSSES
+from rollout.teacher_routes import per_teacher_kl
 from rollout.types import Completion, RolloutBatch
 
 
@@ -114,8 +115,14 @@ def score_completions(teacher, comps: list[Completion], records: list, tcfg: Tea
     need_topk = LOSSES[loss_cfg.kind].needs_topk
     seqs = [(list(c.prompt_ids) + list(c.completion_ids), len(c.prompt_ids)) for c in comps]
     keep = [i for i, c in enumerate(comps) if len(c.completion_ids) > 0]
-    res = teacher.score([seqs[i] for i in keep], top_k=tcfg.top_k if need_topk else 0,
-                        temperature=tcfg.temperature)
+    t_seqs, names = teacher_sequences(comps, records)
+    if t_seqs is None:  # one teacher, the student's prompt
+        res = teacher.score([seqs[i] for i in keep], top_k=tcfg.top_k if need_topk else 0,
+                            temperature=tcfg.temperature)
+    else:  # a TeacherSet (rollout/teacher_routes.py): each teacher at its own temperature
+        res = teacher.score([t_seqs[i] for i in keep], top_k=tcfg.top_k if need_topk else 0, temperature=None,
+                            teachers=[names[i] for i in keep],
+                            labels=[records[comps[i].prompt_index].where for i in keep])
     dt = time.monotonic() - t0
     rows: list[int] = []
     t_lp, t_ids, t_tlp = [], [], []
@@ -168,6 +175,8 @@ def score_completions(teacher, comps: list[Completion], records: list, tcfg: Tea
         metrics["teacher/forward_kl"] = -s_minus_t
     else:
         metrics["teacher/reverse_kl"] = s_minus_t
+        if names is not None and names[rows[0]] is not None:  # several teachers: each one's share
+            metrics.update(per_teacher_kl([names[i] for i in rows], sampler_lp, t_lp))
     metrics["teacher/mean_logprob"] = sum(sum(t) for t in t_lp) / max(1, n)
     return batch, metrics
 
@@ -199,22 +208,34 @@ def evaluate(pool, teacher, records: list, ecfg: EvalConfig, tokenizer, seed: in
 
     comps = sample(1.0, ecfg.samples_per_prompt)
     scored = [c for c in comps if c.completion_ids]
-    res = teacher.score([(list(c.prompt_ids) + list(c.completion_ids), len(c.prompt_ids)) for c in scored],
-                        top_k=0, temperature=1.0)
+    t_seqs, names = teacher_sequences(scored, recs)
+    if t_seqs is None:
+        res = teacher.score([(list(c.prompt_ids) + list(c.completion_ids), len(c.prompt_ids)) for c in scored],
+                            top_k=0, temperature=1.0)
+    else:
+        res = teacher.score(t_seqs, top_k=0, temperature=1.0, teachers=names,
+                            labels=[recs[c.prompt_index].where for c in scored])
     kl_sum, n_tok, seq_kls = 0.0, 0, []
-    for c, lp in zip(scored, res.logprobs, strict=True):
+    by_teacher: list[tuple[str, list[float], list[float]]] = []
+    for j, (c, lp) in enumerate(zip(scored, res.logprobs, strict=True)):
         if lp is None:
             continue
         d = sum(s - t for s, t in zip(c.sampler_logprobs, lp, strict=True))
         kl_sum += d
         n_tok += len(lp)
         seq_kls.append(d)
+        if names is not None and names[j] is not None:
+            by_teacher.append((names[j], c.sampler_logprobs, lp))
     out: dict[str, Any] = {
         "eval/reverse_kl": kl_sum / max(1, n_tok),
         "eval/reverse_kl_per_seq": sum(seq_kls) / max(1, len(seq_kls)),
         "eval/mean_completion_len": sum(len(c.completion_ids) for c in comps) / max(1, len(comps)),
         "eval/prompts": len(recs),
     }
+    if by_teacher:  # several teachers: each one's share, and the tokens it scored
+        out.update(per_teacher_kl(*zip(*by_teacher, strict=True), prefix="eval/teacher"))
+        for name, _, lp in by_teacher:
+            out[f"eval/teacher/{name}/tokens"] = out.get(f"eval/teacher/{name}/tokens", 0) + len(lp)
     graded = [i for i, r in enumerate(recs) if ecfg.grader is not None or r.answer is not None]
     if graded:
         if ecfg.temperature != 1.0:
@@ -228,6 +249,25 @@ def evaluate(pool, teacher, records: list, ecfg: EvalConfig, tokenizer, seed: in
         out["eval/graded"] = len(scores)
     out["time/eval_s"] = time.monotonic() - t0
     return out
+
+
+def teacher_sequences(comps: list[Completion], records: list
+                      ) -> tuple[list[tuple[list[int], int]] | None, list[str | None] | None]:
+    """What the teacher scores for each completion, and which teacher
+    (rollout/teacher_routes.py sets both on the records at start-up): the
+    record's teacher prefix (`teacher_prefix_ids`, else the student's prompt)
+    followed by the SAME completion ids, scored from start = len(prefix), so
+    the logprobs align with the completion tokens unchanged; and the record's
+    teacher (`teacher`, None with one teacher). (None, None) when every record
+    has the one teacher and the student's prompt: the plain client call."""
+    recs = [records[c.prompt_index] for c in comps]
+    if all(getattr(r, "teacher", None) is None and getattr(r, "teacher_prefix_ids", None) is None for r in recs):
+        return None, None
+    seqs = []
+    for c, r in zip(comps, recs, strict=True):
+        prefix = r.teacher_prefix_ids if r.teacher_prefix_ids is not None else c.prompt_ids
+        seqs.append((list(prefix) + list(c.completion_ids), len(prefix)))
+    return seqs, [r.teacher for r in recs]
 
 
 def completion_table(batch: RolloutBatch, tokenizer, loss_cfg: LossConfig, k: int) -> tuple[list[str], list[list]]:

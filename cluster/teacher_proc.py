@@ -55,6 +55,7 @@ import urllib.request
 from pathlib import Path
 
 from cluster.config import TeacherConfig
+from rollout.config import url_list
 from rollout.host import cpu_kv_cache_space, free_port
 
 LOG_NAME = "teacher_server.log"
@@ -187,10 +188,10 @@ class TeacherServerActor:
 
 
 class TeacherHandle:
-    """A running teacher: `url`, `api_key_file` (None: no key), `stop()`."""
+    """A running teacher: `url` (a tuple: replicas), `api_key_file` (None: no key), `stop()`."""
 
-    def __init__(self, url: str, actor=None, log_path: Path | None = None, api_key_file: str | None = None,
-                 own_key_file: bool = False):
+    def __init__(self, url: str | tuple[str, ...], actor=None, log_path: Path | None = None,
+                 api_key_file: str | None = None, own_key_file: bool = False):
         self.url = url
         self.actor = actor
         self.log_path = log_path
@@ -258,7 +259,9 @@ def start_teacher(tcfg: TeacherConfig, model_path: str | None, run_dir: Path, *,
     the teacher's node when that node lacks it; `kv_cache_gib`: the KV cache
     of a CPU server (`cpu.teacher_kv_cache_gib`). See the module docstring."""
     if tcfg.url:
-        wait_healthy(tcfg.url, timeout_s=tcfg.startup_timeout_s)
+        deadline = time.monotonic() + tcfg.startup_timeout_s
+        for url in url_list(tcfg.url):  # every replica must be up; an error names the one that is not
+            wait_healthy(url, timeout_s=max(1.0, deadline - time.monotonic()))
         return TeacherHandle(tcfg.url, api_key_file=tcfg.api_key_file)
     assert model_path is not None
     import ray

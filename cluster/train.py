@@ -49,7 +49,7 @@ from cluster.task_fns import TaskFunctionError
 from cluster.tiny_data import resolve_data
 from rollout.host import cpu_kv_cache_space
 from rollout.prompts import PromptDataError
-from rollout.teacher_client import TeacherUnavailableError, TokenizerMismatchError
+from rollout.teacher_client import TeacherBackendError, TeacherUnavailableError, TokenizerMismatchError
 
 
 class WorkerDied(RuntimeError):
@@ -106,6 +106,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
 
     from cluster.placement import connect, make_placement
     from cluster.teacher_proc import start_teacher
+    from cluster.teachers import TeacherPlan, default_needed
     from learner.group import LearnerGroup
     from rollout.prompts import load_prompt_sources
     from rollout.pool import SamplerPool
@@ -114,7 +115,10 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
 
     # Models first (tiny: builds, local directories, hub ids through the HF
     # cache), once: everything after gets the resolved local directories.
-    student, teacher_model = resolve_models(cfg.student.model, cfg.teacher.model if cfg.teacher.url is None else None)
+    # With teacher.routes the top-level teacher is served only when used (cluster/teachers.py).
+    serve_default = default_needed(cfg.teacher)
+    student, teacher_model = resolve_models(cfg.student.model, cfg.teacher.model if cfg.teacher.url is None
+                                            and serve_default else None)
     student_path = student.path
     teacher_path = teacher_model.path if teacher_model is not None else None
     if student.repo_id or (teacher_model and teacher_model.repo_id):
@@ -132,6 +136,10 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
         # The driver serves the teacher: compare the two tokenizers on disk
         # before anything starts (the server loads the same files).
         check_tokenizers(student_tok, load_tokenizer_info(teacher_path), student_path, cfg.teacher.model)
+    # Several teachers / the teacher's own prompt: every record's teacher and
+    # teacher prefix, the routes' models and running servers, checked now.
+    tplan = TeacherPlan.prepare(cfg, student_tok, student_path, data_cfg.apply_chat_template,
+                                stream.records + eval_records, run_dir)
 
     # A running teacher (teacher.url): wait for it and check its tokenizer
     # before Ray or any actor starts (only its hash travels unless they
@@ -140,12 +148,14 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     # the samplers and the learners start: each takes about a minute on CPU.
     # A teacher that fails to start fails the run at the next check.
     teacher_fut: cf.Future | None = None
-    if cfg.teacher.url:
-        print(f"[opd] starting teacher ({cfg.teacher.url})", flush=True)
+    if cfg.teacher.url and serve_default:
+        urls = cfg.teacher.url if isinstance(cfg.teacher.url, str) else ", ".join(cfg.teacher.url)
+        print(f"[opd] starting teacher ({urls})", flush=True)
         teacher_fut = cf.Future()
         teacher_fut.set_result(start_teacher(cfg.teacher, None, run_dir))
         with TeacherClient.from_config(cfg.teacher, cfg.teacher.url) as probe:
             probe.check_tokenizer(student_tok, student_name=student_path)
+            print(f"[opd] teacher: {probe.describe()}", flush=True)  # what teacher.backend found
 
     def stop_teacher() -> None:
         if teacher_fut is None:
@@ -159,6 +169,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     def teacher_failed_fast() -> None:
         if teacher_fut is not None and teacher_fut.done() and teacher_fut.exception() is not None:
             teacher_fut.result()  # raises the teacher's start error
+        tplan.failed_fast()
 
     info = connect(cfg.placement, env_vars=actor_env(cfg))
     import ray
@@ -167,10 +178,12 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
         teardown.append(ray.shutdown)
     teardown.append(stop_teacher)  # before ray.shutdown: the server is stopped through its actor
     plan = make_placement(cfg.placement, cfg.rollout, cfg.learner, info,
-                          teacher_tensor_parallel_size=0 if cfg.teacher.url else cfg.teacher.tensor_parallel_size)
+                          teacher_tensor_parallel_size=(0 if cfg.teacher.url or not serve_default
+                                                        else cfg.teacher.tensor_parallel_size) + tplan.route_gpus(True))
     teardown.append(plan.remove)
     cfg = with_concrete_dtypes(cfg, plan.uses_gpus)
-    if not cfg.teacher.url:
+    tplan.start(run_dir, plan.uses_gpus, teardown, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib)
+    if not cfg.teacher.url and serve_default:
         # After the groups are reserved: the teacher takes GPUs they left.
         print(f"[opd] starting teacher ({teacher_path})", flush=True)
         tex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher-start")
@@ -198,11 +211,14 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
                                    num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps,
                                    cpu_threads=cfg.cpu.learner_threads)
     teardown.append(learners.shutdown)
-    teacher_proc = teacher_fut.result()
-    # A driver-started server's key (teacher.api_key_file, or one made for the run).
-    teacher = TeacherClient.from_config(dataclasses.replace(cfg.teacher, api_key_file=teacher_proc.api_key_file),
-                                        teacher_proc.url)
-    teardown.append(teacher.close)
+    teacher_proc = teacher_fut.result() if teacher_fut is not None else None
+    teacher = None
+    if teacher_proc is not None:
+        # A driver-started server's key (teacher.api_key_file, or one made for the run).
+        teacher = TeacherClient.from_config(dataclasses.replace(cfg.teacher, api_key_file=teacher_proc.api_key_file),
+                                            teacher_proc.url)
+        teardown.append(teacher.close)
+    teacher = tplan.scorer(teacher, teacher_proc, teardown)  # the same client, or a TeacherSet
     backend = cfg.rollout.weight_sync_backend
     if backend == "auto":
         backend = "nccl" if plan.uses_gpus else "gloo"
@@ -287,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"[opd] {e}", file=sys.stderr)
         return 2
-    except (PromptDataError, TokenizerMismatchError, TaskFunctionError) as e:
+    except (PromptDataError, TokenizerMismatchError, TeacherBackendError, TaskFunctionError) as e:
         # Bad input found by the run itself: the data, the teacher's
         # tokenizer, the user's grader or reward on a record.
         print(f"[opd] {e}", file=sys.stderr)

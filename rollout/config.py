@@ -15,6 +15,7 @@ it composes the tree.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 # --------------------------------------------------------------------------
@@ -40,6 +41,52 @@ def non_negative(obj, *names: str) -> list[str]:
             for n in names if getattr(obj, n) is not None and not getattr(obj, n) >= 0]
 
 
+def url_list(url: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """A teacher url field as its replicas' urls (null: none)."""
+    if url is None:
+        return ()
+    return (url,) if isinstance(url, str) else tuple(url)
+
+
+def url_problems(key: str, url: str | tuple[str, ...] | None) -> list[str]:
+    """Problems of a teacher url field `key` (one url, or a list of replicas)."""
+    if url is None:
+        return []
+    urls = url_list(url)
+    if not urls:
+        return [f"{key}: an empty list; give one url, a list of replica urls, or null"]
+    out = [f"{key}: {u!r} must start with http:// or https:// (e.g. http://teacher-node:8000)"
+           for u in urls if not u.startswith(("http://", "https://"))]
+    bare = [u.rstrip("/") for u in urls]
+    dup = sorted({u for u in bare if bare.count(u) > 1})
+    if dup:
+        out.append(f"{key}: {', '.join(dup)} listed more than once; give each replica's url once")
+    return out
+
+
+TEACHER_BACKENDS = ("auto", "opd", "vllm", "sglang")
+
+
+def backend_problems(key: str, backend: str | None, url, temperature: float | None) -> list[str]:
+    """Problems of a teacher's `backend` (section or route `key`) that show
+    before any server answers: an unknown name, a server kind the driver
+    cannot start, a temperature the server cannot apply."""
+    if backend is None:
+        return []
+    if backend not in TEACHER_BACKENDS:
+        return [f"{key}.backend: {backend!r} is not one of {list(TEACHER_BACKENDS)}"]
+    out = []
+    if backend in ("vllm", "sglang"):
+        if url is None:
+            out.append(f"{key}.backend: {backend} needs {key}.url (a running {backend} server); with no url the "
+                       f"driver starts opd's teacher_server: set {key}.backend=auto (or opd)")
+        if temperature is not None and temperature > 0 and temperature != 1.0:
+            out.append(f"{key}.temperature: {temperature} with {key}.backend={backend}: a {backend} server "
+                       f"returns the prompt's logprobs at temperature 1 only; use {key}.temperature=1 or opd's "
+                       f"teacher_server ({key}.backend=opd), which applies any temperature")
+    return out
+
+
 # --------------------------------------------------------------------------
 # The sections
 # --------------------------------------------------------------------------
@@ -61,12 +108,49 @@ class StudentConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TeacherRoute:
+    """One teacher of several (`teacher.routes`): the records whose
+    `teacher.route_by` field holds one of `values` are scored by it. Every
+    other setting is the default teacher's (the top-level `teacher.*`); the
+    fields below override it where set (null = the default teacher's)."""
+
+    # Name of this teacher in logs and metrics (teacher/<name>/reverse_kl, ...):
+    # letters, digits, '_', '-', '.'; not "default" (the top-level teacher).
+    name: str = ""
+    # Values of the record field `teacher.route_by` this teacher scores
+    # (e.g. [math, algebra]); a value may belong to one route only.
+    values: tuple[str, ...] = ()
+    # A running server for this teacher (as teacher.url). With `model` and no
+    # `url`, the driver starts a server of its own for it; with neither, it
+    # shares the default teacher's server (e.g. the same model, another prompt).
+    url: str | tuple[str, ...] | None = None
+    # Model the driver serves for this teacher when `url` is null; with a
+    # `url`, only where its tokenizer (chat template) is read from.
+    model: str | None = None
+    # As teacher.backend (null = the default teacher's).
+    backend: str | None = None
+    # As teacher.api_key_file (null = the default teacher's).
+    api_key_file: str | None = None
+    # As teacher.temperature (null = the default teacher's); loss.kind=reverse_kl
+    # holds every teacher to the same rule.
+    temperature: float | None = None
+    # As teacher.prompt (null = the default teacher's).
+    prompt: str | None = None
+    # As teacher.system_prompt (null = the default teacher's).
+    system_prompt: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    # URL of a running teacher_server (e.g. http://teacher-node:8000). When
-    # null, the driver starts `python -m teacher_server --model teacher.model`
-    # itself, in a Ray actor that books its GPUs and CPUs, and stops it at the
-    # end (cluster/teacher_proc.py).
-    url: str | None = None
+    # URL of a running teacher_server (e.g. http://teacher-node:8000), or a
+    # list of URLs: replicas of one teacher (same model, tokenizer and dtype).
+    # The client sends each request to the replica with the fewest tokens in
+    # flight and takes one that fails out of rotation until a later probe
+    # answers (rollout/teacher_replicas.py). When null, the driver starts
+    # `python -m teacher_server --model teacher.model` itself, in a Ray actor
+    # that books its GPUs and CPUs, and stops it at the end
+    # (cluster/teacher_proc.py).
+    url: str | tuple[str, ...] | None = None
     # Model the driver serves when `url` is null (same forms as student.model).
     model: str | None = None
     # File holding the API key sent as `Authorization: Bearer ...` (the key is
@@ -92,6 +176,14 @@ class TeacherConfig:
     # Top-k teacher support fetched per position (needed by the *_topk and jsd
     # losses; 0 = only the sampled token's logprob).
     top_k: int = 0
+    # What serves teacher.url (rollout/teacher_backends.py): "opd" (opd's
+    # teacher_server: any temperature, full tokenizer check, teacher
+    # sampling), "vllm" (vLLM's OpenAI server, `vllm serve`: /v1/completions
+    # with prompt_logprobs; temperature 1 only, top_k up to its
+    # --max-logprobs), "sglang" (SGLang's /generate with return_logprob;
+    # temperature 1 only, no tokenizer check), or "auto": probe the server
+    # once at start-up and log what answered. A self-started server is opd's.
+    backend: Literal["auto", "opd", "vllm", "sglang"] = "auto"
     # Token budget of one /v1/logprobs request; larger batches are split.
     max_tokens_per_request: int = 16384
     # Requests in flight at once from this run.
@@ -103,6 +195,29 @@ class TeacherConfig:
     unavailable_timeout_s: float = 600.0
     # How long a self-started server may take to report healthy (seconds).
     startup_timeout_s: float = 600.0
+    # Several teachers: the record field (e.g. data_source) whose value picks
+    # the teacher of a record among `routes` (rollout/teacher_routes.py).
+    # null = one teacher (this section) scores every record.
+    route_by: str | None = None
+    # The teachers by value of `route_by` (see TeacherRoute); metrics per
+    # teacher: teacher/<name>/reverse_kl, tokens, latency_s.
+    routes: tuple[TeacherRoute, ...] = ()
+    # A record whose `route_by` value no route lists: "error" refuses the run
+    # at start-up, naming the record and the value; "default" has this
+    # section's teacher (named "default" in metrics) score it.
+    unrouted: Literal["error", "default"] = "error"
+    # The prefix the teacher scores the student's completion tokens after
+    # (the completion ids are the same; only the prefix differs):
+    # "student" (the student's prompt ids), "own_template" (the record's
+    # prompt/messages rendered with the teacher's chat template: teacher.model's
+    # tokenizer, which a teacher given only by url must name there too), or
+    # "field:NAME" (the record's field NAME, text or messages, rendered as the
+    # prompt is but with the teacher's chat template when teacher.model is
+    # set: privileged context such as a reference solution).
+    prompt: str = "student"
+    # A system message put before the teacher's prompt (own_template or
+    # field:NAME; added to a record's own system message). null = none.
+    system_prompt: str | None = None
 
     def problems(self) -> list[str]:
         out = positive(self, "max_model_len", "tensor_parallel_size", "temperature",
@@ -111,6 +226,65 @@ class TeacherConfig:
         out += non_negative(self, "cpus")
         if self.top_k < 0:
             out.append(f"teacher.top_k: {self.top_k} is negative; use 0 (sampled token only) or K > 0")
+        out += url_problems(f"{section_name(self)}.url", self.url)
+        out += backend_problems(section_name(self), self.backend, self.url, self.temperature)
+        return out + self._route_problems()
+
+    def _route_problems(self) -> list[str]:
+        """The prompt specs and the routes (names, values, per-teacher overrides)."""
+        out = []
+        s = section_name(self)
+        for key, own, spec, system in [(s, self.prompt, self.prompt, self.system_prompt)] + [
+                (f"{s}.routes[{i}]", r.prompt, r.prompt or self.prompt,
+                 r.system_prompt if r.system_prompt is not None else self.system_prompt)
+                for i, r in enumerate(self.routes)]:
+            problem = prompt_spec_problem(spec)
+            if problem:
+                if own is not None:  # an inherited bad spec is reported once, at its own key
+                    out.append(f"{key}.prompt: {problem}")
+            elif spec == "student" and system is not None:
+                out.append(f"{key}.system_prompt: set, but the teacher's prompt is the student's token ids "
+                           f"(prompt=student), which it cannot add a message to; set {key}.prompt=own_template "
+                           f"(or field:NAME), or drop the system prompt")
+        if self.routes and not self.route_by:
+            out.append(f"{s}.routes: {len(self.routes)} route(s) but {s}.route_by is null; set it to the record "
+                       f"field whose value picks the teacher (e.g. {s}.route_by=data_source)")
+        if self.route_by is not None and not self.routes:
+            out.append(f"{s}.route_by: {self.route_by!r} but {s}.routes is empty; list the teachers "
+                       f"(name, values, url or model), or set {s}.route_by=null for one teacher")
+        if self.route_by is not None and not self.route_by.strip():
+            out.append(f"{s}.route_by: empty; name a record field (e.g. data_source)")
+        names: dict[str, int] = {}
+        owner: dict[str, int] = {}
+        for i, r in enumerate(self.routes):
+            key = f"{s}.routes[{i}]"
+            if not _ROUTE_NAME.fullmatch(r.name or ""):
+                out.append(f"{key}.name: {r.name!r} is not a valid teacher name; use letters, digits, '_', '-' "
+                           f"or '.' (it names the teacher/<name>/* metrics)")
+            elif r.name == "default":
+                out.append(f"{key}.name: 'default' names the top-level teacher ({s}.*); choose another name")
+            elif r.name in names:
+                out.append(f"{key}.name: {r.name!r} is also the name of {s}.routes[{names[r.name]}]; names "
+                           f"must be unique")
+            else:
+                names[r.name] = i
+            if not r.values:
+                out.append(f"{key}.values: empty; list the values of the record field {self.route_by!r} "
+                           f"this teacher scores")
+            for v in r.values:
+                if v in owner and owner[v] != i:
+                    out.append(f"{key}.values: {v!r} is also listed by {s}.routes[{owner[v]}]; a value "
+                               f"picks one teacher")
+                owner.setdefault(v, i)
+            if r.temperature is not None and not r.temperature > 0:
+                out.append(f"{key}.temperature: {r.temperature!r} must be > 0 (or null for {s}.temperature)")
+            out += url_problems(f"{key}.url", r.url)
+            own_server = r.url is not None or bool(r.model)
+            if own_server or r.backend is not None or r.temperature is not None:
+                # This teacher's own combination (an inherited one is reported at `teacher`).
+                out += backend_problems(key, r.backend or self.backend,
+                                        r.url if own_server else self.url,
+                                        r.temperature if r.temperature is not None else self.temperature)
         return out
 
 
@@ -236,6 +410,19 @@ class CpuConfig:
         except ValueError as e:
             out.append(f"{section_name(self)}.sampler_threads: {e}")
         return out
+
+
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def prompt_spec_problem(spec: str) -> str | None:
+    """None when `spec` is a valid teacher.prompt, else what is wrong."""
+    if spec in ("student", "own_template"):
+        return None
+    if spec.startswith("field:") and spec[len("field:"):].strip():
+        return None
+    return (f"{spec!r} is not valid; use student (the student's prompt), own_template (the record rendered "
+            f"with the teacher's chat template) or field:NAME (the record's field NAME, e.g. field:teacher_prompt)")
 
 
 def parse_cpu_list(spec: str) -> list[int] | None:

@@ -83,6 +83,11 @@ class PromptRecord:
     answer: Any = None  # the `answer` field, carried through untouched
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)  # every other field
     where: str = ""  # "FILE line N" / "FILE row N", for messages about this record
+    # Set by the driver from teacher.routes / teacher.prompt (rollout/teacher_routes.py,
+    # assign_teachers): the teacher that scores this record (None: the only one),
+    # and the ids it scores the completion after (None: `prompt_ids`).
+    teacher: str | None = None
+    teacher_prefix_ids: list[int] | None = None
 
 
 # --------------------------------------------------------------------------

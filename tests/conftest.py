@@ -23,5 +23,6 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.ray_cluster",
     "tests.fixtures.teacher",   # one teacher_server process (teacher_server/)
+    "tests.fixtures.vllm_server",  # vLLM's OpenAI server as a teacher (module scope)
     "tests.fixtures.sampler",   # one student sampler actor (rollout/)
 ]

@@ -8,7 +8,10 @@
   stops with a clear error and exit code 4 instead of hanging;
 - teacher_server is SIGKILLed and restarted on the same port mid-run: the
   client backs off and the run waits and continues with no made-up score;
-  then it is killed for good: the run checkpoints and exits with code 3.
+  then it is killed for good: the run checkpoints and exits with code 3;
+- one of two teacher replicas (`teacher.url` as a list) is SIGKILLed mid-run:
+  its requests go at once to the other one, the run finishes with no failed
+  sequence, and the per-replica metrics show which one scored what.
 """
 
 from __future__ import annotations
@@ -177,6 +180,53 @@ def test_teacher_killed_restarted_then_down_for_good(ray_session, teacher_path, 
 
     ck = latest_checkpoint(run_dir)
     assert ck is not None and read_driver_state(ck)["step"] == rows[-1]["step"]
+
+
+@pytest.mark.slow
+def test_one_of_two_teacher_replicas_killed_mid_run(ray_session, teacher_server, teacher_path, tmp_path):
+    """teacher.url lists two real teacher_servers: the session's and one
+    started here (same tiny teacher, same key). Once step 1 is logged the
+    second one's process group is SIGKILLed. The run ends normally: every
+    sequence scored, the dead replica out of rotation, the live one taking
+    its requests at once (no backoff wait)."""
+    from tests.fixtures.teacher import start_teacher_server, stop_teacher_server
+
+    second = start_teacher_server(teacher_path, "--max-queue", "256", api_key=teacher_server.api_key,
+                                  workdir=str(tmp_path))
+    run_dir = tmp_path / "replicas"
+    # Steps take ~0.3 s here: the kill lands a step or two after step 1, and
+    # several steps follow it.
+    ov = base_overrides(run_dir, teacher_server, steps=8) + [
+        f"teacher.url=[{teacher_server.url}, {second.url}]",
+        # Several requests per step, in flight together: both replicas get a share.
+        "teacher.max_tokens_per_request=256", "eval.every_steps=0"]
+    try:
+        t, box = run_main_in_thread(["--config", str(REPO / "configs/demo.yaml"), *ov])
+        wait_for_step(run_dir, 1, t, box)
+        os.killpg(second.proc.pid, signal.SIGKILL)  # the server and its engine core
+        second.proc.wait()
+        t.join(timeout=600)
+        assert not t.is_alive(), "the driver hung after a teacher replica died"
+    finally:
+        stop_teacher_server(second)
+    assert "exc" not in box, repr(box.get("exc"))
+    assert box["rc"] == 0
+    rows = [r for r in read_metrics(run_dir) if "learner/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["teacher/failed_sequences"] == 0 and r["teacher/scored_sequences"] > 0 for r in rows)
+    assert all(r["teacher/backoff_wait_s"] == 0 for r in rows)  # resent at once, never a backoff
+    assert all(r["teacher/replica0/healthy"] == 1 and r["teacher/replica0/failures"] == 0
+               and r["teacher/replica0/tokens"] > 0 for r in rows)
+    assert all(r["teacher/retries"] == r["teacher/replica1/failures"] for r in rows)
+    # Before the kill both replicas scored part of every step.
+    hit = next(i for i, r in enumerate(rows) if r["teacher/replica1/failures"] > 0)
+    assert hit >= 1 and all(r["teacher/replica1/healthy"] == 1 and r["teacher/replica1/tokens"] > 0
+                            for r in rows[:hit])
+    # From the first failure on, the killed replica is out of rotation (its
+    # probes fail too) and the other one scores everything.
+    assert hit < len(rows) - 2, [r["teacher/replica1/failures"] for r in rows]
+    assert all(r["teacher/replica1/healthy"] == 0 for r in rows[hit:])
+    assert all(r["teacher/replica1/tokens"] == 0 for r in rows[hit + 1:])
 
 
 def test_sampler_dying_during_a_weight_push_is_restarted_and_the_push_redone(ray_session):
