@@ -25,7 +25,7 @@ $(STAMP): setup.py
 	DS_BUILD_OPS=0 $(VPY) -m pip install -e '.[cpu,test]'
 	$(VPY) -m pip uninstall -y torchvision torchaudio torchcodec
 	$(VPY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-	$(VPY) -c "import torch, vllm, deepspeed, ray, transformers, wandb; print('opd env ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	$(VPY) -c "import torch, vllm, deepspeed, ray, transformers, wandb, peft; print('opd env ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -22,6 +22,8 @@ COMMON = [
     "numpy",
     "pyarrow",
     "matplotlib",
+    "peft==0.21.2",               # LoRA students (learner.lora); peft needs accelerate
+    "accelerate==1.15.0",
 ]
 
 setup(

@@ -120,6 +120,14 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     student, teacher_model = resolve_models(cfg.student.model, cfg.teacher.model if cfg.teacher.url is None
                                             and serve_default else None)
     student_path = student.path
+    if cfg.learner.lora.rank > 0:
+        # peft wraps the student on the meta device: a bad LoRA setting fails
+        # here, before any actor starts (exit 2).
+        from learner.lora import check_student
+
+        lora_problems = check_student(student_path, cfg.learner.lora)
+        if lora_problems:
+            raise ConfigError(lora_problems)
     teacher_path = teacher_model.path if teacher_model is not None else None
     if student.repo_id or (teacher_model and teacher_model.repo_id):
         print(f"[opd] models: student {student_path}" + (f", teacher {teacher_path}" if teacher_path else ""),
@@ -203,7 +211,8 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     teacher_failed_fast()
     pool = SamplerPool.create(student_path, cfg.rollout, cfg.student, num_samplers=cfg.rollout.num_samplers,
                               scheduling_strategies=plan.sampler_strategies,
-                              num_gpus_per_sampler=plan.gpus_per_sampler(cfg.rollout), cpu_cfg=cfg.cpu)
+                              num_gpus_per_sampler=plan.gpus_per_sampler(cfg.rollout), cpu_cfg=cfg.cpu,
+                              lora_rank=cfg.learner.lora.rank)
     teardown.append(pool.shutdown)
     teacher_failed_fast()
     learners = LearnerGroup.create(student_path, cfg.learner, cfg.loss, seed=cfg.run.seed,

@@ -58,6 +58,49 @@ LossKind = Literal[tuple(LOSSES)]
 # The sections
 # --------------------------------------------------------------------------
 
+# The largest LoRA rank the samplers serve: vLLM's largest `max_lora_rank`
+# (its MaxLoRARanks, vllm/config/lora.py).
+MAX_SERVED_LORA_RANK = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    # LoRA rank of every adapted layer; 0 = full fine-tuning (no adapters).
+    # With rank > 0 the learner trains only the adapters (peft) and the
+    # samplers serve them through vLLM's LoRA support (learner/lora.py).
+    rank: int = 0
+    # Scale of an adapter's update: alpha / rank (peft's lora_alpha).
+    alpha: float = 32.0
+    # Dropout on each adapter's input in the learner's training forward
+    # (peft's lora_dropout). vLLM applies none, so above 0 the learner's
+    # log-probs of the sampled tokens differ from the samplers' at random
+    # (learner/logprob_abs_diff > 0, importance ratios != 1 on-policy); 0
+    # keeps the learner scoring exactly what the samplers sample, as the
+    # learner's base-model dropout, which it always turns off.
+    dropout: float = 0.0
+    # Modules that get adapters: names matched as peft matches a list (a
+    # module whose name is the entry or ends with "." + the entry, e.g.
+    # q_proj, mlp.down_proj). Empty = every linear layer of the attention and
+    # MLP blocks (all but the output head).
+    target_modules: tuple[str, ...] = ()
+
+    def problems(self) -> list[str]:
+        out = non_negative(self, "rank", "dropout")
+        if self.rank > MAX_SERVED_LORA_RANK:
+            out.append(f"learner.lora.rank: {self.rank} is above {MAX_SERVED_LORA_RANK}, the largest rank vLLM "
+                       "serves; use a smaller rank, or 0 for full fine-tuning")
+        if self.rank > 0 and not self.alpha > 0:
+            out.append(f"learner.lora.alpha: {self.alpha} must be > 0 (the adapter's scale is alpha / rank; "
+                       "rank or 2 x rank are usual)")
+        if not self.dropout < 1.0:
+            out.append(f"learner.lora.dropout: {self.dropout} must be below 1 (0 = off)")
+        bad = [t for t in self.target_modules if not t.strip() or t != t.strip()]
+        if bad:
+            out.append(f"learner.lora.target_modules: {list(bad)} are not module names; give names such as "
+                       "q_proj or mlp.down_proj, or an empty list for every linear layer")
+        return out
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
     # Learner ranks (one Ray actor each: one GPU each on GPU, one process on CPU).
@@ -93,6 +136,8 @@ class LearnerConfig:
     # Timeout of every collective and learner RPC (seconds): a dead rank fails
     # the run instead of hanging it.
     collective_timeout_s: float = 600.0
+    # LoRA adapters instead of full fine-tuning (rank > 0).
+    lora: LoraConfig = LoraConfig()
 
     def problems(self) -> list[str]:
         out = positive(self, "world_size", "lr", "micro_batch_tokens", "collective_timeout_s")

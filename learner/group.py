@@ -38,6 +38,18 @@ def _token_denominator(batch: RolloutBatch, normalize: str) -> float:
     raise ValueError(f"loss.normalize={normalize!r} is not valid; use 'token' or 'sequence'")
 
 
+# LearnerGroup's weight-sync transport when the samplers serve the LoRA
+# adapter itself (learner.lora.rank > 0).
+LORA_ADAPTER = "lora-adapter"
+
+
+def _serves_adapters(client) -> bool:
+    """Whether every sampler behind `client` serves LoRA adapters in place
+    (SamplerPool.serves_lora_adapters); a client without that call does not."""
+    fn = getattr(client, "serves_lora_adapters", None)
+    return bool(fn()) if fn is not None else False
+
+
 class LearnerGroup:
     def __init__(self, workers: list, learner_cfg: LearnerConfig, loss_cfg: LossConfig):
         self.workers = workers
@@ -173,6 +185,7 @@ class LearnerGroup:
             "learner/steps_done": per_rank[0]["steps_done"],
             "time/learner_forward_backward_s": max(r["forward_backward_s"] for r in per_rank),
             "time/learner_optimizer_step_s": max(r["optimizer_step_s"] for r in per_rank),
+            "learner/peak_memory_gib": max(r.get("peak_memory_bytes", 0.0) for r in per_rank) / 2**30,
         }
         if tot("kl_tokens") > 0:
             out["learner/reverse_kl"] = tot("kl_sum") / tot("kl_tokens")
@@ -202,6 +215,13 @@ class LearnerGroup:
         learner's dtype. Returns the transport rank 0 chose."""
         if backend not in ("auto", "gloo", "nccl"):
             raise ValueError(f"weight sync backend {backend!r} is not valid; use 'auto', 'gloo' or 'nccl'")
+        if self.cfg.lora.rank > 0 and _serves_adapters(client):
+            # LoRA, samplers that serve adapters: each push is the adapter
+            # alone, through Ray's object store (push_weights); no transfer
+            # group. Samplers that cannot serve adapters get the merged
+            # weights over `backend` below (the export's tensors).
+            self._sync_backend = LORA_ADAPTER
+            return f"{LORA_ADAPTER} (each push: the LoRA adapter alone, through Ray's object store)"
         from learner.weight_sender import SEND_OVERRUN_S
 
         # Rank 0's sender gives up by itself after `timeout_s` (and aborts
@@ -211,7 +231,8 @@ class LearnerGroup:
         chosen = self._all(lambda w: w.init_weight_sync.remote(client, backend, bucket_bytes, timeout_s, dtype),
                            "init_weight_sync", self._sync_wait_s)[0]
         self._sync_backend = chosen
-        return chosen
+        return chosen + (" (merged LoRA weights: the samplers cannot serve adapters)" if self.cfg.lora.rank > 0
+                         else "")
 
     def push_weights(self, client: WeightSyncClient | None, version: int) -> dict:
         """Send the current weights to the samplers as `version` (all ranks in
@@ -222,10 +243,29 @@ class LearnerGroup:
                 raise RuntimeError("push_weights before init_weight_sync and without a client")
             self.init_weight_sync(client)
         t0 = time.perf_counter()
-        stats = self._all(lambda w: w.push_weights.remote(version), f"push_weights v{version}", self._sync_wait_s)[0]
+        if self._sync_backend == LORA_ADAPTER:
+            stats = self._push_adapter(client, version)
+        else:
+            stats = self._all(lambda w: w.push_weights.remote(version), f"push_weights v{version}",
+                              self._sync_wait_s)[0]
         stats["time/learner_push_weights_s"] = time.perf_counter() - t0
         stats["sync/version"] = float(version)
         return stats
+
+    def _push_adapter(self, client, version: int) -> dict:
+        """LoRA: every rank gathers the adapter (ZeRO-3), rank 0 returns it in
+        peft's format (a few MiB), and the samplers load it as the LoRA of
+        `version` (SamplerPool.load_lora_adapter: one copy in Ray's object
+        store, read by every sampler)."""
+        if client is None:
+            raise RuntimeError("push_weights of a LoRA adapter needs the sampler pool as its client")
+        t0 = time.perf_counter()
+        files = self._all(lambda w: w.adapter_files.remote(), f"adapter_files v{version}")[0]
+        t1 = time.perf_counter()
+        client.load_lora_adapter(version, files)
+        t2 = time.perf_counter()
+        return {"sync/bytes": float(sum(len(b) for b in files.values())), "sync/buckets": 1.0,
+                "sync/adapter_gather_s": t1 - t0, "sync/adapter_load_s": t2 - t1, "sync/total_s": t2 - t0}
 
     # --------------------------------------------------------- checkpoints
 

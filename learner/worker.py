@@ -13,6 +13,7 @@ Tests: tests/e2e/test_learner.py (real DeepSpeed on gloo in Ray actors).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -221,6 +222,8 @@ class LearnerWorker:
         source_config = copy.deepcopy(model.config)  # exports keep the checkpoint's own (dropout included)
         disable_dropout(model)  # score what the samplers sample from (see disable_dropout)
         if learner_cfg.gradient_checkpointing:
+            # transformers' default is use_reentrant=False, so frozen inputs
+            # (a LoRA student's embeddings) still give the adapters gradients.
             model.gradient_checkpointing_enable()
         model.config.use_cache = False
         # transformers' causal LMs take `logits_to_keep` (lm_head on the last N
@@ -228,8 +231,21 @@ class LearnerWorker:
         self._logits_to_keep = "logits_to_keep" in inspect.signature(type(model).forward).parameters
         self.hf_config = source_config
         self.pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learner_cfg.lr, betas=tuple(learner_cfg.betas),
-                                      weight_decay=learner_cfg.weight_decay, eps=1e-8)
+        # LoRA (learner.lora.rank > 0): peft adapters on the target modules,
+        # the base frozen. Wrapped after disable_dropout, so the adapters'
+        # own dropout is learner.lora.dropout (see LoraConfig).
+        self.lora = learner_cfg.lora.rank > 0
+        self._peft_config = None
+        if self.lora:
+            from learner.lora import wrap
+
+            model = wrap(model, learner_cfg.lora, self.model_path)
+            self._peft_config = model.peft_config["default"]
+        # Only trainable parameters reach the optimizer (all of them in full
+        # fine-tuning, the adapters with LoRA).
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learner_cfg.lr,
+                                      betas=tuple(learner_cfg.betas), weight_decay=learner_cfg.weight_decay,
+                                      eps=1e-8)
         lr_factor(0, learner_cfg.warmup_steps, learner_cfg.lr_schedule, total_steps, learner_cfg.min_lr_ratio)
 
         def scheduler(opt):
@@ -367,8 +383,17 @@ class LearnerWorker:
         gn = own_norm if own_norm is not None else eng.get_global_grad_norm()
         gn = float(gn.item() if isinstance(gn, torch.Tensor) else gn) if gn is not None else float("nan")
         s.update(grad_norm=gn, lr=lr, forward_backward_s=t1 - t0, optimizer_step_s=t2 - t1,
-                 steps_done=self.steps_done)
+                 steps_done=self.steps_done, peak_memory_bytes=self._peak_memory_bytes())
         return s
+
+    def _peak_memory_bytes(self) -> float:
+        """Peak memory of this rank so far: the accelerator's allocator peak
+        on GPU, the process's peak resident set on CPU."""
+        if self.device.type == "cuda":
+            return float(torch.cuda.max_memory_allocated(self.device))
+        import resource
+
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0  # Linux reports KiB
 
     def _plain_grad_norm(self) -> float | None:
         """Global grad norm (before clipping) for plain fp32 data parallel
@@ -419,15 +444,24 @@ class LearnerWorker:
 
     # ------------------------------------------------------- full weights
 
-    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(hf_name(n), p) for n, p in self.engine.module.named_parameters()]
+    def _export_items(self) -> list:
+        """The student's checkpoint tensors, HF names, in order: each live
+        parameter in full fine-tuning; with LoRA the base parameters, each
+        adapted weight merged with its adapter (learner.lora.export_items)."""
+        from learner.lora import ExportItem, export_items
+
+        if self.lora:
+            return export_items(self.engine.module, hf_name)
+        return [ExportItem(hf_name(n), [p], lambda p=p: p.detach()) for n, p in self.engine.module.named_parameters()]
 
     def param_specs(self, dtype: str | None = None) -> list[ParamSpec]:
-        """Full-shape specs of every parameter, HF names, in iteration order."""
+        """Full-shape specs of every checkpoint tensor, HF names, in iteration
+        order (with LoRA: the merged base weights, no adapter tensors)."""
         out = []
-        for n, p in self._named_parameters():
+        for item in self._export_items():
+            p = item.params[0]
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            out.append(ParamSpec(n, dtype or dtype_name(p.dtype), shape))
+            out.append(ParamSpec(item.name, dtype or dtype_name(p.dtype), shape))
         return out
 
     def iter_full_params(self, bucket_bytes: int = 64 << 20, dtype: torch.dtype | None = None,
@@ -442,34 +476,60 @@ class LearnerWorker:
         the gathered weight, valid only until the next one is requested (for
         a consumer that copies each tensor before asking for the next, like
         the CPU weight senders; vLLM's NCCL packer keeps several). Memory is
-        bounded by one gathered bucket."""
-        named = self._named_parameters()
+        bounded by one gathered bucket. With LoRA the tensors are the merged
+        base weights (`_export_items`): each merged one is a new tensor."""
+        items = self._export_items()
         if not self.zero3:
-            for n, p in named:
-                t = p.detach()
-                yield n, (t.to(dtype) if dtype is not None else t)
+            for it in items:
+                t = it.make()
+                yield it.name, (t.to(dtype) if dtype is not None else t)
             return
-        bucket: list[tuple[str, torch.nn.Parameter]] = []
+        bucket: list = []
         size = 0
 
-        def flush(items):
-            with self._deepspeed.zero.GatheredParameters([p for _, p in items], modifier_rank=None):
+        def flush(bucket):
+            with self._deepspeed.zero.GatheredParameters([p for it in bucket for p in it.params], modifier_rank=None):
                 if gathered_views:
-                    for n, p in items:
-                        yield n, (p.detach().to(dtype) if dtype is not None else p.detach())
+                    for it in bucket:
+                        t = it.make()
+                        yield it.name, (t.to(dtype) if dtype is not None else t)
                     return
-                copies = [(n, p.detach().to(dtype) if dtype is not None else p.detach().clone()) for n, p in items]
+                copies = []
+                for it in bucket:
+                    t = it.make()
+                    copies.append((it.name, t.to(dtype) if dtype is not None else t.clone()))
             yield from copies
 
-        for n, p in named:
-            nbytes = p.ds_numel * p.element_size()
+        for it in items:
+            nbytes = sum(p.ds_numel * p.element_size() for p in it.params)
             if bucket and size + nbytes > bucket_bytes:
                 yield from flush(bucket)
                 bucket, size = [], 0
-            bucket.append((n, p))
+            bucket.append(it)
             size += nbytes
         if bucket:
             yield from flush(bucket)
+
+    # ------------------------------------------------------------- LoRA
+
+    def adapter_files(self) -> dict[str, bytes] | None:
+        """The LoRA adapter in peft's format ({file name: bytes}: learner.lora
+        adapter_files) on rank 0, None elsewhere. Every rank must call it in
+        lockstep: under ZeRO-3 the adapter weights are gathered (one
+        collective over the adapter parameters only, a small fraction of the
+        model)."""
+        from learner.lora import adapter_files, adapter_params
+
+        if not self.lora:
+            raise RuntimeError("adapter_files on a learner without LoRA (learner.lora.rank=0)")
+        named = adapter_params(self.engine.module, hf_name)
+        state = {}
+        ctx = (self._deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None) if self.zero3
+               else contextlib.nullcontext())
+        with ctx:
+            if self.rank == 0:
+                state = {k: p.detach().to("cpu", copy=True) for k, p in named}
+        return adapter_files(state, self._peft_config) if self.rank == 0 else None
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full CPU state dict on rank 0 (None elsewhere); all ranks call it."""
@@ -489,8 +549,12 @@ class LearnerWorker:
         the tokenizer's own save_pretrained). transformers and vLLM load it as
         they load the source model. All ranks call it (a ZeRO-3 gather); rank
         0 writes into a temp dir and renames it into place, so `path` is
-        either the previous export or the complete new one."""
+        either the previous export or the complete new one. With LoRA the
+        weights are merged (a plain checkpoint of the base architecture and
+        names) and the adapter is also saved alone, in peft's format, in
+        `adapter/` under it (loaders of the model read only the top level)."""
         state = self.full_state_dict()
+        adapter = self.adapter_files() if self.lora else None  # all ranks: a ZeRO-3 gather
         if self.rank != 0:
             return None
         final = Path(path)
@@ -499,6 +563,10 @@ class LearnerWorker:
         tmp.mkdir()
         try:
             self._save_pretrained(tmp, state, max_shard_size)
+            if adapter is not None:
+                from rollout.weight_sync import write_adapter
+
+                write_adapter(tmp / "adapter", adapter)
             ckpt.fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -520,8 +588,9 @@ class LearnerWorker:
         module = self.engine.module
         saved = set(module.state_dict(keep_vars=True))
         for n, b in module.named_buffers():  # persistent buffers, if the model has any
-            if n in saved and hf_name(n) not in state:
-                state[hf_name(n)] = b.detach().to("cpu", copy=True)
+            name = hf_name(n).removeprefix("base_model.model." if self.lora else "")  # peft's prefix
+            if n in saved and name not in state:
+                state[name] = b.detach().to("cpu", copy=True)
         config = copy.deepcopy(self.hf_config)
         config.use_cache = True  # off while training; on for whoever loads the export
         with torch.device("meta"):
@@ -612,7 +681,8 @@ class LearnerWorker:
         if self.rank == 0:
             ckpt.write_meta(d, {"steps_done": self.steps_done, "world_size": self.world_size,
                                 "zero_stage": int(self.ds_config["zero_optimization"]["stage"]),
-                                "dtype": self.cfg.dtype, "model_path": self.model_path, "saved_at": time.time()})
+                                "dtype": self.cfg.dtype, "model_path": self.model_path, "saved_at": time.time(),
+                                "lora": dataclasses.asdict(self.cfg.lora)})
 
     def load_checkpoint(self, path: str) -> dict:
         """Restore the full training state from the learner checkpoint
@@ -625,6 +695,12 @@ class LearnerWorker:
                 f"checkpoint {d} was written by {meta['world_size']} learner ranks with ZeRO stage "
                 f"{meta['zero_stage']}; this group has {self.world_size} ranks with stage {stage}: resume with "
                 f"learner.world_size={meta['world_size']} learner.zero_stage={meta['zero_stage']}")
+        saved_lora = meta.get("lora", {}).get("rank", 0)
+        if saved_lora != self.cfg.lora.rank:
+            raise ckpt.CheckpointError(
+                f"checkpoint {d} was written with learner.lora.rank={saved_lora}; this run has "
+                f"learner.lora.rank={self.cfg.lora.rank}: resume with learner.lora.rank={saved_lora} (the adapters "
+                "and the optimizer state are those of that rank)")
         load_path, _ = self.engine.load_checkpoint(str(d), tag="engine", load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:

@@ -71,9 +71,10 @@ def _spawn_sampler(factory: tuple, i: int, **kwargs):
     (`factory`) without waiting for it; `kwargs` go to `SamplerActor`."""
     import ray
 
-    path, rollout_cfg, student_cfg, strategies, num_gpus, cpu_cfg = factory
+    path, rollout_cfg, student_cfg, strategies, num_gpus, cpu_cfg, lora_rank = factory
     return (ray.remote(SamplerActor).options(**sampler_actor_options(rollout_cfg, num_gpus, strategies[i]))
-            .remote(path, rollout_cfg, student_cfg, sampler_index=i, cpu_cfg=cpu_cfg, **kwargs))
+            .remote(path, rollout_cfg, student_cfg, sampler_index=i, cpu_cfg=cpu_cfg, lora_rank=lora_rank,
+                    **kwargs))
 
 
 class SamplerPool:
@@ -96,7 +97,7 @@ class SamplerPool:
     @classmethod
     def create(cls, model: str, rollout_cfg, student_cfg, num_samplers: int | None = None,
                scheduling_strategies: list | None = None, initial_version: int = 0, *,
-               num_gpus_per_sampler: float | None = None, cpu_cfg=None) -> "SamplerPool":
+               num_gpus_per_sampler: float | None = None, cpu_cfg=None, lora_rank: int = 0) -> "SamplerPool":
         """Start `num_samplers` (default rollout_cfg.num_samplers) actors, each
         with its own Ray scheduling strategy when given (e.g. a
         PlacementGroupSchedulingStrategy per sampler), and wait until ready.
@@ -105,7 +106,8 @@ class SamplerPool:
         what each bundle holds). None, for a pool made without a plan (tests,
         benchmarks on one machine): tensor_parallel_size GPUs when this
         process sees CUDA, else 0. `cpu_cfg`: the run's `cpu:` section
-        (CpuConfig; None = its defaults)."""
+        (CpuConfig; None = its defaults). `lora_rank`: learner.lora.rank
+        (> 0: the samplers serve the learner's LoRA adapter, SamplerActor)."""
         num = rollout_cfg.num_samplers if num_samplers is None else num_samplers
         if scheduling_strategies is not None and len(scheduling_strategies) != num:
             raise ValueError(f"{len(scheduling_strategies)} scheduling strategies for {num} samplers")
@@ -115,7 +117,7 @@ class SamplerPool:
             import torch
 
             num_gpus_per_sampler = rollout_cfg.tensor_parallel_size if torch.cuda.is_available() else 0
-        factory = (path, rollout_cfg, student_cfg, strategies, num_gpus_per_sampler, cpu_cfg)
+        factory = (path, rollout_cfg, student_cfg, strategies, num_gpus_per_sampler, cpu_cfg, lora_rank)
         actors = [_spawn_sampler(factory, i, initial_version=initial_version) for i in range(num)]
         pool = cls(actors, timeout_s=rollout_cfg.weight_sync_timeout_s,
                    generate_timeout_s=rollout_cfg.generate_timeout_s, max_new_tokens=rollout_cfg.max_new_tokens)
@@ -268,6 +270,22 @@ class SamplerPool:
         """Close an open update on every sampler (after a partial failure of
         start_weight_update, or a sender that died before update_weights)."""
         self._fanout("abort_weight_update", [(s.abort_weight_update, ()) for s in self.samplers])
+
+    # -- LoRA adapters ------------------------------------------------------
+
+    def serves_lora_adapters(self) -> bool:
+        """Whether every sampler serves LoRA adapters in place (else the
+        learner pushes merged weights through the transfer group)."""
+        return all(self._fanout("serves_lora_adapters", [(s.serves_lora_adapters, ()) for s in self.samplers]))
+
+    def load_lora_adapter(self, version: int, files: dict[str, bytes]) -> None:
+        """Every sampler serves the adapter `files` (peft's format) as policy
+        `version` (SamplerActor.load_lora_adapter). The files go into Ray's
+        object store once; each sampler reads them from there."""
+        import ray
+
+        ref = ray.put(files)
+        self._fanout("load_lora_adapter", [(s.load_lora_adapter, (version, ref)) for s in self.samplers])
 
     def validate_update(self, update_info: dict) -> list[str]:
         problems = self._fanout("validate_update", [(s.validate_update, (update_info,)) for s in self.samplers])

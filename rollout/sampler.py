@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from typing import Any, Union
@@ -126,15 +128,55 @@ def bind_cpu_threads(spec: str) -> int:
     return n
 
 
+def vllm_max_lora_rank(rank: int) -> int:
+    """vLLM's `max_lora_rank` for adapters of rank `rank`: the smallest value
+    it accepts (vllm/config/lora.py MaxLoRARanks) that is >= rank."""
+    import typing
+
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(typing.get_args(MaxLoRARanks))
+    for r in allowed:
+        if r >= rank:
+            return r
+    raise ValueError(f"LoRA rank {rank} is above {allowed[-1]}, the largest vLLM serves")
+
+
+def vllm_serves_lora(model: str) -> bool:
+    """Whether vLLM's implementation of `model`'s architecture takes LoRA
+    adapters (its model class implements SupportsLoRA: the check
+    LoRAModelRunnerMixin.load_lora_model makes at engine start). Asked
+    before the engine starts, so a model without it falls back to merged
+    weight pushes instead of failing to start."""
+    try:
+        from transformers import AutoConfig
+        from vllm.model_executor.models import ModelRegistry
+        from vllm.model_executor.models.interfaces import supports_lora
+
+        for arch in AutoConfig.from_pretrained(model).architectures or []:
+            cls = ModelRegistry._try_load_model_cls(arch)
+            if cls is not None:
+                return bool(supports_lora(cls))
+    except Exception as e:  # noqa: BLE001 - undecidable here: let the engine try (its error is clear)
+        log.warning("could not tell whether vLLM serves LoRA on %s (%s); trying", model, e)
+        return True
+    return False
+
+
 class SamplerActor:
     """One vLLM engine of the student. Use as a threaded Ray actor."""
 
     def __init__(self, model: str, rollout_cfg, student_cfg, sampler_index: int = 0,
-                 initial_version: int = 0, require_update: bool = False, cpu_cfg: CpuConfig | None = None) -> None:
+                 initial_version: int = 0, require_update: bool = False, cpu_cfg: CpuConfig | None = None,
+                 lora_rank: int = 0) -> None:
         """`require_update`: start refusing to sample until the first weight
         update lands (a restarted sampler must not serve its checkpoint's
         weights while the others serve the learner's). `cpu_cfg`: the run's
-        `cpu:` section (used only when this actor has no GPU)."""
+        `cpu:` section (used only when this actor has no GPU). `lora_rank`:
+        the learner's LoRA rank (learner.lora.rank); > 0 starts vLLM with LoRA
+        support when vLLM can serve adapters on this model
+        (`serves_lora_adapters`), and the samplers then sample with the
+        adapter each push brings (`load_lora_adapter`)."""
         import torch
 
         cpu_cfg = cpu_cfg or CpuConfig()
@@ -161,6 +203,17 @@ class SamplerActor:
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
         if rollout_cfg.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = TP_EXECUTOR_BACKEND
+        # LoRA: one adapter at a time (the current policy's); each push loads
+        # the next under a new id and removes the old one.
+        self._lora_dir: str | None = None
+        self._lora_request = None
+        self._serves_lora = lora_rank > 0 and vllm_serves_lora(model)
+        if lora_rank > 0 and not self._serves_lora:
+            log.warning("sampler %d: vLLM has no LoRA support for %s; the learner pushes merged weights",
+                        sampler_index, model)
+        if self._serves_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
+            self._lora_dir = tempfile.mkdtemp(prefix=f"opd-lora-sampler{sampler_index}-")
         try:
             self.llm = LLM(
                 model=model,
@@ -217,6 +270,11 @@ class SamplerActor:
 
     def needs_full_update(self) -> str | None:
         return self._needs_full_update
+
+    def serves_lora_adapters(self) -> bool:
+        """Whether this engine serves LoRA adapters (started with a LoRA rank,
+        on a model vLLM supports LoRA for)."""
+        return self._serves_lora
 
     # -- engine use (mutually exclusive with weight updates) ----------------
 
@@ -280,7 +338,8 @@ class SamplerActor:
         self._acquire_engine()
         try:
             version = self._version
-            outs = self.llm.generate([{"prompt_token_ids": ids} for ids in ids_P], params, use_tqdm=False)
+            outs = self.llm.generate([{"prompt_token_ids": ids} for ids in ids_P], params, use_tqdm=False,
+                                     lora_request=self._lora_request)
         finally:
             self._release_engine()
         result: list[list[Completion]] = []
@@ -310,11 +369,67 @@ class SamplerActor:
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         self._acquire_engine()
         try:
-            outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+            outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False,
+                                     lora_request=self._lora_request)
         finally:
             self._release_engine()
         return [[float(out.prompt_logprobs[t][seq[t]].logprob) for t in range(st, len(seq))]
                 for seq, st, out in zip(sequences, starts, outs, strict=True)]
+
+    # -- LoRA adapters --------------------------------------------------------
+
+    def load_lora_adapter(self, version: int, files: dict[str, bytes]) -> None:
+        """Serve the LoRA adapter `files` (peft's format: adapter_config.json,
+        adapter_model.safetensors) as policy `version` from the next generate
+        on. vLLM loads adapters from a directory only (LoRAModel
+        .from_local_checkpoint): the files go to this sampler's own temp
+        directory, one per version. Exclusive with generate/score, as a
+        weight update is. The adapter loads under a new id before the old one
+        is removed, so a bad adapter raises and the old one keeps serving.
+        vLLM's prefix cache keys blocks by the adapter's name and path
+        (kv_cache_utils `_gen_lora_extra_hash_keys`), so no KV of the old
+        adapter is reused."""
+        from vllm.lora.request import LoRARequest
+
+        from rollout.weight_sync import write_adapter
+
+        if not self._serves_lora:
+            raise WeightSyncError(f"sampler {self.index}: load_lora_adapter, but this engine serves no adapters "
+                                  "(started without a LoRA rank, or vLLM has no LoRA support for the model)",
+                                  "transfer")
+        timeout = self.cfg.weight_sync_timeout_s
+        with self._cond:
+            if self._update_open:
+                raise WeightSyncError(f"sampler {self.index}: load_lora_adapter while an update is open", "start")
+            if not self._cond.wait_for(lambda: not self._busy, timeout=timeout):
+                raise WeightSyncError(f"sampler {self.index}: generate still running after {timeout:.0f}s",
+                                      "start")
+            self._update_open = True
+        try:
+            path = write_adapter(os.path.join(self._lora_dir, f"v{int(version)}"), files)
+            # Ids must be > 0 and differ per adapter (vLLM caches by id).
+            request = LoRARequest(lora_name=f"opd-policy-v{int(version)}", lora_int_id=int(version) + 1,
+                                  lora_path=str(path))
+            engine = self.llm.llm_engine
+            try:
+                engine.add_lora(request)
+            except Exception as e:
+                shutil.rmtree(path, ignore_errors=True)
+                raise WeightSyncError(f"sampler {self.index}: vLLM refused the LoRA adapter of version {version} "
+                                      f"(still serving version {self._version}): {type(e).__name__}: {e}",
+                                      "transfer") from None
+            old, self._lora_request = self._lora_request, request
+            if old is not None and old.lora_int_id != request.lora_int_id:
+                if old.lora_int_id in engine.list_loras():
+                    engine.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+            with self._cond:
+                self._version = int(version)
+                self._needs_full_update = None
+        finally:
+            with self._cond:
+                self._update_open = False
+                self._cond.notify_all()
 
     # -- weight updates (vLLM's control plane) ------------------------------
 
@@ -521,6 +636,8 @@ class SamplerActor:
             self._cond.notify_all()
 
     def shutdown(self) -> None:
+        if self._lora_dir is not None:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
         files = _mapped_shm_files()
         llm = getattr(self, "llm", None)
         if llm is not None:

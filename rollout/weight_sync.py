@@ -324,3 +324,19 @@ def choose_backend(requested: str, has_gpu: bool) -> str:
 def engine_backend(requested: str, has_gpu: bool) -> str:
     """The vLLM `WeightTransferConfig.backend` a sampler starts with."""
     return {"nccl": "nccl", "gloo": GLOO_BACKEND_NAME}[choose_backend(requested, has_gpu)]
+
+
+def write_adapter(directory, files: dict[str, bytes]):
+    """Write a LoRA adapter's files (peft's format, as the learner sends them:
+    learner/lora.py `adapter_files`) into `directory` (created); returns its
+    Path. A sampler loads them from there (vLLM reads adapters from a
+    directory only)."""
+    from pathlib import Path
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if "/" in name or name.startswith("."):
+            raise ValueError(f"adapter file name {name!r} is not a plain file name")
+        (d / name).write_bytes(data)
+    return d

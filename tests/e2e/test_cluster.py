@@ -17,7 +17,10 @@ wandb offline.
 - both models as hub ids from an offline Hugging Face cache (a Base-style
   student, an Instruct-style teacher the driver serves), bfloat16 training with
   an export every step: the exports are bfloat16 and load in transformers and
-  in vLLM.
+  in vLLM;
+- a LoRA student (ZeRO-3): the vLLM sampler serves each pushed adapter with
+  the learner's logprobs, eval/reverse_kl falls, and the merged export loads
+  as a plain model in transformers and vLLM, the adapter alone in peft.
 """
 
 from __future__ import annotations
@@ -370,4 +373,82 @@ def test_hub_ids_from_offline_cache_and_bf16_exports(student_path, teacher_path,
     with torch.no_grad():
         logits = hf(torch.tensor([ids])).logits[0, :-1]
     ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < 1e-4, (got, ref)
+
+
+@pytest.mark.slow
+def test_lora_student(ray_session, teacher_server, tmp_path, student_path, capsys):
+    """A LoRA student (learner.lora.rank=8 on every linear layer of the blocks,
+    ZeRO-3) through the real driver: the learner trains the adapters only
+    (peft), each push carries the adapter alone and the vLLM sampler serves it
+    as a new LoRA request; the samplers' logprobs are the learner's after
+    every push; eval reverse KL falls; final/ (and the step-2 export) is a
+    plain merged checkpoint that transformers and vLLM load without peft, with
+    the adapter alone in final/adapter/ in peft's format."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "lora"
+    rows = run_demo(run_dir, teacher_server, 6, ["learner.lora.rank=8", "learner.lora.alpha=16", "learner.lr=1e-2",
+                                                 "learner.zero_stage=3", "eval.every_steps=6",
+                                                 "train.prompts_per_step=16", "run.export_every_steps=2"])
+    out = capsys.readouterr().out
+    assert "weight sync over lora-adapter" in out, out[-3000:]
+    trained = [r for r in rows if "learner/loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3, 4, 5, 6]
+    evals = {r["step"]: r["eval/reverse_kl"] for r in rows if "eval/reverse_kl" in r}
+    assert evals[6] < 0.9 * evals[0], evals
+    # Step 1 samples the base (the adapter starts at B = 0), steps 2-6 the
+    # pushed adapters: float32 on both sides, vLLM's separate LoRA matmuls vs
+    # peft's differ by float32 rounding (~1e-6).
+    diffs = [r["learner/logprob_abs_diff"] for r in trained]
+    assert max(diffs) < 1e-3, diffs
+    # Each push is the adapter alone: r x (in + out) per adapted layer, a
+    # small fraction of the student's parameters.
+    base = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32)
+    full_bytes = sum(p.numel() * 4 for p in base.parameters())
+    pushes = [r["sync/bytes"] for r in trained]
+    assert all(0 < b < 0.15 * full_bytes for b in pushes), (pushes, full_bytes)
+
+    base_sd = base.state_dict()
+    for export in (run_dir / "exports" / "step_00000002", run_dir / "final"):
+        with safe_open(str(export / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        assert keys == set(base_sd), sorted(keys ^ set(base_sd))  # the base model's names, no adapter tensors
+        assert json.loads((export / "config.json").read_text())["architectures"] == base.config.architectures
+        assert not (export / "adapter_config.json").exists()  # transformers would hand the directory to peft
+        assert (export / "adapter" / "adapter_config.json").is_file()
+    final = run_dir / "final"
+    merged = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    msd = merged.state_dict()
+    # Only the adapted layers moved; embeddings, norms and the head are the base's.
+    adapted = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
+               "up_proj.weight", "down_proj.weight")
+    for n, t in base_sd.items():
+        if n.endswith(adapted):
+            assert not torch.equal(msd[n], t), n
+        else:
+            assert torch.equal(msd[n], t), n
+    # The adapter alone, in peft's format, on the base = the merged export.
+    from peft import PeftModel
+
+    ids = torch.tensor([list(range(30, 60))])
+    with torch.no_grad():
+        lp_merged = torch.log_softmax(merged(ids).logits.double(), -1)
+        adapted_model = PeftModel.from_pretrained(base, str(final / "adapter")).eval()
+        lp_peft = torch.log_softmax(adapted_model(ids).logits.double(), -1)
+    assert (lp_merged - lp_peft).abs().max() < 1e-4
+
+    # vLLM loads final/ as a plain model (no LoRA) and scores like transformers.
+    tok_ids = ids[0].tolist()
+    script = tmp_path / "vllm_score.py"
+    script.write_text(VLLM_SCORE)
+    res = subprocess.run([sys.executable, str(script), str(final), json.dumps(tok_ids)], cwd=tmp_path,
+                         env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                         timeout=600)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("LOGPROBS ")]
+    assert res.returncode == 0 and line, res.stdout[-2000:] + res.stderr[-4000:]
+    got = json.loads(line[0][len("LOGPROBS "):])
+    ref = lp_merged[0, :-1].gather(1, ids[0, 1:, None])[:, 0].tolist()
     assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < 1e-4, (got, ref)

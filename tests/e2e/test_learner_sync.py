@@ -107,3 +107,35 @@ def test_push_makes_sampler_match_learner(loop, tokenizer, teacher_path):
     batch2 = _batch_from(fresh, teacher_path)
     d = _max_diff(group.logprobs(batch2, temperature=TEMPERATURE), batch2.sampler_logprobs_B_T)
     assert d < 1e-4, d
+
+
+def test_lora_merged_push_to_a_sampler_without_adapters(loop, tokenizer, teacher_path, student_path):
+    """The fallback for samplers that cannot serve LoRA adapters (this pool's
+    were started without a LoRA rank): a LoRA learner pushes its merged
+    weights over the same gloo transport (base names and shapes), and the
+    sampler then scores like the adapted learner."""
+    from learner.config import LoraConfig
+
+    pool, _ = loop
+    cfg = LearnerConfig(world_size=1, zero_stage=0, lr=1e-2, micro_batch_tokens=256, collective_timeout_s=300.0,
+                        lora=LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj")))
+    group = LearnerGroup.create(student_path, cfg, LossConfig(), seed=0)
+    try:
+        assert not pool.serves_lora_adapters()
+        chosen = group.init_weight_sync(pool, backend="gloo", bucket_bytes=256 << 10, timeout_s=120.0)
+        assert chosen == "gloo (merged LoRA weights: the samplers cannot serve adapters)", chosen
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": "3+4="}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)]
+        batch = _batch_from(pool.generate(prompts, n=4, seed=3), teacher_path)
+        for s in range(2):
+            group.train_step(batch, step=s, temperature=TEMPERATURE)
+        seqs = [p + c for p, c in zip(batch.prompt_ids_B_T, batch.completion_ids_B_T, strict=True)]
+        starts = [len(p) for p in batch.prompt_ids_B_T]
+        learner_t1 = group.logprobs(batch, temperature=1.0)
+        version = max(pool.weight_versions()) + 1
+        stats = group.push_weights(pool, version=version)
+        assert pool.weight_versions() == [version] and stats["sync/bytes"] > 0
+        d = _max_diff(pool.score(seqs, starts), learner_t1)
+        assert d < 1e-4, d
+    finally:
+        group.shutdown()
