@@ -70,7 +70,7 @@ def actor_env(cfg: Config) -> dict[str, str]:
     """Environment every actor gets (vLLM CPU settings, DeepSpeed accelerator)."""
     env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(cfg.cpu.sampler_kv_cache_gib),
            "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("OPD_CACHE_DIR", "DS_ACCELERATOR", "VLLM_CPU_OMP_THREADS_BIND", "WANDB_MODE"):
+    for k in ("OPD_CACHE_DIR", "DS_ACCELERATOR", "VLLM_CPU_OMP_THREADS_BIND", "WANDB_MODE", "TORCH_EXTENSIONS_DIR"):
         if k in os.environ:
             env[k] = os.environ[k]
     env.update(hf_env())  # the same Hugging Face cache settings on every node (cluster/models.py)

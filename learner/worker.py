@@ -32,6 +32,7 @@ import torch
 from learner import checkpoint as ckpt
 from learner.batching import collate
 from learner.config import LearnerConfig, LossConfig
+from learner.ds_ops import use_env_build_dir
 from learner.logprobs import completion_logprobs, sampling_truncation
 from learner.losses import LossInputs, compute_loss
 from rollout.host import free_port
@@ -197,6 +198,7 @@ class LearnerWorker:
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if not use_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
+            use_env_build_dir()  # load the shm op `make venv` built, not a fresh compile (learner/ds_ops.py)
             if cpu_threads > 0:
                 torch.set_num_threads(cpu_threads)
         import deepspeed
