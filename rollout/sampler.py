@@ -131,6 +131,16 @@ def bind_cpu_threads(spec: str, share: ThreadShare | None = None) -> int:
     return n
 
 
+def set_thread_num_threads(n: int) -> None:
+    """torch.set_num_threads(n) from the calling thread: sets this thread's
+    OpenMP thread count (a new thread starts at OMP_NUM_THREADS) and torch's.
+    Calls torch._C.set_num_threads because vLLM's CPU worker replaces
+    torch.set_num_threads with a no-op once its engine is up."""
+    import torch
+
+    torch._C.set_num_threads(n)
+
+
 def vllm_max_lora_rank(rank: int) -> int:
     """vLLM's `max_lora_rank` for adapters of rank `rank`: the smallest value
     it accepts (vllm/config/lora.py MaxLoRARanks) that is >= rank."""
@@ -185,6 +195,7 @@ class SamplerActor:
         import torch
 
         cpu_cfg = cpu_cfg or CpuConfig()
+        self._engine_threads = 0  # > 0: an in-process CPU engine's threads (see _acquire_engine)
         self.cfg = rollout_cfg
         self.index = sampler_index
         has_gpu = torch.cuda.is_available()
@@ -194,7 +205,7 @@ class SamplerActor:
         if not has_gpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = cpu_kv_cache_space(cpu_cfg.sampler_kv_cache_gib)
             if self.in_process:
-                n = bind_cpu_threads(cpu_cfg.sampler_threads, thread_share)
+                n = self._engine_threads = bind_cpu_threads(cpu_cfg.sampler_threads, thread_share)
                 log.info("sampler %d: %d engine threads (%s)", sampler_index, n,
                          thread_share.reason if thread_share and cpu_cfg.sampler_threads == "auto"
                          else f"cpu.sampler_threads={cpu_cfg.sampler_threads}")
@@ -296,6 +307,13 @@ class SamplerActor:
                 raise SamplerNotReady(f"sampler {self.index} holds partially updated weights "
                                       f"({self._needs_full_update}); push a full weight update first")
             self._busy = True
+        if self._engine_threads:
+            # This actor is threaded: each call may run on another Ray thread,
+            # whose OpenMP thread count starts at Ray's OMP_NUM_THREADS. vLLM's
+            # CPU attention sizes its scheduler metadata from that count and
+            # checks it against the count torch's ops use (bind_cpu_threads'),
+            # so set it in the calling thread too.
+            set_thread_num_threads(self._engine_threads)
 
     def _release_engine(self) -> None:
         with self._cond:

@@ -119,3 +119,33 @@ def test_in_process_sampler_binds_the_plans_share():
     finally:
         os.sched_setaffinity(0, before_aff)
         torch.set_num_threads(before_n)
+
+
+def test_engine_thread_count_is_set_in_the_calling_thread():
+    """A threaded actor's call runs on a thread whose OpenMP count starts at
+    OMP_NUM_THREADS, not at the count torch.set_num_threads gave the actor's
+    first thread; vLLM's CPU attention checks the two agree."""
+    import ctypes
+    import threading
+
+    import torch
+
+    from rollout.sampler import set_thread_num_threads
+
+    omp_threads = ctypes.CDLL(None).omp_get_max_threads  # libgomp, loaded by torch
+    want = (os.cpu_count() or 1) + 1  # differs from any thread's starting count
+    before = torch.get_num_threads()
+    seen = {}
+
+    def call():
+        seen["start"] = omp_threads()
+        set_thread_num_threads(want)
+        seen["after"] = omp_threads()
+
+    try:
+        th = threading.Thread(target=call)
+        th.start()
+        th.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen["start"] != want and seen["after"] == want
