@@ -118,7 +118,24 @@ def cpu_jiffies() -> tuple[int, int]:
     return sum(v) - idle, sum(v)
 
 
-class BusyMonitor:
+class _Poller:
+    """A daemon thread calling `self._run` (which polls until `self._stop` is
+    set) while the `with` block runs."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class BusyMonitor(_Poller):
     """Busy cores of the whole machine during a run's measured steps: from
     the moment metrics.jsonl holds `warmup` step rows to its last step row,
     (busy jiffies / all jiffies) x cores, polled every `period_s`."""
@@ -126,8 +143,7 @@ class BusyMonitor:
     def __init__(self, metrics_path: Path, warmup: int, period_s: float = 0.2):
         self.path, self.warmup, self.period_s = metrics_path, warmup, period_s
         self.marks: dict[int, tuple[int, int]] = {}  # step rows seen -> jiffies when first seen
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
     def _rows(self) -> int:
         try:
@@ -141,14 +157,6 @@ class BusyMonitor:
             if n not in self.marks:
                 self.marks[n] = cpu_jiffies()
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
     def busy_cores(self) -> float | None:
         seen = sorted(n for n in self.marks if n >= self.warmup)
         if len(seen) < 2 or seen[0] != self.warmup:
@@ -157,7 +165,7 @@ class BusyMonitor:
         return (b1 - b0) / max(1, t1 - t0) * (os.cpu_count() or 1)
 
 
-class RssMonitor:
+class RssMonitor(_Poller):
     """Samples the process tree under `root_pid` every `period_s`; keeps the
     peak summed RSS per role."""
 
@@ -165,8 +173,7 @@ class RssMonitor:
         self.root_pid = root_pid
         self.period_s = period_s
         self.peak_bytes: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
         self._cmd_cache: dict[int, tuple[str, int]] = {}  # pid -> (cmdline, ppid)
         self.seen: dict[int, float] = {}  # pid -> create_time of every process of the tree
 
@@ -197,14 +204,6 @@ class RssMonitor:
             except psutil.NoSuchProcess:
                 pass
         return [p.pid for p in alive]
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
     def _cmd(self, p) -> tuple[str, int]:
         if p.pid not in self._cmd_cache:
