@@ -54,6 +54,7 @@ from rollout.config import CpuConfig, ThreadShare, parse_cpu_list
 from rollout.host import cpu_kv_cache_space
 from rollout.types import Completion
 from rollout.weight_sync import WeightSyncError, concrete_dtype, engine_backend
+from teacher_server.engine import cpu_unsplit_prefill
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,8 @@ class SamplerActor:
         if lora_rank > 0 and not self._serves_lora:
             log.warning("sampler %d: vLLM has no LoRA support for %s; the learner pushes merged weights",
                         sampler_index, model)
+        if not has_gpu:
+            kwargs.update(cpu_unsplit_prefill())
         if self._serves_lora:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
             self._lora_dir = tempfile.mkdtemp(prefix=f"opd-lora-sampler{sampler_index}-")
