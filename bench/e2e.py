@@ -24,7 +24,10 @@ joins another job's Ray cluster on a shared machine), and reads `<run.dir>/metri
   `VLLM::` engine processes; learner = `ray::LearnerWorker`; teacher =
   `-m teacher_server` + its engine; ray = raylet, gcs, dashboard, idle workers).
   RSS of a group is the sum of its processes' RSS at one instant (shared pages
-  count once per process), its peak the max over the run.
+  count once per process), its peak the max over the run. `rss_total` is the
+  peak over the run of the sum over every process at one instant (at most the
+  sum of the role peaks, which come from different instants), and `mem/trl`
+  is opd's rss_total over TRL's.
 
 With `--trl`, the same workload (same checkpoints, same arithmetic prompts
 rendered with the same chat template, prompts x samples per step, max new
@@ -167,12 +170,13 @@ class BusyMonitor(_Poller):
 
 class RssMonitor(_Poller):
     """Samples the process tree under `root_pid` every `period_s`; keeps the
-    peak summed RSS per role."""
+    peak summed RSS per role and the peak of the whole tree's RSS at one instant."""
 
     def __init__(self, root_pid: int, period_s: float = 0.25):
         self.root_pid = root_pid
         self.period_s = period_s
         self.peak_bytes: dict[str, int] = {}
+        self.peak_total_bytes = 0
         super().__init__()
         self._cmd_cache: dict[int, tuple[str, int]] = {}  # pid -> (cmdline, ppid)
         self.seen: dict[int, float] = {}  # pid -> create_time of every process of the tree
@@ -246,6 +250,7 @@ class RssMonitor(_Poller):
                 totals[role] = totals.get(role, 0) + rss[pid]
             for role, b in totals.items():
                 self.peak_bytes[role] = max(self.peak_bytes.get(role, 0), b)
+            self.peak_total_bytes = max(self.peak_total_bytes, sum(totals.values()))
             self._stop.wait(self.period_s)
 
 
@@ -319,7 +324,8 @@ def run_opd(w: Workload, mode: str, out: Path, extra: list[str], env_extra: dict
     first_step_at = wall - sum(r["time/step_s"] for r in rows)  # startup + warmup steps + teardown
     res.update(system="opd", pair=w.pair, mode=mode, wall_s=wall, overhead_s=first_step_at,
                busy_cores=busy.busy_cores(),
-               peak_rss_mib={k: v / 2**20 for k, v in mon.peak_bytes.items()}, run_dir=str(run_dir))
+               peak_rss_mib={k: v / 2**20 for k, v in mon.peak_bytes.items()},
+               peak_rss_total_mib=mon.peak_total_bytes / 2**20, run_dir=str(run_dir))
     return res
 
 
@@ -474,7 +480,8 @@ def run_trl(w: Workload, out: Path, threads: int | None) -> dict:
             "step_s_median": statistics.median(step_s),
             "tokens_per_s": sum(tokens) / sum(step_s), "tokens_per_step": sum(tokens) / len(tokens),
             "wall_s": wall, "torch_threads": r["torch_threads"],
-            "peak_rss_mib": {"trl": sum(peak.values())}, "run_dir": str(run_dir)}
+            "peak_rss_mib": {"trl": sum(peak.values())}, "peak_rss_total_mib": mon.peak_total_bytes / 2**20,
+            "run_dir": str(run_dir)}
 
 
 # ------------------------------------------------------------------ table
@@ -500,7 +507,7 @@ def print_table(results: list[dict]) -> None:
 
     head = ["system", "pair", "mode", "step_s", "sample", "teacher", "rollout", "train", "sync", "other", "other%",
             "step/slowest", "step/cpu_bound", "tok/s", "trl_tok/s", "opd/trl", "startup_s", "busy_cores",
-            *[f"rss_{r}" for r in ROLES]]
+            *[f"rss_{r}" for r in ROLES], "rss_total", "mem/trl"]
     lines = [head]
     for r in results:
         t = trl.get(r["pair"]) if r["system"] == "opd" else None
@@ -515,7 +522,9 @@ def print_table(results: list[dict]) -> None:
             fmt(r["tokens_per_s"], ".0f"), fmt(t["tokens_per_s"], ".0f") if t else "-",
             fmt(r["tokens_per_s"] / t["tokens_per_s"]) if t else "-",
             fmt(r.get("overhead_s"), ".0f"), fmt(r.get("busy_cores"), ".2f"),
-            *[fmt(rss.get(k), ".0f") for k in ROLES],
+            *[fmt(rss.get(k), ".0f") for k in ROLES], fmt(r.get("peak_rss_total_mib"), ".0f"),
+            fmt(r["peak_rss_total_mib"] / t["peak_rss_total_mib"])
+            if t and r.get("peak_rss_total_mib") and t.get("peak_rss_total_mib") else "-",
         ])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     for row in lines:
@@ -523,7 +532,8 @@ def print_table(results: list[dict]) -> None:
     print("times: mean seconds per step after warmup; other = step - (sample+teacher+train+sync) in sync, "
           "step - (wait_rollout+train+wait_before_sync+sync) in async; step/cpu_bound (async): step / max(slowest "
           f"phase, the sync run's sample+teacher+train+sync / {cores} cores); rss_*: peak summed RSS (MiB) "
-          "per role; startup_s: wall - measured steps (Ray/teacher/vLLM/DeepSpeed start, warmup, teardown); "
+          "per role; rss_total: peak RSS of all the run's processes at one instant (MiB); mem/trl: opd's "
+          "rss_total / TRL's; startup_s: wall - measured steps (Ray/teacher/vLLM/DeepSpeed start, warmup, teardown); "
           f"busy_cores: the machine's busy cores (of {cores}) during the measured steps, every process counted; "
           "trl: sample = transformers generate, train = the rest of its step (teacher + student forward, "
           "full-vocab KL, backward, AdamW)")

@@ -40,6 +40,20 @@ class RayInfo:
     cluster_gpus: float
 
 
+# A local cluster keeps no idle workers: every actor has its own worker
+# process, and the few tasks the driver runs (a learner address probe) would
+# otherwise leave one behind with torch imported (~300 MiB), beside the workers
+# Ray starts ahead of time (~80 MiB each). Each key can be set back through
+# its environment variable (RAY_num_workers_soft_limit=-1, ...), which wins.
+LOCAL_RAY_SYSTEM_CONFIG = {"num_workers_soft_limit": 0, "enable_worker_prestart": False,
+                           "prestart_worker_first_driver": False}
+
+
+def local_ray_system_config(environ=os.environ) -> dict:
+    """LOCAL_RAY_SYSTEM_CONFIG less the keys set in `environ` (RAY_<key>)."""
+    return {k: v for k, v in LOCAL_RAY_SYSTEM_CONFIG.items() if f"RAY_{k}" not in environ}
+
+
 def connect(pcfg: PlacementConfig, env_vars: dict[str, str] | None = None) -> RayInfo:
     """Join `placement.ray_address` / RAY_ADDRESS (e.g. under `ray job submit`),
     or start a local cluster. `env_vars` reach every actor (runtime_env)."""
@@ -58,7 +72,8 @@ def connect(pcfg: PlacementConfig, env_vars: dict[str, str] | None = None) -> Ra
             kwargs["num_cpus"] = pcfg.local_num_cpus
         # address="local": always a new cluster, never silently joining another
         # Ray cluster that happens to run on this machine.
-        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
+                 _system_config=local_ray_system_config(), **kwargs)
         started = True
     res = ray.cluster_resources()
     return RayInfo(started_local=started, cluster_gpus=float(res.get("GPU", 0)))

@@ -56,7 +56,7 @@ from pathlib import Path
 
 from cluster.config import TeacherConfig
 from rollout.config import url_list
-from rollout.host import cpu_kv_cache_space, free_port
+from rollout.host import KV_MAX_SEQS, free_port, kv_cache_size
 
 LOG_NAME = "teacher_server.log"
 
@@ -255,17 +255,19 @@ def _run_key(tcfg: TeacherConfig) -> tuple[str, str, bool]:
 
 
 def start_teacher(tcfg: TeacherConfig, model_path: str | None, run_dir: Path, *, num_gpus: float = 0.0,
-                  env: dict | None = None, model_ref=None, kv_cache_gib: float = 1.0,
-                  threads=None) -> TeacherHandle:
+                  env: dict | None = None, model_ref=None, kv_cache_gib: float | str = "auto",
+                  kv_seqs: int = KV_MAX_SEQS, threads=None) -> TeacherHandle:
     """Wait for `teacher.url`, or start teacher_server for `model_path` in a
     Ray actor booking `num_gpus` GPUs (the caller passes
     teacher.tensor_parallel_size when the run has GPUs, else 0) and
     `teacher.cpus` CPUs; Ray must be connected. `env`: extra environment of
     the server; `model_ref`: the ResolvedModel of `model_path`, fetched on
     the teacher's node when that node lacks it; `kv_cache_gib`: the KV cache
-    of a CPU server (`cpu.teacher_kv_cache_gib`); `threads`: its threads on
-    CPU (a count, or the placement plan's ThreadShare, resolved on the
-    teacher's node; None: the server's default). See the module docstring."""
+    of a CPU server (`cpu.teacher_kv_cache_gib`; "auto": `kv_seqs` sequences
+    of teacher.max_model_len tokens: rollout.host.kv_cache_size); `threads`:
+    its threads on CPU (a count, or the placement plan's ThreadShare,
+    resolved on the teacher's node; None: the server's default). See the
+    module docstring."""
     if tcfg.url:
         deadline = time.monotonic() + tcfg.startup_timeout_s
         for url in url_list(tcfg.url):  # every replica must be up; an error names the one that is not
@@ -280,10 +282,15 @@ def start_teacher(tcfg: TeacherConfig, model_path: str | None, run_dir: Path, *,
     actor = ray.remote(TeacherServerActor).options(num_cpus=tcfg.cpus, num_gpus=num_gpus).remote()
     handle = TeacherHandle("", actor, log_path, key_file, own)
     try:
-        # The KV cache of a CPU server is the teacher's own (actors get the samplers' in their env).
-        proc_env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(kv_cache_gib), **(env or {})}
+        args = server_args(tcfg, model_path)
+        if num_gpus == 0:
+            dtype = "float32" if tcfg.dtype == "auto" else tcfg.dtype  # rollout.weight_sync.concrete_dtype on CPU
+            kv = kv_cache_size(kv_cache_gib, model_path, dtype, seqs=kv_seqs, seq_tokens=tcfg.max_model_len,
+                               max_model_len=tcfg.max_model_len, key="cpu.teacher_kv_cache_gib")
+            print(f"[opd] teacher KV cache: {kv.bytes / 2**20:.0f} MiB ({kv.reason})", flush=True)
+            args += ["--kv-cache-memory-bytes", str(kv.bytes)]
         unset = [] if "OMP_NUM_THREADS" in os.environ else ["OMP_NUM_THREADS"]
-        ref = actor.start.remote(server_args(tcfg, model_path), key, str(log_path), proc_env, unset,
+        ref = actor.start.remote(args, key, str(log_path), dict(env or {}), unset,
                                  ray.get_runtime_context().get_node_id(), model_ref, threads)
         try:
             handle.url = ray.get(ref, timeout=tcfg.startup_timeout_s)

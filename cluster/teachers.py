@@ -10,7 +10,7 @@ cluster/train.py calls, in order:
         # before Ray: route models resolved, tokenizers checked on disk,
         # every record's teacher and prefix set (PromptDataError: exit 2),
         # running route servers (url) waited for and their tokenizers checked
-    plan.start(run_dir, uses_gpus, teardown, kv_cache_gib)
+    plan.start(run_dir, uses_gpus, teardown, kv_cache_gib=..., kv_seqs=...)
         # after the placement groups: a server per route with `model` and
         # no `url` (cluster/teacher_proc.py, as the default teacher's)
     teacher = plan.scorer(default_client, default_handle, teardown)

@@ -47,7 +47,7 @@ from cluster.metrics_log import MetricsLogger
 from cluster.models import check_student_on_nodes, hf_env, resolve_models
 from cluster.task_fns import TaskFunctionError
 from cluster.tiny_data import resolve_data
-from rollout.host import cpu_kv_cache_space
+from rollout.host import GiB, kv_cache_size
 from rollout.prompts import PromptDataError
 from rollout.teacher_client import TeacherBackendError, TeacherUnavailableError, TokenizerMismatchError
 
@@ -68,13 +68,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def actor_env(cfg: Config) -> dict[str, str]:
     """Environment every actor gets (vLLM CPU settings, DeepSpeed accelerator)."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(cfg.cpu.sampler_kv_cache_gib),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {"TOKENIZERS_PARALLELISM": "false"}
     for k in ("OPD_CACHE_DIR", "DS_ACCELERATOR", "VLLM_CPU_OMP_THREADS_BIND", "WANDB_MODE", "TORCH_EXTENSIONS_DIR"):
         if k in os.environ:
             env[k] = os.environ[k]
     env.update(hf_env())  # the same Hugging Face cache settings on every node (cluster/models.py)
     return env
+
+
+def batch_sequences(cfg: Config) -> int:
+    """The most sequences the run generates or scores at once: a step's, or
+    an eval's (a CPU engine's KV cache is sized to them)."""
+    seqs = cfg.train.prompts_per_step * cfg.rollout.samples_per_prompt
+    if cfg.eval.every_steps > 0:
+        seqs = max(seqs, cfg.eval.num_prompts * cfg.eval.samples_per_prompt)
+    return seqs
+
+
+def with_sampler_kv_cache(cfg: Config, student_path: str) -> Config:
+    """`cfg` with cpu.sampler_kv_cache_gib "auto" made concrete: what one
+    sampler's largest batch needs (batch_sequences), each
+    data.max_prompt_tokens + rollout.max_new_tokens tokens long (the config
+    check keeps that within student.max_model_len)."""
+    kv = kv_cache_size(cfg.cpu.sampler_kv_cache_gib, student_path, cfg.student.dtype, seqs=batch_sequences(cfg),
+                       seq_tokens=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                       max_model_len=cfg.student.max_model_len)
+    print(f"[opd] sampler KV cache: {kv.bytes / 2**20:.0f} MiB per sampler ({kv.reason})", flush=True)
+    return dataclasses.replace(cfg, cpu=dataclasses.replace(cfg.cpu, sampler_kv_cache_gib=kv.bytes / GiB))
 
 
 def cpu_threads(cfg: Config, plan, layout: dict) -> dict:
@@ -219,9 +239,12 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
                                                         else cfg.teacher.tensor_parallel_size) + tplan.route_gpus(True))
     teardown.append(plan.remove)
     cfg = with_concrete_dtypes(cfg, plan.uses_gpus)
+    if not plan.uses_gpus:
+        cfg = with_sampler_kv_cache(cfg, student_path)
     layout = plan.describe()
     threads = cpu_threads(cfg, plan, layout)
-    tplan.start(run_dir, plan.uses_gpus, teardown, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib)
+    tplan.start(run_dir, plan.uses_gpus, teardown, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib,
+                kv_seqs=batch_sequences(cfg))
     if not cfg.teacher.url and serve_default:
         # After the groups are reserved: the teacher takes GPUs they left.
         print(f"[opd] starting teacher ({teacher_path})", flush=True)
@@ -229,6 +252,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
         teacher_fut = tex.submit(start_teacher, cfg.teacher, teacher_path, run_dir,
                                  num_gpus=cfg.teacher.tensor_parallel_size if plan.uses_gpus else 0,
                                  model_ref=teacher_model, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib,
+                                 kv_seqs=batch_sequences(cfg),
                                  threads=threads["teacher"])
         tex.shutdown(wait=False)
     (run_dir / "placement.json").write_text(json.dumps(layout, indent=1))

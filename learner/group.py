@@ -92,8 +92,9 @@ class LearnerGroup:
             return o
 
         # Rank 0's node hosts the torch.distributed rendezvous: ask a task
-        # placed like rank 0 for that node's IP and a free port.
-        probe = ray.remote(node_address).options(**opts(0))
+        # placed like rank 0 for that node's IP and a free port. Its worker
+        # exits after it (max_calls=1) instead of idling with torch imported.
+        probe = ray.remote(max_calls=1)(node_address).options(**opts(0))
         master_addr, master_port = ray.get(probe.remote(), timeout=learner_cfg.collective_timeout_s)
         actor_cls = ray.remote(LearnerWorker)
         workers = [actor_cls.options(**opts(r)).remote(

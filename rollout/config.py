@@ -387,8 +387,14 @@ class CpuConfig:
     """Settings that only matter where a role runs on CPU (the tests and the
     demo). A run whose roles have GPUs ignores this section."""
 
-    # KV cache of each CPU sampler (GiB; vLLM's VLLM_CPU_KVCACHE_SPACE).
-    sampler_kv_cache_gib: float = 1.0
+    # KV cache of each CPU sampler (GiB), allocated in full when its engine
+    # starts: "auto" sizes it to the run's batch (a step's or an eval's
+    # sequences, at most 256, each data.max_prompt_tokens +
+    # rollout.max_new_tokens long, from the student's config.json: a few
+    # hundred MiB for small models), or a number of GiB (fractions allowed).
+    # It replaces VLLM_CPU_KVCACHE_SPACE. Too small only queues sequences;
+    # below one sequence of student.max_model_len vLLM refuses to start.
+    sampler_kv_cache_gib: float | Literal["auto"] = "auto"
     # The three *_threads below default to "auto": the placement plan
     # decides (cluster/placement.py cpu_thread_shares). In train.mode=sync
     # the roles take turns, so a role that runs alone in its phase uses every
@@ -405,8 +411,10 @@ class CpuConfig:
     # (which also takes vLLM's "nobind" and per-rank "0-3|4-7"; there "auto"
     # is vLLM's own binding).
     sampler_threads: str = "auto"
-    # KV cache of a teacher server the driver starts on CPU (GiB).
-    teacher_kv_cache_gib: float = 1.0
+    # KV cache of a teacher server the driver starts on CPU (GiB): "auto"
+    # sizes it to a step's or an eval's sequences (at most 256) of teacher.max_model_len
+    # tokens, from the teacher's config.json; or a number of GiB.
+    teacher_kv_cache_gib: float | Literal["auto"] = "auto"
     # Threads of the teacher server the driver starts on CPU (its
     # OMP_NUM_THREADS): "auto" (the plan), a count, or 0 (the server's own
     # default: every core it may use but one).
@@ -416,7 +424,12 @@ class CpuConfig:
     learner_threads: int | Literal["auto"] = "auto"
 
     def problems(self) -> list[str]:
-        out = positive(self, "sampler_kv_cache_gib", "teacher_kv_cache_gib")
+        out = []
+        for name in ("sampler_kv_cache_gib", "teacher_kv_cache_gib"):
+            v = getattr(self, name)
+            if v != "auto" and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+                out.append(f"{section_name(self)}.{name}: {v!r} is not valid; use auto (sized to the run's batch) "
+                           "or a size in GiB > 0, e.g. 0.25")
         for name in ("teacher_threads", "learner_threads"):
             v = getattr(self, name)
             if v != "auto" and not (isinstance(v, int) and v >= 0):

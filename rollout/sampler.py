@@ -51,7 +51,7 @@ import time
 from typing import Any, Union
 
 from rollout.config import CpuConfig, ThreadShare, parse_cpu_list
-from rollout.host import cpu_kv_cache_space
+from rollout.host import KV_MAX_SEQS, kv_cache_size
 from rollout.types import Completion
 from rollout.weight_sync import WeightSyncError, concrete_dtype, engine_backend
 from teacher_server.engine import cpu_unsplit_prefill
@@ -203,8 +203,16 @@ class SamplerActor:
         self.in_process = engine_in_process(rollout_cfg.engine_process, has_gpu, rollout_cfg.tensor_parallel_size)
         # Read by vLLM when the engine is built (this actor owns its process).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
+        kwargs: dict[str, Any] = {}
         if not has_gpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = cpu_kv_cache_space(cpu_cfg.sampler_kv_cache_gib)
+            # The driver sizes "auto" to the run's batch; an engine started
+            # without it takes vLLM's full concurrency at max_model_len.
+            kv = kv_cache_size(cpu_cfg.sampler_kv_cache_gib, model, concrete_dtype(student_cfg.dtype, False),
+                               seqs=KV_MAX_SEQS, seq_tokens=student_cfg.max_model_len,
+                               max_model_len=student_cfg.max_model_len)
+            kwargs["kv_cache_memory_bytes"] = kv.bytes
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's CPU platform would override the size with it
+            log.info("sampler %d: KV cache %.0f MiB (%s)", sampler_index, kv.bytes / 2**20, kv.reason)
             if self.in_process:
                 n = self._engine_threads = bind_cpu_threads(cpu_cfg.sampler_threads, thread_share)
                 log.info("sampler %d: %d engine threads (%s)", sampler_index, n,
@@ -218,7 +226,6 @@ class SamplerActor:
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
-        kwargs: dict[str, Any] = {}
         if has_gpu:
             kwargs["gpu_memory_utilization"] = rollout_cfg.gpu_memory_utilization
         if rollout_cfg.tensor_parallel_size > 1:

@@ -4,6 +4,7 @@
         [--api-key-file FILE] [--max-batch-tokens N] [--max-queue N]
         [--max-request-bytes N] [--tensor-parallel-size K] [--dtype auto|float32|bfloat16]
         [--max-model-len N] [--max-top-k K] [--served-model-name NAME]
+        [--kv-cache-memory-bytes N]
 
 (also installed as `opd-teacher-server`). Binds to 127.0.0.1 unless --host says
 otherwise; set an API key (--api-key-file) before exposing it on a network.
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=_positive, default=None, help="default: the model's")
     p.add_argument("--max-top-k", type=int, default=DEFAULT_MAX_TOP_K, help="largest top_k a request may ask")
     p.add_argument("--max-num-seqs", type=_positive, default=256, help="vLLM max_num_seqs")
+    p.add_argument("--kv-cache-memory-bytes", type=_positive, default=None,
+                   help="vLLM's KV cache size in bytes (default: VLLM_CPU_KVCACHE_SPACE on CPU, "
+                        "the free GPU memory on GPU); on CPU it is allocated in full at start")
     p.add_argument("--shutdown-timeout-s", type=float, default=120.0,
                    help="how long SIGTERM waits for admitted requests")
     return p.parse_args(argv)
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     eopts = EngineOptions(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
                           tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
                           max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
-                          max_top_k=args.max_top_k)
+                          max_top_k=args.max_top_k, kv_cache_memory_bytes=args.kv_cache_memory_bytes)
     sopts = ServerOptions(host=args.host, port=args.port, api_key=_read_api_key(args.api_key_file),
                           max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
                           shutdown_timeout_s=args.shutdown_timeout_s)

@@ -52,6 +52,7 @@ class EngineOptions:
     max_num_seqs: int = 256
     max_top_k: int = DEFAULT_MAX_TOP_K
     seed: int = 0
+    kv_cache_memory_bytes: int | None = None  # vLLM's; None: its own choice
 
 
 def sampling_params_for_scoring(top_k: int, temperature: float):
@@ -137,6 +138,10 @@ class TeacherEngine:
                       served_model_name=opts.served_model_name)
         if opts.max_batch_tokens:
             kwargs["max_num_batched_tokens"] = opts.max_batch_tokens
+        if opts.kv_cache_memory_bytes:
+            kwargs["kv_cache_memory_bytes"] = opts.kv_cache_memory_bytes
+            # vLLM's CPU platform replaces the size with VLLM_CPU_KVCACHE_SPACE when that is set.
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         if _is_cpu_build():  # CUDA graphs do not exist on CPU
             kwargs["enforce_eager"] = True
             kwargs.update(cpu_unsplit_prefill())

@@ -343,6 +343,13 @@ def test_hub_ids_from_offline_cache_and_bf16_exports(student_path, teacher_path,
     assert f"[opd] models: student {s_snap.resolve()}, teacher {t_snap.resolve()}" in out.stdout
     assert f"[opd] starting teacher ({t_snap.resolve()})" in out.stdout
     assert [r["step"] for r in read_metrics(run_dir) if "learner/loss" in r] == [1, 2]
+    # cpu.*_kv_cache_gib=auto: 4 x 2 sequences need about 1 MiB of KV, so
+    # both CPU engines start with the 64 MiB floor instead of a GiB each, and
+    # vLLM took that size (its log: the sampler's reaches the driver's stdout).
+    assert "[opd] sampler KV cache: 64 MiB per sampler (cpu.sampler_kv_cache_gib=auto: 9 sequences" in out.stdout
+    assert "[opd] teacher KV cache: 64 MiB (cpu.teacher_kv_cache_gib=auto: 9 sequences" in out.stdout
+    assert "Explicitly set (0.06/" in out.stdout
+    assert "Explicitly set (0.06/" in (run_dir / "teacher_server.log").read_text()
 
     import torch
     from safetensors import safe_open
