@@ -211,6 +211,7 @@ class SamplerActor:
                                seqs=KV_MAX_SEQS, seq_tokens=student_cfg.max_model_len,
                                max_model_len=student_cfg.max_model_len)
             kwargs["kv_cache_memory_bytes"] = kv.bytes
+            kwargs.update(cpu_unsplit_prefill())
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's CPU platform would override the size with it
             log.info("sampler %d: KV cache %.0f MiB (%s)", sampler_index, kv.bytes / 2**20, kv.reason)
             if self.in_process:
@@ -238,8 +239,6 @@ class SamplerActor:
         if lora_rank > 0 and not self._serves_lora:
             log.warning("sampler %d: vLLM has no LoRA support for %s; the learner pushes merged weights",
                         sampler_index, model)
-        if not has_gpu:
-            kwargs.update(cpu_unsplit_prefill())
         if self._serves_lora:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
             self._lora_dir = tempfile.mkdtemp(prefix=f"opd-lora-sampler{sampler_index}-")
