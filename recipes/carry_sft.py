@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from cluster.tiny_models import build_model, save_tokenizer
-from recipes.carry_task import (DEFAULT_DIGITS, carry_trace, encode_trace, eval_problems, make_record, trace_errors,
-                                train_records)
+from recipes.carry_task import (DEFAULT_DIGITS, carry_trace, encode_trace, eval_problems, format_prompt, make_record,
+                                trace_errors, train_records)
 from recipes.sft import flop_params, set_threads, sft_loop
 
 
@@ -82,7 +82,7 @@ def evaluate(model, tok, records: list[dict], *, n: int, temperature: float = 1.
             "compounded_share": (sum(e.compounded for e in errs) / wc) if wc else None}
 
 
-def recovery_probe(model, tok, n: int, count: int = 500, seed: int = 0) -> dict:
+def recovery_probe(model, tok, n: int, count: int = 500, seed: int = 0, layout: str = "plain") -> dict:
     """Teacher-forced: the clean trace with step j's carry flipped (j uniform in
     [0, n-2]), up to the next step's digit. Returns the share of problems whose
     greedy next digit is the true one (recovers) or the one the wrong carry
@@ -99,7 +99,7 @@ def recovery_probe(model, tok, n: int, count: int = 500, seed: int = 0) -> dict:
         j = rng.randrange(n - 1)
         wrong, _ = carry_trace(a, b, n, wrong_carry_at=j)
         clean, _ = carry_trace(a, b, n)
-        prefix = f"{a:0{n}d}+{b:0{n}d}=" + wrong[: 3 * (j + 1)]   # up to and including the space after step j
+        prefix = format_prompt(a, b, n, layout) + wrong[: 3 * (j + 1)]   # up to and including the space after step j
         true_d = int(clean[3 * (j + 1)])
         wc = int(wrong[3 * j + 1])
         comp_d = ((a // 10 ** (j + 1)) % 10 + (b // 10 ** (j + 1)) % 10 + wc) % 10
@@ -143,8 +143,9 @@ def train_teacher(args) -> int:
     set_threads()
     n = args.digits
     model, tok = fresh_model(args.spec, args.seed)
-    held = [make_record(a, b, n) for a, b in eval_problems(n, args.eval_count)]
-    recs = train_records(args.steps * args.batch_size, n, seed=args.seed + 100, recovery_frac=args.recovery_frac)
+    held = [make_record(a, b, n, layout=args.layout) for a, b in eval_problems(n, args.eval_count)]
+    recs = train_records(args.steps * args.batch_size, n, seed=args.seed + 100, recovery_frac=args.recovery_frac,
+                         layout=args.layout)
     curve, t0, eval_s = [], time.monotonic(), 0.0
 
     def cb(step, tokens):
@@ -154,7 +155,7 @@ def train_teacher(args) -> int:
             row = {"step": step, "tokens": tokens, "train_s": te - t0 - eval_s,
                    "greedy": evaluate(model, tok, held, n=n, temperature=0)["accuracy"],
                    **evaluate(model, tok, held, n=n, temperature=1.0, seed=step),
-                   "probe": recovery_probe(model, tok, n, count=args.eval_count)}
+                   "probe": recovery_probe(model, tok, n, count=args.eval_count, layout=args.layout)}
             eval_s += time.monotonic() - te
             curve.append(row)
             print(json.dumps(row), flush=True)
@@ -189,7 +190,7 @@ def curve(args) -> int:
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
     ttok = AutoTokenizer.from_pretrained(args.teacher)
     steps = args.n0 // args.batch_size
-    prompts = [r["prompt"] for r in train_records(args.n0, n, seed=args.seed + 1000)]
+    prompts = [r["prompt"] for r in train_records(args.n0, n, seed=args.seed + 1000, layout=args.layout)]
     t0 = time.monotonic()
     data = teacher_traces(teacher, ttok, prompts, n=n, seed=args.seed)
     gen_s = time.monotonic() - t0
@@ -197,7 +198,7 @@ def curve(args) -> int:
                       "trace_accuracy": sum(trace_errors(r["answer"], r["prompt"]).correct for r in data) / len(data)}),
           flush=True)
     model, tok = fresh_model(args.spec, args.seed)
-    held = [make_record(a, b, n) for a, b in eval_problems(n, args.eval_count)]
+    held = [make_record(a, b, n, layout=args.layout) for a, b in eval_problems(n, args.eval_count)]
     marks = {args.n0 // 2 ** k // args.batch_size for k in range(args.points)}
     t1 = time.monotonic()
 
@@ -206,7 +207,7 @@ def curve(args) -> int:
             row = {"step": step, "traces": step * args.batch_size, "train_s": time.monotonic() - t1,
                    "greedy": evaluate(model, tok, held, n=n, temperature=0)["accuracy"],
                    **evaluate(model, tok, held, n=n, temperature=1.0, seed=step),
-                   "probe": recovery_probe(model, tok, n, count=args.eval_count)}
+                   "probe": recovery_probe(model, tok, n, count=args.eval_count, layout=args.layout)}
             print(json.dumps(row), flush=True)
         return False
 
@@ -237,6 +238,7 @@ def main(argv=None) -> int:
     c.add_argument("--lr", type=float, default=3e-3)
     for p in (t, c):
         p.add_argument("--digits", type=int, default=DEFAULT_DIGITS)
+        p.add_argument("--layout", default="plain", choices=["plain", "columns"])
         p.add_argument("--eval-every", type=int, default=250)
         p.add_argument("--eval-count", type=int, default=500)
         p.add_argument("--seed", type=int, default=0)

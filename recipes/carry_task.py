@@ -59,18 +59,36 @@ def operand_digits(x: int, n: int) -> list[int]:
     return [(x // 10 ** i) % 10 for i in range(n)]
 
 
-def format_prompt(a: int, b: int, n: int) -> str:
-    """Operands zero-padded to n digits, most significant first (as written)."""
-    operand_digits(a, n), operand_digits(b, n)
-    return f"{a:0{n}d}+{b:0{n}d}="
+LAYOUTS = ("plain", "columns")
+
+
+def format_prompt(a: int, b: int, n: int, layout: str = "plain") -> str:
+    """The prompt of a + b with n-digit operands. "plain": zero-padded,
+    most significant first, as written ("47291+83154="). "columns": the digit
+    pairs (a_i b_i) least significant first, in the completion's own layout
+    ("14 95 21 73 48="): step i of the completion sits at a constant distance
+    (3n tokens) after its column, which a tiny transformer learns far sooner
+    than the position-dependent offsets of "plain"."""
+    da, db = operand_digits(a, n), operand_digits(b, n)
+    if layout == "plain":
+        return f"{a:0{n}d}+{b:0{n}d}="
+    if layout == "columns":
+        return " ".join(f"{x}{y}" for x, y in zip(da, db, strict=True)) + "="
+    raise ValueError(f"layout={layout!r} is not valid; use one of {', '.join(LAYOUTS)}")
 
 
 def parse_prompt(prompt: str) -> tuple[int, int, int]:
-    """(a, b, n) of a prompt made by `format_prompt`."""
+    """(a, b, n) of a prompt made by `format_prompt` (either layout)."""
     m = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
-    if m is None or len(m.group(1)) != len(m.group(2)):
-        raise ValueError(f"prompt {prompt!r} is not 'A+B=' with two operands of equal width")
-    return int(m.group(1)), int(m.group(2)), len(m.group(1))
+    if m is not None and len(m.group(1)) == len(m.group(2)):
+        return int(m.group(1)), int(m.group(2)), len(m.group(1))
+    m = re.fullmatch(r"\d\d( \d\d)*=", prompt)
+    if m is not None:
+        cols = prompt[:-1].split(" ")
+        return (sum(int(c[0]) * 10 ** i for i, c in enumerate(cols)),
+                sum(int(c[1]) * 10 ** i for i, c in enumerate(cols)), len(cols))
+    raise ValueError(f"prompt {prompt!r} is not 'A+B=' with two operands of equal width, nor the columns "
+                     "layout 'a0b0 a1b1 ...='")
 
 
 def carry_trace(a: int, b: int, n: int, wrong_carry_at: int | None = None) -> tuple[str, list[int]]:
@@ -162,12 +180,12 @@ def trace_errors(completion: str, prompt: str) -> TraceErrors:
                        wrong_digits=wrong_d, recovered=rec, compounded=comp)
 
 
-def make_record(a: int, b: int, n: int, wrong_carry_at: int | None = None) -> dict:
+def make_record(a: int, b: int, n: int, wrong_carry_at: int | None = None, layout: str = "plain") -> dict:
     """{"prompt", "answer"} (the canonical trace: what the driver's data files
     and the SFT targets hold); recovery traces add "no_loss" (character
     positions of the answer trained with no loss)."""
     answer, no_loss = carry_trace(a, b, n, wrong_carry_at)
-    rec = {"prompt": format_prompt(a, b, n), "answer": answer}
+    rec = {"prompt": format_prompt(a, b, n, layout), "answer": answer}
     if no_loss:
         rec["no_loss"] = no_loss
     return rec
@@ -187,7 +205,7 @@ def eval_problems(n: int = DEFAULT_DIGITS, count: int = DEFAULT_EVAL, seed: int 
 
 
 def train_records(count: int, n: int = DEFAULT_DIGITS, *, seed: int, recovery_frac: float = 0.0,
-                  exclude: set[tuple[int, int]] | None = None) -> list[dict]:
+                  exclude: set[tuple[int, int]] | None = None, layout: str = "plain") -> list[dict]:
     """`count` training records of fresh random problems (none of `exclude`,
     default the held-out set), a `recovery_frac` share of them recovery traces
     with the wrong carry at a uniform step in [0, n - 2]. Distinct seeds give
@@ -204,7 +222,7 @@ def train_records(count: int, n: int = DEFAULT_DIGITS, *, seed: int, recovery_fr
         if (a, b) in exclude:
             continue
         wrong = rng.randrange(n - 1) if rng.random() < recovery_frac else None
-        out.append(make_record(a, b, n, wrong))
+        out.append(make_record(a, b, n, wrong, layout))
     return out
 
 
@@ -222,17 +240,17 @@ def encode_trace(tokenizer, prompt: str, answer: str, no_loss: list[int] = ()) -
 
 
 def build_task_files(n: int = DEFAULT_DIGITS, n_train: int = 20000, n_eval: int = DEFAULT_EVAL,
-                     seed: int = 0) -> tuple[Path, Path]:
+                     seed: int = 0, layout: str = "plain") -> tuple[Path, Path]:
     """Write (or reuse) the driver's data files: train.jsonl (prompts for
     on-policy training, clean traces as answers) and eval.jsonl (the held-out
     set). Use with `data.train=<train> data.eval=<eval>
     eval.grader=recipes.carry_task:grade_record data.apply_chat_template=false`."""
-    d = cache_dir() / "data" / f"carry-{n}-{n_train}-{n_eval}-{seed}"
+    d = cache_dir() / "data" / f"carry-{layout}-{n}-{n_train}-{n_eval}-{seed}"
     train, evalp = d / "train.jsonl", d / "eval.jsonl"
     if not (train.exists() and evalp.exists()):
         held = eval_problems(n, n_eval)
-        _write_jsonl_atomic(evalp, [make_record(a, b, n) for a, b in held])
-        _write_jsonl_atomic(train, train_records(n_train, n, seed=seed, exclude=set(held)))
+        _write_jsonl_atomic(evalp, [make_record(a, b, n, layout=layout) for a, b in held])
+        _write_jsonl_atomic(train, train_records(n_train, n, seed=seed, exclude=set(held), layout=layout))
     return train, evalp
 
 

@@ -94,7 +94,24 @@ def test_grader_reads_the_first_line_stripped():
     assert grade_record(" 50 41 40 01 31 \nanything", {"prompt": "47291+83154="}) == 1.0
 
 
-@pytest.mark.parametrize("prompt", ["1+22=", "12+34", "a+b=", "12-34="])
+def test_columns_layout_lines_each_step_up_with_its_column():
+    assert format_prompt(47291, 83154, 5, "columns") == "14 95 21 73 48="
+    assert parse_prompt("14 95 21 73 48=") == (47291, 83154, 5)
+    rng = random.Random(0)
+    for n in (1, 3, 6):
+        for _ in range(100):
+            a, b = rng.randrange(10 ** n), rng.randrange(10 ** n)
+            p = format_prompt(a, b, n, "columns")
+            assert parse_prompt(p) == (a, b, n) and len(p) == 3 * n
+            r = make_record(a, b, n, layout="columns")
+            assert r["prompt"] == p and grade_record(r["answer"], r) == 1.0
+    assert {parse_prompt(r["prompt"])[:2] for r in train_records(20, 4, seed=0, layout="columns")} == \
+        {parse_prompt(r["prompt"])[:2] for r in train_records(20, 4, seed=0)}   # same problems, other layout
+    with pytest.raises(ValueError, match="layout='rows' is not valid; use one of plain, columns"):
+        format_prompt(1, 2, 3, "rows")
+
+
+@pytest.mark.parametrize("prompt", ["1+22=", "12+34", "a+b=", "12-34=", "14 95 2=", "14 95"])
 def test_bad_prompts_raise(prompt):
     with pytest.raises(ValueError, match="is not 'A\\+B='"):
         parse_prompt(prompt)
