@@ -4,8 +4,8 @@ the student's SFT curve on them, with an evaluation that also breaks errors
 down (wrong carries, recoveries, compounding) and a teacher-forced recovery
 probe. In-process torch (recipes.sft.sft_loop), for choosing sizes and N0.
 
-    python -m recipes.carry_sft teacher --steps 1500 --eval-every 250
-    python -m recipes.carry_sft curve --teacher DIR --n0 16384 --spec student-4l
+    python -m recipes.carry_sft teacher                      # build (or reuse) the teacher, print its evals
+    python -m recipes.carry_sft student --n0 16384 --spec student-4l   # + the student init and its SFT curve
 
 WIP (#24): the cached pair and the driver recipes build on these pieces.
 """
@@ -13,6 +13,8 @@ WIP (#24): the cached pair and the driver recipes build on these pieces.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import random
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.tiny_models import build_model, save_tokenizer
+from cluster.tiny_models import build_model, cache_dir, publish_dir, save_tokenizer
 from recipes.carry_task import (DEFAULT_DIGITS, carry_trace, encode_trace, eval_problems, format_prompt, make_record,
                                 trace_errors, train_records)
 from recipes.sft import flop_params, set_threads, sft_loop
@@ -47,7 +49,8 @@ def encode_record(tok, r: dict):
     return encode_trace(tok, r["prompt"], r["answer"], r.get("no_loss", []))
 
 
-def generate(model, tok, prompts: list[str], *, n: int, temperature: float, seed: int, batch_size: int = 500) -> list[str]:
+def generate(model, tok, prompts: list[str], *, n: int, temperature: float, seed: int,
+             batch_size: int = 500) -> list[str]:
     """One completion per prompt (greedy at temperature 0, else sampled from the
     raw distribution), decoded without special tokens."""
     import torch
@@ -137,113 +140,210 @@ def lr_fn_cosine(lr: float, warmup: int, steps: int, floor: float = 0.1):
     return f
 
 
-def train_teacher(args) -> int:
-    import torch
+# Bump when the training code changes in a way that changes the result.
+CARRY_RECIPE_VERSION = 1
 
-    set_threads()
-    n = args.digits
-    model, tok = fresh_model(args.spec, args.seed)
-    held = [make_record(a, b, n, layout=args.layout) for a, b in eval_problems(n, args.eval_count)]
-    recs = train_records(args.steps * args.batch_size, n, seed=args.seed + 100, recovery_frac=args.recovery_frac,
-                         layout=args.layout)
-    curve, t0, eval_s = [], time.monotonic(), 0.0
 
-    def cb(step, tokens):
-        nonlocal eval_s
-        if step % args.eval_every == 0 or step == args.steps:
-            te = time.monotonic()
-            row = {"step": step, "tokens": tokens, "train_s": te - t0 - eval_s,
-                   "greedy": evaluate(model, tok, held, n=n, temperature=0)["accuracy"],
-                   **evaluate(model, tok, held, n=n, temperature=1.0, seed=step),
-                   "probe": recovery_probe(model, tok, n, count=args.eval_count, layout=args.layout)}
-            eval_s += time.monotonic() - te
-            curve.append(row)
-            print(json.dumps(row), flush=True)
-        return False
+def _key(obj, **extra) -> str:
+    from cluster.tiny_models import SPECS
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        tokens = sft_loop(model, tok, recs, steps=args.steps, batch_size=args.batch_size,
-                          lr_fn=lr_fn_cosine(args.lr, 20, args.steps), seed=args.seed, callback=cb,
-                          encode=encode_record, name=f"carry-{args.spec}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({"recipe": dataclasses.asdict(obj), "spec": dataclasses.asdict(SPECS[obj.spec]),
+                          "v": CARRY_RECIPE_VERSION, **extra}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRecipe:
+    """The teacher: SFT on ground-truth traces, a `recovery_frac` share of
+    them recovery traces (recipes.carry_task.train_records), cosine lr."""
+
+    spec: str = "teacher"
+    n_digits: int = DEFAULT_DIGITS
+    layout: str = "columns"
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    recovery_frac: float = 0.25
+    seed: int = 0
+
+    def key(self) -> str:
+        return _key(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentRecipe:
+    """The student init: SFT on `n0` fresh teacher traces (teacher sampled at
+    `temperature`, unfiltered), one pass, constant lr after warmup, evaluated
+    at n0 / 2^k for k < `points` (the SFT curve that chooses N0 and that the
+    compute ratio extrapolates)."""
+
+    spec: str = "student-4l"
+    n0: int = 16384
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    temperature: float = 1.0
+    points: int = 3
+    seed: int = 0
+
+    def key(self, teacher_key: str) -> str:
+        return _key(self, teacher=teacher_key)
+
+
+def _save(model, tok, out: Path, summary: dict) -> None:
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(out)
-    (out / "sft_summary.json").write_text(json.dumps({
-        "args": vars(args), "curve": curve, "flop_params": flop_params(model), "trained_tokens": tokens,
-        "train_flops": 6 * flop_params(model) * tokens}, indent=2))
-    print(f"saved {out}")
-    return 0
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def curve(args) -> int:
-    """Student SFT on one stream of fresh teacher traces (one pass, constant lr
-    after warmup): held-out accuracy at log-spaced amounts of data, N0/8 .. N0."""
+def _eval_row(model, tok, held, n, layout, count, step) -> dict:
+    return {"greedy": evaluate(model, tok, held, n=n, temperature=0)["accuracy"],
+            **evaluate(model, tok, held, n=n, temperature=1.0, seed=step),
+            "probe": recovery_probe(model, tok, n, count=count, layout=layout)}
+
+
+def train_teacher(r: TeacherRecipe, out: Path, *, eval_every: int = 250, eval_count: int = 500, log=print) -> dict:
+    """Train the teacher from a fresh init into `out`; returns its summary."""
+    import torch
+
+    set_threads()
+    n = r.n_digits
+    model, tok = fresh_model(r.spec, r.seed)
+    held = [make_record(a, b, n, layout=r.layout) for a, b in eval_problems(n, eval_count)]
+    recs = train_records(r.steps * r.batch_size, n, seed=r.seed + 100, recovery_frac=r.recovery_frac,
+                         layout=r.layout)
+    curve, t0, eval_s = [], time.monotonic(), 0.0
+
+    def cb(step, tokens):
+        nonlocal eval_s
+        if (eval_every and step % eval_every == 0) or step == r.steps:
+            te = time.monotonic()
+            row = {"step": step, "tokens": tokens, "train_s": te - t0 - eval_s,
+                   **_eval_row(model, tok, held, n, r.layout, eval_count, step)}
+            eval_s += time.monotonic() - te
+            curve.append(row)
+            log(json.dumps(row))
+        return False
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(r.seed)
+        tokens = sft_loop(model, tok, recs, steps=r.steps, batch_size=r.batch_size,
+                          lr_fn=lr_fn_cosine(r.lr, r.warmup_steps, r.steps), seed=r.seed, callback=cb,
+                          encode=encode_record, name=f"carry-teacher-{r.spec}", log=log)
+    fp = flop_params(model)
+    summary = {"recipe": dataclasses.asdict(r), "key": r.key(), "curve": curve, "final": curve[-1],
+               "flop_params": fp, "trained_tokens": tokens, "train_flops": 6 * fp * tokens,
+               "train_s": time.monotonic() - t0 - eval_s}
+    _save(model, tok, out, summary)
+    return summary
+
+
+def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count: int = 500, log=print) -> dict:
+    """The student init from `n0` teacher traces into `out`; returns its summary
+    (the curve, the traces' own accuracy, training and generation FLOPs)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     set_threads()
-    n = args.digits
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32)
-    ttok = AutoTokenizer.from_pretrained(args.teacher)
-    steps = args.n0 // args.batch_size
-    prompts = [r["prompt"] for r in train_records(args.n0, n, seed=args.seed + 1000, layout=args.layout)]
+    t_sum = json.loads((Path(teacher_dir) / "sft_summary.json").read_text())
+    n, layout = t_sum["recipe"]["n_digits"], t_sum["recipe"]["layout"]
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    ttok = AutoTokenizer.from_pretrained(teacher_dir)
+    prompts = [x["prompt"] for x in train_records(r.n0, n, seed=r.seed + 1000, layout=layout)]
     t0 = time.monotonic()
-    data = teacher_traces(teacher, ttok, prompts, n=n, seed=args.seed)
+    data = teacher_traces(teacher, ttok, prompts, n=n, temperature=r.temperature, seed=r.seed)
     gen_s = time.monotonic() - t0
-    print(json.dumps({"teacher_traces": len(data), "gen_s": gen_s,
-                      "trace_accuracy": sum(trace_errors(r["answer"], r["prompt"]).correct for r in data) / len(data)}),
-          flush=True)
-    model, tok = fresh_model(args.spec, args.seed)
-    held = [make_record(a, b, n, layout=args.layout) for a, b in eval_problems(n, args.eval_count)]
-    marks = {args.n0 // 2 ** k // args.batch_size for k in range(args.points)}
-    t1 = time.monotonic()
+    trace_acc = sum(trace_errors(x["answer"], x["prompt"]).correct for x in data) / len(data)
+    log(f"[carry student] {len(data)} teacher traces in {gen_s:.0f}s, {trace_acc:.3f} of them correct")
+    model, tok = fresh_model(r.spec, r.seed)
+    held = [make_record(a, b, n, layout=layout) for a, b in eval_problems(n, eval_count)]
+    steps = r.n0 // r.batch_size
+    marks = {r.n0 // 2 ** k // r.batch_size for k in range(r.points)}
+    curve, t1, eval_s = [], time.monotonic(), 0.0
 
     def cb(step, tokens):
+        nonlocal eval_s
         if step in marks:
-            row = {"step": step, "traces": step * args.batch_size, "train_s": time.monotonic() - t1,
-                   "greedy": evaluate(model, tok, held, n=n, temperature=0)["accuracy"],
-                   **evaluate(model, tok, held, n=n, temperature=1.0, seed=step),
-                   "probe": recovery_probe(model, tok, n, count=args.eval_count, layout=args.layout)}
-            print(json.dumps(row), flush=True)
+            te = time.monotonic()
+            row = {"step": step, "traces": step * r.batch_size, "tokens": tokens, "train_s": te - t1 - eval_s,
+                   **_eval_row(model, tok, held, n, layout, eval_count, step)}
+            eval_s += time.monotonic() - te
+            curve.append(row)
+            log(json.dumps(row))
         return False
 
-    # Records in order, one pass: sft_loop shuffles within its single epoch.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        sft_loop(model, tok, data, steps=steps, batch_size=args.batch_size, lr_fn=lr_fn_constant(args.lr, 20),
-                 seed=args.seed, callback=cb, encode=encode_record, name=f"curve-{args.spec}")
-    return 0
+        torch.manual_seed(r.seed)
+        # One pass over the traces: sft_loop shuffles within its single epoch.
+        tokens = sft_loop(model, tok, data, steps=steps, batch_size=r.batch_size,
+                          lr_fn=lr_fn_constant(r.lr, r.warmup_steps), seed=r.seed, callback=cb,
+                          encode=encode_record, name=f"carry-student-{r.spec}", log=log)
+    fp, fp_t = flop_params(model), t_sum["flop_params"]
+    gen_tokens = sum(len(encode_record(tok, x)[0]) for x in data)   # prompt + completion + EOS
+    summary = {"recipe": dataclasses.asdict(r), "key": r.key(t_sum["key"]), "teacher": str(teacher_dir),
+               "teacher_key": t_sum["key"], "n_digits": n, "layout": layout, "curve": curve, "final": curve[-1],
+               "trace_accuracy": trace_acc, "gen_s": gen_s, "flop_params": fp, "trained_tokens": tokens,
+               "train_flops": 6 * fp * tokens, "teacher_gen_flops": 2 * fp_t * gen_tokens,
+               "train_s": time.monotonic() - t1 - eval_s}
+    _save(model, tok, out, summary)
+    return summary
+
+
+def build_teacher(r: TeacherRecipe, use_cache: bool = True, log=print, **kw) -> Path:
+    """Train (or reuse, cached under $OPD_CACHE_DIR/recipes/) the teacher."""
+    final = cache_dir() / "recipes" / f"carry-teacher-{r.key()}"
+    if use_cache and (final / "sft_summary.json").exists():
+        return final
+    return publish_dir(final, lambda tmp: train_teacher(r, tmp, log=log, **kw), done_marker="sft_summary.json",
+                       replace=not use_cache)
+
+
+def build_student(r: StudentRecipe, teacher_dir: Path, use_cache: bool = True, log=print, **kw) -> Path:
+    """Train (or reuse) the student init on `teacher_dir`'s traces."""
+    t_key = json.loads((Path(teacher_dir) / "sft_summary.json").read_text())["key"]
+    final = cache_dir() / "recipes" / f"carry-student-{r.key(t_key)}"
+    if use_cache and (final / "sft_summary.json").exists():
+        return final
+    return publish_dir(final, lambda tmp: train_student(r, teacher_dir, tmp, log=log, **kw),
+                       done_marker="sft_summary.json", replace=not use_cache)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m recipes.carry_sft", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("teacher")
-    t.add_argument("--spec", default="teacher")
-    t.add_argument("--steps", type=int, default=1500)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--recovery-frac", type=float, default=0.25)
-    t.add_argument("--out", required=True)
-    c = sub.add_parser("curve")
-    c.add_argument("--teacher", required=True)
-    c.add_argument("--spec", default="student-4l")
-    c.add_argument("--n0", type=int, default=16384)
-    c.add_argument("--points", type=int, default=4)
-    c.add_argument("--batch-size", type=int, default=64)
-    c.add_argument("--lr", type=float, default=3e-3)
+    t = sub.add_parser("teacher", help="build (or reuse) the teacher")
+    c = sub.add_parser("student", help="build (or reuse) the teacher, then the student init and its SFT curve")
     for p in (t, c):
+        p.add_argument("--teacher-spec", default=TeacherRecipe.spec)
+        p.add_argument("--teacher-steps", type=int, default=TeacherRecipe.steps)
+        p.add_argument("--recovery-frac", type=float, default=TeacherRecipe.recovery_frac)
         p.add_argument("--digits", type=int, default=DEFAULT_DIGITS)
-        p.add_argument("--layout", default="plain", choices=["plain", "columns"])
+        p.add_argument("--layout", default=TeacherRecipe.layout, choices=["plain", "columns"])
         p.add_argument("--eval-every", type=int, default=250)
         p.add_argument("--eval-count", type=int, default=500)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--no-cache", action="store_true")
+    c.add_argument("--spec", default=StudentRecipe.spec)
+    c.add_argument("--n0", type=int, default=StudentRecipe.n0)
+    c.add_argument("--points", type=int, default=StudentRecipe.points)
+    c.add_argument("--lr", type=float, default=StudentRecipe.lr)
+    c.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    return train_teacher(args) if args.cmd == "teacher" else curve(args)
+    tr = TeacherRecipe(spec=args.teacher_spec, steps=args.teacher_steps, recovery_frac=args.recovery_frac,
+                       n_digits=args.digits, layout=args.layout)
+    tdir = build_teacher(tr, use_cache=not args.no_cache, eval_every=args.eval_every, eval_count=args.eval_count)
+    ts = json.loads((tdir / "sft_summary.json").read_text())
+    print(f"teacher {tdir}: {json.dumps(ts['final'])}")
+    if args.cmd == "student":
+        sr = StudentRecipe(spec=args.spec, n0=args.n0, points=args.points, lr=args.lr, seed=args.seed)
+        sdir = build_student(sr, tdir, use_cache=not args.no_cache, eval_count=args.eval_count)
+        ss = json.loads((sdir / "sft_summary.json").read_text())
+        print(f"student {sdir}: traces {ss['trace_accuracy']:.3f} correct")
+        for row in ss["curve"]:
+            print(json.dumps(row))
+    return 0
 
 
 if __name__ == "__main__":

@@ -229,10 +229,11 @@ def train_records(count: int, n: int = DEFAULT_DIGITS, *, seed: int, recovery_fr
 def encode_trace(tokenizer, prompt: str, answer: str, no_loss: list[int] = ()) -> tuple[list[int], list[int]]:
     """Token ids of prompt + answer + EOS and the loss mask: 1 on the answer
     and EOS, 0 on the prompt and on the answer characters listed in `no_loss`.
-    Needs one token per character (the tiny byte-level tokenizer on ASCII)."""
+    A `no_loss` needs one token per character (the tiny byte-level tokenizer
+    on ASCII); without one, any answer (e.g. a teacher's sample) encodes."""
     p = tokenizer.encode(prompt, add_special_tokens=False)
     a = tokenizer.encode(answer, add_special_tokens=False)
-    if len(a) != len(answer):
+    if no_loss and len(a) != len(answer):
         raise ValueError(f"the tokenizer splits {answer!r} into {len(a)} tokens, not one per character; "
                          "carry traces need a character-level tokenizer (cluster.tiny_models.build_tokenizer)")
     mask = [0 if i in set(no_loss) else 1 for i in range(len(a))] + [1]

@@ -151,6 +151,11 @@ def test_encode_trace_masks_the_prompt_and_the_wrong_carry():
     # Clean record: every answer token and EOS trained.
     ids, mask = encode_trace(tok, "47291+83154=", "50 41 40 01 31")
     assert mask == [0] * 12 + [1] * 15
+    # A no_loss position needs one token per character; a plain answer (a teacher's sample) encodes anyway.
+    with pytest.raises(ValueError, match="not one per character"):
+        encode_trace(tok, "1+2=", "\u00e93", [1])
+    ids, mask = encode_trace(tok, "1+2=", "\u00e93")
+    assert mask == [0] * 4 + [1] * (len(ids) - 4) and len(ids) == 4 + 3 + 1
 
 
 def test_task_files_hold_the_eval_set_and_disjoint_prompts(tmp_path, monkeypatch):
