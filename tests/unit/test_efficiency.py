@@ -78,3 +78,20 @@ def test_interval_is_a_t_interval_on_log_ratios():
     with pytest.raises(ValueError, match="never reach"):
         ratio_interval([3.0, math.inf])
     assert ratio_interval([math.inf, math.inf]) == (math.inf,) * 3
+
+
+def test_carry_overrides_make_a_valid_driver_config(tmp_path, monkeypatch):
+    """The driver config of the carry task validates (grader importable, token
+    budgets consistent) without starting anything."""
+    from cluster.tiny_models import build_model
+    from recipes.carry_task import parse_prompt, read_jsonl
+    from recipes.common import carry_overrides, driver_config
+
+    m = str(build_model("student"))   # from the usual cache; the data files go to tmp_path
+    monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path))
+    ov = carry_overrides(5, n_train=100, n_eval=500)
+    cfg = driver_config(ov + [f"student.model={m}", f"teacher.model={m}"])
+    assert cfg.eval.grader == "recipes.carry_task:grade_record" and cfg.eval.num_prompts == 500
+    assert cfg.rollout.max_new_tokens == 16 and cfg.data.max_prompt_tokens == 15
+    ev = read_jsonl(cfg.data.eval)
+    assert len(ev) == 500 and all(len(r["prompt"]) == 15 and parse_prompt(r["prompt"])[2] == 5 for r in ev)
