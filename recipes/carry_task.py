@@ -49,6 +49,10 @@ DEFAULT_DIGITS = 5
 DEFAULT_EVAL = 500
 # The held-out set's seed; training streams use other seeds and skip held-out pairs.
 EVAL_SEED = 4242
+# Held-out problems kept out of every training stream: the test set
+# (`eval_problems(n, 500)`, what the driver evaluates) and the validation set
+# after it (`validation_problems`, where learning rates are chosen).
+HELD_OUT = 2 * DEFAULT_EVAL
 _STEP = re.compile(r"^\d\d$")
 
 
@@ -204,18 +208,30 @@ def eval_problems(n: int = DEFAULT_DIGITS, count: int = DEFAULT_EVAL, seed: int 
     return out
 
 
+def validation_problems(n: int = DEFAULT_DIGITS, count: int = DEFAULT_EVAL) -> list[tuple[int, int]]:
+    """`count` held-out pairs disjoint from the test set (the same stream,
+    after its first DEFAULT_EVAL), for choosing hyperparameters."""
+    if DEFAULT_EVAL + count > HELD_OUT:
+        raise ValueError(f"count={count}: at most {HELD_OUT - DEFAULT_EVAL} validation problems are held out")
+    return eval_problems(n, DEFAULT_EVAL + count)[DEFAULT_EVAL:]
+
+
+def _held_out(n: int) -> set[tuple[int, int]]:
+    return set(eval_problems(n, min(HELD_OUT, 10 ** (2 * n) // 4)))
+
+
 def train_records(count: int, n: int = DEFAULT_DIGITS, *, seed: int, recovery_frac: float = 0.0,
                   exclude: set[tuple[int, int]] | None = None, layout: str = "plain") -> list[dict]:
-    """`count` training records of fresh random problems (none of `exclude`,
-    default the held-out set), a `recovery_frac` share of them recovery traces
-    with the wrong carry at a uniform step in [0, n - 2]. Distinct seeds give
+    """`count` training records of fresh random problems (none of `exclude`), a `recovery_frac` share of them recovery traces
+    with the wrong carry at a uniform step in [0, n - 2]. `exclude` defaults
+    to the test and validation sets (HELD_OUT). Distinct seeds give
     independent streams (e.g. the student's N0 and the fresh traces of
     continued SFT); problems may repeat within a stream (there are 10^(2n))."""
     if not 0.0 <= recovery_frac <= 1.0:
         raise ValueError(f"recovery_frac={recovery_frac} must be in [0, 1]")
     if recovery_frac and n < 2:
         raise ValueError("recovery traces need n >= 2 (the last carry is not scratch)")
-    exclude = set(eval_problems(n)) if exclude is None else exclude
+    exclude = _held_out(n) if exclude is None else exclude
     rng, out = random.Random(f"carry-train-{n}-{seed}"), []
     while len(out) < count:
         a, b = rng.randrange(10 ** n), rng.randrange(10 ** n)

@@ -11,7 +11,7 @@ import pytest
 from cluster.tiny_models import build_tokenizer
 from recipes.carry_task import (TraceErrors, build_task_files, carry_trace, encode_trace, eval_problems, format_prompt,
                                 grade_record, make_record, parse_prompt, parse_trace, read_jsonl, trace_errors,
-                                trace_value, train_records)
+                                trace_value, train_records, validation_problems)
 
 
 def test_docstring_example():
@@ -121,8 +121,15 @@ def test_eval_set_is_fixed_distinct_and_train_streams_avoid_it():
     held = eval_problems(5, 500)
     assert held == eval_problems(5, 500) and len(set(held)) == 500
     assert eval_problems(5, 100) == held[:100]       # a prefix of the same stream
+    val = validation_problems(5)
+    assert len(val) == 500 and not set(val) & set(held)
+    with pytest.raises(ValueError, match="at most 500 validation problems"):
+        validation_problems(5, 501)
     tr = train_records(2000, 5, seed=0, recovery_frac=0.25)
-    assert not {parse_prompt(r["prompt"])[:2] for r in tr} & set(held)
+    assert not {parse_prompt(r["prompt"])[:2] for r in tr} & (set(held) | set(val))
+    # Where the space is small, the default exclusion is what keeps them apart (n = 2: 10^4 problems).
+    tr2 = {parse_prompt(r["prompt"])[:2] for r in train_records(3000, 2, seed=0)}
+    assert not tr2 & set(eval_problems(2, 1000))
     assert train_records(50, 5, seed=0) != train_records(50, 5, seed=1)
     # Excluding pairs is enforced (a 1-digit space is small enough to hit them).
     small_held = set(eval_problems(1, 40))
