@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cluster.tiny_models import build_model, cache_dir, publish_dir, save_tokenizer
 from recipes.carry_task import (DEFAULT_DIGITS, carry_trace, encode_trace, eval_problems, format_prompt, make_record,
-                                trace_errors, train_records)
+                                trace_errors, train_records, validation_problems)
 from recipes.sft import flop_params, set_threads, sft_loop
 
 
@@ -290,6 +290,64 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
                "train_s": time.monotonic() - t1 - eval_s}
     _save(model, tok, out, summary)
     return summary
+
+
+def _load(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    set_threads()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
+
+
+def sampled_accuracy(model, tok, problems: list[tuple[int, int]], n: int, *, layout: str = "columns",
+                     samples: int = 1, seed: int = 0) -> float:
+    """Accuracy of `samples` T = 1 samples per problem (the driver's eval
+    draws the same way: raw distribution, no top-k/top-p)."""
+    recs = [make_record(a, b, n, layout=layout) for a, b in problems]
+    return sum(evaluate(model, tok, recs, n=n, temperature=1.0, seed=seed + i)["accuracy"]
+               for i in range(samples)) / samples
+
+
+def validation_accuracy(model_dir, n: int, *, seed: int = 0, layout: str = "columns") -> float:
+    """Sampled accuracy of a checkpoint on the validation problems (for
+    choosing learning rates; disjoint from the test set)."""
+    model, tok = _load(model_dir)
+    return sampled_accuracy(model, tok, validation_problems(n), n, layout=layout, samples=2, seed=seed)
+
+
+def test_accuracy(model_dir, n: int, *, seed: int = 0, layout: str = "columns") -> float:
+    """Sampled accuracy of a checkpoint on the test problems, 2 samples each
+    (as the recipes' driver evaluation)."""
+    model, tok = _load(model_dir)
+    return sampled_accuracy(model, tok, eval_problems(n), n, layout=layout, samples=2, seed=seed)
+
+
+def truth_sft_run(init_dir, n: int, *, steps: int, batch_size: int, lr: float, eval_every: int, seed: int,
+                  layout: str = "columns", log=print) -> list[dict]:
+    """Ground-truth SFT from a checkpoint, in-process (the comparison's
+    reference row): `steps` x `batch_size` fresh clean traces at constant
+    `lr`; [{step, accuracy}] on the test set every `eval_every` steps."""
+    import torch
+
+    model, tok = _load(init_dir)
+    probs = eval_problems(n)
+    curve = [{"step": 0, "accuracy": sampled_accuracy(model, tok, probs, n, layout=layout, samples=2, seed=seed)}]
+
+    def cb(step, tokens):
+        if step % eval_every == 0 or step == steps:
+            curve.append({"step": step, "accuracy": sampled_accuracy(model, tok, probs, n, layout=layout, samples=2,
+                                                                     seed=seed + step)})
+            log(f"[truth sft] step {step}: test accuracy {curve[-1]['accuracy']:.3f}")
+            model.train()
+        return False
+
+    recs = train_records(steps * batch_size, n, seed=seed + 5000, layout=layout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sft_loop(model, tok, recs, steps=steps, batch_size=batch_size, lr_fn=lr_fn_constant(lr, 2), seed=seed,
+                 callback=cb, encode=encode_record, name="carry-truth-sft", log=log)
+    return curve
 
 
 def build_teacher(r: TeacherRecipe, use_cache: bool = True, log=print, **kw) -> Path:

@@ -262,12 +262,13 @@ def build_task_files(n: int = DEFAULT_DIGITS, n_train: int = 20000, n_eval: int 
     on-policy training, clean traces as answers) and eval.jsonl (the held-out
     set). Use with `data.train=<train> data.eval=<eval>
     eval.grader=recipes.carry_task:grade_record data.apply_chat_template=false`."""
-    d = cache_dir() / "data" / f"carry-{layout}-{n}-{n_train}-{n_eval}-{seed}"
+    d = cache_dir() / "data" / f"carry-v2-{layout}-{n}-{n_train}-{n_eval}-{seed}"
     train, evalp = d / "train.jsonl", d / "eval.jsonl"
     if not (train.exists() and evalp.exists()):
         held = eval_problems(n, n_eval)
         _write_jsonl_atomic(evalp, [make_record(a, b, n, layout=layout) for a, b in held])
-        _write_jsonl_atomic(train, train_records(n_train, n, seed=seed, exclude=set(held), layout=layout))
+        # Training prompts skip the test and the validation problems.
+        _write_jsonl_atomic(train, train_records(n_train, n, seed=seed, layout=layout))
     return train, evalp
 
 
