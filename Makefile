@@ -19,12 +19,13 @@ venv: $(STAMP)
 # torchaudio and torchcodec that break `import transformers` on CPU: remove them.
 # DeepSpeed JIT-compiles its CPU shared-memory collective op the first time a
 # learner starts (~60 s on 2 cores, inside the first `make demo`); build it
-# here with DeepSpeed's own loader (cached under ~/.cache/torch_extensions).
+# here with DeepSpeed's own loader, into .venv/torch_extensions with the
+# venv's ninja, where every learner rank looks (learner/ds_ops.py).
 $(STAMP): setup.py
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	DS_BUILD_OPS=0 $(VPY) -m pip install -e '.[cpu,test]'
 	$(VPY) -m pip uninstall -y torchvision torchaudio torchcodec
-	$(VPY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(VPY) -m learner.ds_ops
 	$(VPY) -c "import torch, vllm, deepspeed, ray, transformers, wandb, peft; print('opd env ok: torch', torch.__version__, 'vllm', vllm.__version__)"
 	touch $(STAMP)
 

@@ -34,7 +34,7 @@ the student; `beta=1.0`: in TRL 1.16's `generalized_jsd_loss` beta == 1 is
 `kl_div(teacher_lp, student_lp, log_target=True)` = KL(student || teacher);
 `seq_kd=False`; `use_cpu=True`; `gradient_checkpointing=False`, as in opd's
 learner: TRL's default True also turns off the KV cache in GKD's generate;
-`torch.set_num_threads(--trl-threads)`, 1 by default like every opd actor). Each prompt appears `samples_per_prompt`
+`torch.set_num_threads(--trl-threads)`, 1 by default). Each prompt appears `samples_per_prompt`
 times in a batch of prompts x samples rows, which is how GKD (one completion
 per row) gets n samples per prompt. It runs in its own subprocess, timed per
 optimizer step by a trainer callback after `--warmup` steps; trained tokens are
@@ -110,7 +110,62 @@ def classify(cmdline: str, ancestors: list[str], root_pid: int, pid: int) -> str
     return "ray"
 
 
-class RssMonitor:
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return sum(v) - idle, sum(v)
+
+
+class _Poller:
+    """A daemon thread calling `self._run` (which polls until `self._stop` is
+    set) while the `with` block runs."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+class BusyMonitor(_Poller):
+    """Busy cores of the whole machine during a run's measured steps: from
+    the moment metrics.jsonl holds `warmup` step rows to its last step row,
+    (busy jiffies / all jiffies) x cores, polled every `period_s`."""
+
+    def __init__(self, metrics_path: Path, warmup: int, period_s: float = 0.2):
+        self.path, self.warmup, self.period_s = metrics_path, warmup, period_s
+        self.marks: dict[int, tuple[int, int]] = {}  # step rows seen -> jiffies when first seen
+        super().__init__()
+
+    def _rows(self) -> int:
+        try:
+            return self.path.read_text().count('"time/step_s"')
+        except OSError:
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            n = self._rows()
+            if n not in self.marks:
+                self.marks[n] = cpu_jiffies()
+
+    def busy_cores(self) -> float | None:
+        seen = sorted(n for n in self.marks if n >= self.warmup)
+        if len(seen) < 2 or seen[0] != self.warmup:
+            return None
+        (b0, t0), (b1, t1) = self.marks[seen[0]], self.marks[seen[-1]]
+        return (b1 - b0) / max(1, t1 - t0) * (os.cpu_count() or 1)
+
+
+class RssMonitor(_Poller):
     """Samples the process tree under `root_pid` every `period_s`; keeps the
     peak summed RSS per role."""
 
@@ -118,8 +173,7 @@ class RssMonitor:
         self.root_pid = root_pid
         self.period_s = period_s
         self.peak_bytes: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
         self._cmd_cache: dict[int, tuple[str, int]] = {}  # pid -> (cmdline, ppid)
         self.seen: dict[int, float] = {}  # pid -> create_time of every process of the tree
 
@@ -150,14 +204,6 @@ class RssMonitor:
             except psutil.NoSuchProcess:
                 pass
         return [p.pid for p in alive]
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
     def _cmd(self, p) -> tuple[str, int]:
         if p.pid not in self._cmd_cache:
@@ -252,7 +298,7 @@ def run_opd(w: Workload, mode: str, out: Path, extra: list[str], env_extra: dict
     t0 = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-        with RssMonitor(proc.pid) as mon:
+        with RssMonitor(proc.pid) as mon, BusyMonitor(run_dir / "metrics.jsonl", w.warmup) as busy:
             rc = proc.wait()
     wall = time.monotonic() - t0
     time.sleep(2)  # the driver's teardown has just stopped its teacher; let it exit
@@ -272,6 +318,7 @@ def run_opd(w: Workload, mode: str, out: Path, extra: list[str], env_extra: dict
     res = summarize_opd(rows, parse_mode(mode)[0])
     first_step_at = wall - sum(r["time/step_s"] for r in rows)  # startup + warmup steps + teardown
     res.update(system="opd", pair=w.pair, mode=mode, wall_s=wall, overhead_s=first_step_at,
+               busy_cores=busy.busy_cores(),
                peak_rss_mib={k: v / 2**20 for k, v in mon.peak_bytes.items()}, run_dir=str(run_dir))
     return res
 
@@ -452,7 +499,7 @@ def print_table(results: list[dict]) -> None:
         return fmt(r["step_s"] / max(r[f"{r['slowest_phase']}_s"], work / cores))
 
     head = ["system", "pair", "mode", "step_s", "sample", "teacher", "rollout", "train", "sync", "other", "other%",
-            "step/slowest", "step/cpu_bound", "tok/s", "trl_tok/s", "opd/trl", "startup_s",
+            "step/slowest", "step/cpu_bound", "tok/s", "trl_tok/s", "opd/trl", "startup_s", "busy_cores",
             *[f"rss_{r}" for r in ROLES]]
     lines = [head]
     for r in results:
@@ -467,7 +514,7 @@ def print_table(results: list[dict]) -> None:
             step_over_bound(r) if r["system"] == "opd" else "-",
             fmt(r["tokens_per_s"], ".0f"), fmt(t["tokens_per_s"], ".0f") if t else "-",
             fmt(r["tokens_per_s"] / t["tokens_per_s"]) if t else "-",
-            fmt(r.get("overhead_s"), ".0f"),
+            fmt(r.get("overhead_s"), ".0f"), fmt(r.get("busy_cores"), ".2f"),
             *[fmt(rss.get(k), ".0f") for k in ROLES],
         ])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
@@ -477,6 +524,7 @@ def print_table(results: list[dict]) -> None:
           "step - (wait_rollout+train+wait_before_sync+sync) in async; step/cpu_bound (async): step / max(slowest "
           f"phase, the sync run's sample+teacher+train+sync / {cores} cores); rss_*: peak summed RSS (MiB) "
           "per role; startup_s: wall - measured steps (Ray/teacher/vLLM/DeepSpeed start, warmup, teardown); "
+          f"busy_cores: the machine's busy cores (of {cores}) during the measured steps, every process counted; "
           "trl: sample = transformers generate, train = the rest of its step (teacher + student forward, "
           "full-vocab KL, backward, AdamW)")
 
@@ -496,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts-per-step", type=int, default=None, help="override the pair's default")
     ap.add_argument("--trl-threads", type=int, default=1,
                     help="torch.set_num_threads in the TRL process (0 = torch's default, one per core). "
-                         "1 matches opd's actors (Ray sets OMP_NUM_THREADS=1 per 1-CPU actor) and was TRL's "
+                         "1 matches an opd role's own share in async mode (one CPU each) and was TRL's "
                          "fastest setting on a shared 2-core machine; use 0 on an idle one")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--opd-override", action="append", default=[],

@@ -7,6 +7,7 @@ Called by the driver (cluster/train.py) before any actor starts:
     plan.sampler_strategies[i]  -> scheduling strategy of sampler actor i
     plan.learner_strategies[r]  -> scheduling strategy of learner rank r
     plan.gpus_per_sampler(cfg.rollout), plan.gpus_per_bundle -> num_gpus of a sampler / learner actor
+    plan.cpu_threads(...)       -> threads of each CPU sampler, learner rank and teacher (cpu_thread_shares)
 
 One placement group per role: samplers (one bundle per sampler engine, with
 `gpus_per_bundle x tensor_parallel_size` GPUs on GPU) and learners (one bundle
@@ -26,6 +27,7 @@ import os
 import time
 
 from cluster.config import LearnerConfig, PlacementConfig, RolloutConfig
+from rollout.config import ThreadShare
 
 
 class PlacementError(RuntimeError):
@@ -93,6 +95,16 @@ class PlacementPlan:
                          "node_ids": [nodes.get(i) for i in sorted(nodes)]}
         return out
 
+    def cpu_threads(self, mode: str, overlap: bool, rcfg: RolloutConfig, lcfg: LearnerConfig,
+                    teacher_cpus: float, layout: dict | None = None) -> CpuThreads:
+        """cpu_thread_shares for this plan's bundles (`layout`: describe())."""
+        import ray
+
+        layout = layout or self.describe()
+        node_cpus = {n["NodeID"]: n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")}
+        return cpu_thread_shares(mode, overlap, layout["samplers"]["node_ids"], layout["learners"]["node_ids"],
+                                 node_cpus, rcfg.cpus_per_sampler, lcfg.cpus_per_worker, teacher_cpus)
+
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
@@ -101,6 +113,53 @@ class PlacementPlan:
                 remove_placement_group(pg)
             except Exception:  # noqa: BLE001 - best effort at shutdown
                 pass
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuThreads:
+    """Per process of each CPU role: its ThreadShare (see cpu_thread_shares)."""
+    samplers: list[ThreadShare]
+    learners: list[ThreadShare]
+    teacher: ThreadShare
+
+
+def own_share(cpus: float, role: str) -> ThreadShare:
+    return ThreadShare(count=max(1, int(cpus)), reason=f"{role}: its own share ({cpus:g} CPUs reserved)")
+
+
+def cpu_thread_shares(mode: str, overlap: bool, sampler_nodes: list, learner_nodes: list,
+                      node_cpus: dict, sampler_cpus: float, learner_cpus: float, teacher_cpus: float) -> CpuThreads:
+    """How many threads each CPU process runs, from where the plan put them.
+
+    In train.mode=sync the roles take turns (sample, score, train), so a role
+    that runs alone in its phase gets its node's cores, split evenly among
+    its own processes on that node (`sampler_nodes[i]` / `learner_nodes[r]`:
+    the node of sampler i / rank r; `node_cpus`: Ray's CPU count per node).
+    `overlap` (train.rollout_chunks > 1, or train.sample_from=teacher):
+    samplers and teacher run at the same time, so both keep their own share.
+    In async mode every role keeps its own share: the CPUs Ray reserves for
+    it (at least one thread). The driver-started teacher's node is not known
+    here; running alone it gets the cores of whatever node it lands on."""
+    def on_node(nodes: list, i: int, role: str) -> ThreadShare:
+        k = sum(1 for n in nodes if n == nodes[i])
+        return ThreadShare(divisor=k, node_cpus=float(node_cpus.get(nodes[i], 0) or 0),
+                           reason=f"{role}: runs alone in its phase (train.mode=sync), its node's cores"
+                                  + (f" / {k} {role}s there" if k > 1 else ""))
+
+    sync = mode == "sync"
+    if sync and not overlap:
+        samplers = [on_node(sampler_nodes, i, "sampler") for i in range(len(sampler_nodes))]
+        one_node = float(next(iter(node_cpus.values()))) if len(node_cpus) == 1 else 0.0
+        teacher = ThreadShare(node_cpus=one_node, reason="teacher: runs alone in its phase (train.mode=sync), "
+                                                         "its node's cores")
+    else:
+        samplers = [own_share(sampler_cpus, "sampler") for _ in sampler_nodes]
+        teacher = own_share(teacher_cpus, "teacher")
+    if sync:
+        learners = [on_node(learner_nodes, r, "learner") for r in range(len(learner_nodes))]
+    else:
+        learners = [own_share(learner_cpus, "learner") for _ in learner_nodes]
+    return CpuThreads(samplers=samplers, learners=learners, teacher=teacher)
 
 
 def sampler_gpus(gpus_per_bundle: float, tensor_parallel_size: int) -> float:

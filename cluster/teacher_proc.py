@@ -112,12 +112,15 @@ class TeacherServerActor:
         self.log_path: Path | None = None
 
     def start(self, server_args: list[str], api_key: str, log_path: str, env: dict[str, str],
-              unset_env: list[str], driver_node_id: str, model_ref=None) -> str:
+              unset_env: list[str], driver_node_id: str, model_ref=None, threads=None) -> str:
         """Launch the server; returns its URL. `env` is set and `unset_env`
         removed in its environment on top of this actor's (e.g. Ray's
         OMP_NUM_THREADS, which the driver's own process did not have).
         `model_ref` (cluster.models.ResolvedModel): made present on this node
-        first, as the student is on the samplers' and learners' nodes."""
+        first, as the student is on the samplers' and learners' nodes.
+        `threads`: the server's OMP_NUM_THREADS on CPU, a count or the
+        placement plan's ThreadShare, resolved here on the server's node
+        (None: the server's own default)."""
         import ray
 
         if model_ref is not None:
@@ -133,6 +136,8 @@ class TeacherServerActor:
                "--api-key-file", "/dev/stdin"]
         proc_env = {k: v for k, v in os.environ.items() if k not in unset_env}
         proc_env.update(env)
+        if threads is not None:
+            proc_env["OMP_NUM_THREADS"] = str(threads if isinstance(threads, int) else threads.threads())
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -250,14 +255,17 @@ def _run_key(tcfg: TeacherConfig) -> tuple[str, str, bool]:
 
 
 def start_teacher(tcfg: TeacherConfig, model_path: str | None, run_dir: Path, *, num_gpus: float = 0.0,
-                  env: dict | None = None, model_ref=None, kv_cache_gib: float = 1.0) -> TeacherHandle:
+                  env: dict | None = None, model_ref=None, kv_cache_gib: float = 1.0,
+                  threads=None) -> TeacherHandle:
     """Wait for `teacher.url`, or start teacher_server for `model_path` in a
     Ray actor booking `num_gpus` GPUs (the caller passes
     teacher.tensor_parallel_size when the run has GPUs, else 0) and
     `teacher.cpus` CPUs; Ray must be connected. `env`: extra environment of
     the server; `model_ref`: the ResolvedModel of `model_path`, fetched on
     the teacher's node when that node lacks it; `kv_cache_gib`: the KV cache
-    of a CPU server (`cpu.teacher_kv_cache_gib`). See the module docstring."""
+    of a CPU server (`cpu.teacher_kv_cache_gib`); `threads`: its threads on
+    CPU (a count, or the placement plan's ThreadShare, resolved on the
+    teacher's node; None: the server's default). See the module docstring."""
     if tcfg.url:
         deadline = time.monotonic() + tcfg.startup_timeout_s
         for url in url_list(tcfg.url):  # every replica must be up; an error names the one that is not
@@ -276,7 +284,7 @@ def start_teacher(tcfg: TeacherConfig, model_path: str | None, run_dir: Path, *,
         proc_env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(kv_cache_gib), **(env or {})}
         unset = [] if "OMP_NUM_THREADS" in os.environ else ["OMP_NUM_THREADS"]
         ref = actor.start.remote(server_args(tcfg, model_path), key, str(log_path), proc_env, unset,
-                                 ray.get_runtime_context().get_node_id(), model_ref)
+                                 ray.get_runtime_context().get_node_id(), model_ref, threads)
         try:
             handle.url = ray.get(ref, timeout=tcfg.startup_timeout_s)
         except ray.exceptions.GetTimeoutError as e:

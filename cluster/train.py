@@ -70,11 +70,40 @@ def actor_env(cfg: Config) -> dict[str, str]:
     """Environment every actor gets (vLLM CPU settings, DeepSpeed accelerator)."""
     env = {"VLLM_CPU_KVCACHE_SPACE": cpu_kv_cache_space(cfg.cpu.sampler_kv_cache_gib),
            "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("OPD_CACHE_DIR", "DS_ACCELERATOR", "VLLM_CPU_OMP_THREADS_BIND", "WANDB_MODE"):
+    for k in ("OPD_CACHE_DIR", "DS_ACCELERATOR", "VLLM_CPU_OMP_THREADS_BIND", "WANDB_MODE", "TORCH_EXTENSIONS_DIR"):
         if k in os.environ:
             env[k] = os.environ[k]
     env.update(hf_env())  # the same Hugging Face cache settings on every node (cluster/models.py)
     return env
+
+
+def cpu_threads(cfg: Config, plan, layout: dict) -> dict:
+    """Threads of the CPU roles: the placement plan's shares
+    (cluster/placement.py cpu_thread_shares) where `cpu.*_threads` is
+    "auto", else the override. {"samplers": [ThreadShare per sampler],
+    "learners": [ThreadShare | count per rank], "teacher": ThreadShare |
+    count | None}. A run with GPUs has no CPU roles: no shares."""
+    from rollout.config import ThreadShare
+
+    n_s, n_l = cfg.rollout.num_samplers, cfg.learner.world_size
+    if plan.uses_gpus:
+        return {"samplers": [None] * n_s, "learners": [0] * n_l, "teacher": None}
+    overlap = cfg.train.rollout_chunks > 1 or cfg.train.sample_from == "teacher"
+    shares = plan.cpu_threads(cfg.train.mode, overlap, cfg.rollout, cfg.learner, cfg.teacher.cpus, layout)
+    c = cfg.cpu
+    out = {"samplers": shares.samplers,
+           "learners": shares.learners if c.learner_threads == "auto" else [c.learner_threads] * n_l,
+           "teacher": shares.teacher if c.teacher_threads == "auto" else (c.teacher_threads or None)}
+
+    def show(v, key: str, value) -> str:
+        if value != "auto":
+            return f"cpu.{key}={value}"
+        return v.reason if isinstance(v, ThreadShare) else str(v)
+
+    print(f"[opd] CPU threads: {show(out['samplers'][0], 'sampler_threads', c.sampler_threads)}; "
+          f"{show(out['teacher'], 'teacher_threads', c.teacher_threads)}; "
+          f"{show(out['learners'][0], 'learner_threads', c.learner_threads)}", flush=True)
+    return out
 
 
 def with_concrete_dtypes(cfg: Config, uses_gpus: bool) -> Config:
@@ -190,6 +219,8 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
                                                         else cfg.teacher.tensor_parallel_size) + tplan.route_gpus(True))
     teardown.append(plan.remove)
     cfg = with_concrete_dtypes(cfg, plan.uses_gpus)
+    layout = plan.describe()
+    threads = cpu_threads(cfg, plan, layout)
     tplan.start(run_dir, plan.uses_gpus, teardown, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib)
     if not cfg.teacher.url and serve_default:
         # After the groups are reserved: the teacher takes GPUs they left.
@@ -197,9 +228,9 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
         tex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher-start")
         teacher_fut = tex.submit(start_teacher, cfg.teacher, teacher_path, run_dir,
                                  num_gpus=cfg.teacher.tensor_parallel_size if plan.uses_gpus else 0,
-                                 model_ref=teacher_model, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib)
+                                 model_ref=teacher_model, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib,
+                                 threads=threads["teacher"])
         tex.shutdown(wait=False)
-    layout = plan.describe()
     (run_dir / "placement.json").write_text(json.dumps(layout, indent=1))
     # Every other node the samplers and learners landed on must see the
     # student's directory (or fetch the same hub snapshot) before they start.
@@ -212,13 +243,13 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     pool = SamplerPool.create(student_path, cfg.rollout, cfg.student, num_samplers=cfg.rollout.num_samplers,
                               scheduling_strategies=plan.sampler_strategies,
                               num_gpus_per_sampler=plan.gpus_per_sampler(cfg.rollout), cpu_cfg=cfg.cpu,
-                              lora_rank=cfg.learner.lora.rank)
+                              lora_rank=cfg.learner.lora.rank, thread_shares=threads["samplers"])
     teardown.append(pool.shutdown)
     teacher_failed_fast()
     learners = LearnerGroup.create(student_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
                                    scheduling_strategies=plan.learner_strategies,
                                    num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps,
-                                   cpu_threads=cfg.cpu.learner_threads)
+                                   cpu_threads=threads["learners"])
     teardown.append(learners.shutdown)
     teacher_proc = teacher_fut.result() if teacher_fut is not None else None
     teacher = None

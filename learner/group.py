@@ -63,13 +63,15 @@ class LearnerGroup:
     def create(cls, model_path: str, learner_cfg: LearnerConfig, loss_cfg: LossConfig, seed: int,
                scheduling_strategies: list | None = None, *, num_gpus_per_worker: float = 0.0,
                total_steps: int | None = None, ds_config_overrides: dict | None = None,
-               cpu_threads: int = 0) -> "LearnerGroup":
+               cpu_threads=0) -> "LearnerGroup":
         """Start `learner_cfg.world_size` ranks. `scheduling_strategies[r]`
         (e.g. a PlacementGroupSchedulingStrategy bundle) places rank r;
         `num_gpus_per_worker` > 0 gives each rank a GPU and NCCL;
         `total_steps` (train.steps) is needed by the cosine/linear lr schedules;
         `ds_config_overrides` is deep-merged into the DeepSpeed config;
-        `cpu_threads`: torch threads of a CPU rank (`cpu.learner_threads`)."""
+        `cpu_threads`: torch threads of a CPU rank: a count (0: Ray's
+        default), or a list of one ThreadShare per rank (the placement plan's,
+        cluster/placement.py cpu_thread_shares)."""
         import ray
 
         from learner.worker import LearnerWorker, lr_factor, node_address
@@ -97,7 +99,7 @@ class LearnerGroup:
         workers = [actor_cls.options(**opts(r)).remote(
             r, n, master_addr, master_port, str(model_path), learner_cfg, loss_cfg, seed,
             use_gpu=num_gpus_per_worker > 0, total_steps=total_steps, ds_config_overrides=ds_config_overrides,
-            cpu_threads=cpu_threads)
+            cpu_threads=cpu_threads[r] if isinstance(cpu_threads, (list, tuple)) else cpu_threads)
             for r in range(n)]
         group = cls(workers, learner_cfg, loss_cfg)
         try:

@@ -32,6 +32,8 @@ import torch
 from learner import checkpoint as ckpt
 from learner.batching import collate
 from learner.config import LearnerConfig, LossConfig
+from learner.ds_ops import use_env_build_dir
+from rollout.config import ThreadShare
 from learner.logprobs import completion_logprobs, sampling_truncation
 from learner.losses import LossInputs, compute_loss
 from rollout.host import free_port
@@ -186,8 +188,10 @@ class LearnerWorker:
 
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
                  learner_cfg: LearnerConfig, loss_cfg: LossConfig, seed: int, *, use_gpu: bool = False,
-                 total_steps: int | None = None, ds_config_overrides: dict | None = None, cpu_threads: int = 0):
-        """`cpu_threads`: torch threads of a CPU rank (`cpu.learner_threads`; 0 = Ray's default)."""
+                 total_steps: int | None = None, ds_config_overrides: dict | None = None,
+                 cpu_threads: int | ThreadShare | None = 0):
+        """`cpu_threads`: torch threads of a CPU rank: a count, the placement
+        plan's ThreadShare (resolved on this node), or 0 / None (Ray's default)."""
         self.rank, self.world_size = rank, world_size
         self.model_path = str(model_path)
         learner_cfg = dataclasses.replace(learner_cfg, dtype=concrete_dtype(learner_cfg.dtype, use_gpu))
@@ -197,7 +201,10 @@ class LearnerWorker:
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if not use_gpu:
             os.environ["DS_ACCELERATOR"] = "cpu"
-            if cpu_threads > 0:
+            use_env_build_dir()  # load the shm op `make venv` built, not a fresh compile (learner/ds_ops.py)
+            if isinstance(cpu_threads, ThreadShare):
+                cpu_threads = cpu_threads.threads()
+            if cpu_threads:
                 torch.set_num_threads(cpu_threads)
         import deepspeed
         from deepspeed.accelerator import get_accelerator

@@ -15,6 +15,7 @@ it composes the tree.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Literal
 
@@ -388,28 +389,68 @@ class CpuConfig:
 
     # KV cache of each CPU sampler (GiB; vLLM's VLLM_CPU_KVCACHE_SPACE).
     sampler_kv_cache_gib: float = 1.0
-    # Threads of a CPU sampler's engine: "auto" (every core the sampler's
-    # process may run on but one, vLLM's own reserve), or cores like "0-1" /
-    # "0,2,4" (the engine is pinned to them, one thread each). Passed on as
-    # VLLM_CPU_OMP_THREADS_BIND when the engine runs in its own process (which
-    # also takes vLLM's "nobind" and per-rank "0-3|4-7").
+    # The three *_threads below default to "auto": the placement plan
+    # decides (cluster/placement.py cpu_thread_shares). In train.mode=sync
+    # the roles take turns, so a role that runs alone in its phase uses every
+    # core of its node (split evenly among its processes on that node: two
+    # samplers on one node get half each); roles that run at the same time
+    # (train.mode=async, or sampling and scoring overlapped by
+    # train.rollout_chunks > 1 or train.sample_from=teacher) each keep the
+    # CPUs Ray reserves for them (rollout.cpus_per_sampler,
+    # learner.cpus_per_worker, teacher.cpus).
+    #
+    # Threads of a CPU sampler's engine: "auto" (the plan), or cores like
+    # "0-1" / "0,2,4" (the engine is pinned to them, one thread each). Passed
+    # on as VLLM_CPU_OMP_THREADS_BIND when the engine runs in its own process
+    # (which also takes vLLM's "nobind" and per-rank "0-3|4-7"; there "auto"
+    # is vLLM's own binding).
     sampler_threads: str = "auto"
     # KV cache of a teacher server the driver starts on CPU (GiB).
     teacher_kv_cache_gib: float = 1.0
-    # Torch threads of a CPU learner rank; 0 = Ray's default (one per CPU the
-    # rank reserves, learner.cpus_per_worker). In train.mode=sync the roles
-    # take turns, so a rank may use more cores than it reserves; in async
-    # mode, or with several ranks on one node, extra threads oversubscribe.
-    learner_threads: int = 0
+    # Threads of the teacher server the driver starts on CPU (its
+    # OMP_NUM_THREADS): "auto" (the plan), a count, or 0 (the server's own
+    # default: every core it may use but one).
+    teacher_threads: int | Literal["auto"] = "auto"
+    # Torch threads of a CPU learner rank: "auto" (the plan), a count, or 0
+    # (Ray's default: one per CPU the rank reserves, learner.cpus_per_worker).
+    learner_threads: int | Literal["auto"] = "auto"
 
     def problems(self) -> list[str]:
         out = positive(self, "sampler_kv_cache_gib", "teacher_kv_cache_gib")
-        out += non_negative(self, "learner_threads")
+        for name in ("teacher_threads", "learner_threads"):
+            v = getattr(self, name)
+            if v != "auto" and not (isinstance(v, int) and v >= 0):
+                out.append(f"{section_name(self)}.{name}: {v!r} is not valid; use auto (from the placement plan), "
+                           "a thread count, or 0")
         try:
             parse_cpu_list(self.sampler_threads)
         except ValueError as e:
             out.append(f"{section_name(self)}.sampler_threads: {e}")
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadShare:
+    """The threads of one CPU process of a role, as the placement plan
+    decides them (cluster/placement.py cpu_thread_shares) and the process
+    resolves them on its node, where its cores are known: `count` when > 0,
+    else the node's cores divided by `divisor` (at least 1). The node's
+    cores are those the process may run on, at most `node_cpus` (what Ray
+    counts for the node) when that is > 0. `reason` says why (logged)."""
+
+    count: int = 0
+    divisor: int = 1
+    node_cpus: float = 0.0
+    reason: str = ""
+
+    def threads(self, cores: int | None = None) -> int:
+        if self.count > 0:
+            return self.count
+        if cores is None:
+            cores = len(os.sched_getaffinity(0))
+        if self.node_cpus > 0:
+            cores = min(cores, int(self.node_cpus))
+        return max(1, cores // max(1, self.divisor))
 
 
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]+")

@@ -71,10 +71,10 @@ def _spawn_sampler(factory: tuple, i: int, **kwargs):
     (`factory`) without waiting for it; `kwargs` go to `SamplerActor`."""
     import ray
 
-    path, rollout_cfg, student_cfg, strategies, num_gpus, cpu_cfg, lora_rank = factory
+    path, rollout_cfg, student_cfg, strategies, num_gpus, cpu_cfg, lora_rank, shares = factory
     return (ray.remote(SamplerActor).options(**sampler_actor_options(rollout_cfg, num_gpus, strategies[i]))
             .remote(path, rollout_cfg, student_cfg, sampler_index=i, cpu_cfg=cpu_cfg, lora_rank=lora_rank,
-                    **kwargs))
+                    thread_share=shares[i], **kwargs))
 
 
 class SamplerPool:
@@ -97,7 +97,8 @@ class SamplerPool:
     @classmethod
     def create(cls, model: str, rollout_cfg, student_cfg, num_samplers: int | None = None,
                scheduling_strategies: list | None = None, initial_version: int = 0, *,
-               num_gpus_per_sampler: float | None = None, cpu_cfg=None, lora_rank: int = 0) -> "SamplerPool":
+               num_gpus_per_sampler: float | None = None, cpu_cfg=None, lora_rank: int = 0,
+               thread_shares: list | None = None) -> "SamplerPool":
         """Start `num_samplers` (default rollout_cfg.num_samplers) actors, each
         with its own Ray scheduling strategy when given (e.g. a
         PlacementGroupSchedulingStrategy per sampler), and wait until ready.
@@ -107,7 +108,9 @@ class SamplerPool:
         benchmarks on one machine): tensor_parallel_size GPUs when this
         process sees CUDA, else 0. `cpu_cfg`: the run's `cpu:` section
         (CpuConfig; None = its defaults). `lora_rank`: learner.lora.rank
-        (> 0: the samplers serve the learner's LoRA adapter, SamplerActor)."""
+        (> 0: the samplers serve the learner's LoRA adapter, SamplerActor).
+        `thread_shares[i]`: sampler i's CPU threads from the placement plan
+        (cluster/placement.py cpu_thread_shares; None: bind_cpu_threads' default)."""
         num = rollout_cfg.num_samplers if num_samplers is None else num_samplers
         if scheduling_strategies is not None and len(scheduling_strategies) != num:
             raise ValueError(f"{len(scheduling_strategies)} scheduling strategies for {num} samplers")
@@ -117,7 +120,10 @@ class SamplerPool:
             import torch
 
             num_gpus_per_sampler = rollout_cfg.tensor_parallel_size if torch.cuda.is_available() else 0
-        factory = (path, rollout_cfg, student_cfg, strategies, num_gpus_per_sampler, cpu_cfg, lora_rank)
+        shares = thread_shares or [None] * num
+        if len(shares) != num:
+            raise ValueError(f"{len(shares)} thread shares for {num} samplers")
+        factory = (path, rollout_cfg, student_cfg, strategies, num_gpus_per_sampler, cpu_cfg, lora_rank, shares)
         actors = [_spawn_sampler(factory, i, initial_version=initial_version) for i in range(num)]
         pool = cls(actors, timeout_s=rollout_cfg.weight_sync_timeout_s,
                    generate_timeout_s=rollout_cfg.generate_timeout_s, max_new_tokens=rollout_cfg.max_new_tokens)

@@ -50,10 +50,11 @@ import threading
 import time
 from typing import Any, Union
 
-from rollout.config import CpuConfig, parse_cpu_list
+from rollout.config import CpuConfig, ThreadShare, parse_cpu_list
 from rollout.host import cpu_kv_cache_space
 from rollout.types import Completion
 from rollout.weight_sync import WeightSyncError, concrete_dtype, engine_backend
+from teacher_server.engine import cpu_unsplit_prefill
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +111,35 @@ def engine_in_process(engine_process: str, has_gpu: bool, tensor_parallel_size: 
     return engine_process == "inprocess"
 
 
-def bind_cpu_threads(spec: str) -> int:
+def bind_cpu_threads(spec: str, share: ThreadShare | None = None) -> int:
     """Torch threads for an in-process CPU engine, as vLLM's CPU worker sets
-    them from VLLM_CPU_OMP_THREADS_BIND in its own process: "auto" = every
-    core this process may use but one (vLLM's default reserve, left to the
-    actor's Python thread, Ray and the other roles); a core list pins the
-    process to those cores, one thread each. Returns the thread count."""
+    them from VLLM_CPU_OMP_THREADS_BIND in its own process: "auto" = the
+    placement plan's `share` (cluster/placement.py cpu_thread_shares), or
+    without a plan every core this process may use but one (vLLM's default
+    reserve); a core list pins the process to those cores, one thread each.
+    Returns the thread count."""
     import torch
 
     cores = parse_cpu_list(spec)
     if cores is not None:
         os.sched_setaffinity(0, cores)
         n = len(cores)
+    elif share is not None:
+        n = share.threads()
     else:
         n = max(1, len(os.sched_getaffinity(0)) - 1)
     torch.set_num_threads(n)
     return n
+
+
+def set_thread_num_threads(n: int) -> None:
+    """torch.set_num_threads(n) from the calling thread: sets this thread's
+    OpenMP thread count (a new thread starts at OMP_NUM_THREADS) and torch's.
+    Calls torch._C.set_num_threads because vLLM's CPU worker replaces
+    torch.set_num_threads with a no-op once its engine is up."""
+    import torch
+
+    torch._C.set_num_threads(n)
 
 
 def vllm_max_lora_rank(rank: int) -> int:
@@ -168,7 +182,7 @@ class SamplerActor:
 
     def __init__(self, model: str, rollout_cfg, student_cfg, sampler_index: int = 0,
                  initial_version: int = 0, require_update: bool = False, cpu_cfg: CpuConfig | None = None,
-                 lora_rank: int = 0) -> None:
+                 lora_rank: int = 0, thread_share: ThreadShare | None = None) -> None:
         """`require_update`: start refusing to sample until the first weight
         update lands (a restarted sampler must not serve its checkpoint's
         weights while the others serve the learner's). `cpu_cfg`: the run's
@@ -176,10 +190,13 @@ class SamplerActor:
         the learner's LoRA rank (learner.lora.rank); > 0 starts vLLM with LoRA
         support when vLLM can serve adapters on this model
         (`serves_lora_adapters`), and the samplers then sample with the
-        adapter each push brings (`load_lora_adapter`)."""
+        adapter each push brings (`load_lora_adapter`). `thread_share`: the
+        placement plan's threads for this sampler on CPU (used when
+        cpu.sampler_threads is "auto" and the engine runs in this process)."""
         import torch
 
         cpu_cfg = cpu_cfg or CpuConfig()
+        self._engine_threads = 0  # > 0: an in-process CPU engine's threads (see _acquire_engine)
         self.cfg = rollout_cfg
         self.index = sampler_index
         has_gpu = torch.cuda.is_available()
@@ -189,7 +206,10 @@ class SamplerActor:
         if not has_gpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = cpu_kv_cache_space(cpu_cfg.sampler_kv_cache_gib)
             if self.in_process:
-                bind_cpu_threads(cpu_cfg.sampler_threads)
+                n = self._engine_threads = bind_cpu_threads(cpu_cfg.sampler_threads, thread_share)
+                log.info("sampler %d: %d engine threads (%s)", sampler_index, n,
+                         thread_share.reason if thread_share and cpu_cfg.sampler_threads == "auto"
+                         else f"cpu.sampler_threads={cpu_cfg.sampler_threads}")
             else:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cfg.sampler_threads
         self.backend = engine_backend(rollout_cfg.weight_sync_backend, has_gpu)
@@ -211,6 +231,8 @@ class SamplerActor:
         if lora_rank > 0 and not self._serves_lora:
             log.warning("sampler %d: vLLM has no LoRA support for %s; the learner pushes merged weights",
                         sampler_index, model)
+        if not has_gpu:
+            kwargs.update(cpu_unsplit_prefill())
         if self._serves_lora:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
             self._lora_dir = tempfile.mkdtemp(prefix=f"opd-lora-sampler{sampler_index}-")
@@ -288,6 +310,13 @@ class SamplerActor:
                 raise SamplerNotReady(f"sampler {self.index} holds partially updated weights "
                                       f"({self._needs_full_update}); push a full weight update first")
             self._busy = True
+        if self._engine_threads:
+            # This actor is threaded: each call may run on another Ray thread,
+            # whose OpenMP thread count starts at Ray's OMP_NUM_THREADS. vLLM's
+            # CPU attention sizes its scheduler metadata from that count and
+            # checks it against the count torch's ops use (bind_cpu_threads'),
+            # so set it in the calling thread too.
+            set_thread_num_threads(self._engine_threads)
 
     def _release_engine(self) -> None:
         with self._cond:

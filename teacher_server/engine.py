@@ -94,6 +94,21 @@ def prompt_logprobs_to_result(flat, token_ids: list[int], start: int, top_k: int
                             top_logprobs=top_P_K.tolist())
 
 
+def cpu_unsplit_prefill() -> dict:
+    """vLLM engine arguments for CPU that never split a prompt's prefill over
+    engine steps. vLLM 0.32 rewinds a seeded request's generator when it
+    drops the token sampled after a partial prefill
+    (vllm/v1/worker/gpu_model_runner.py:3495-3502, `gen.set_offset`), which a
+    CPU torch.Generator refuses ("CPU Generator does not use offset"): the
+    engine dies as soon as a batch of seeded samples holds more prompt tokens
+    than one step takes. Seeds are what make rollouts reproducible, so on CPU
+    chunked prefill is off; vLLM then raises a step's token budget to at least
+    max_model_len (vllm/engine/arg_utils.py:3136-3145), so every prompt fits
+    in one step. A `--max-batch-tokens` below max_model_len is refused by
+    vLLM's own config check."""
+    return {"enable_chunked_prefill": False}
+
+
 class TeacherEngine:
     """Owns one AsyncLLM. All methods are called from the server's event loop."""
 
@@ -124,6 +139,7 @@ class TeacherEngine:
             kwargs["max_num_batched_tokens"] = opts.max_batch_tokens
         if _is_cpu_build():  # CUDA graphs do not exist on CPU
             kwargs["enforce_eager"] = True
+            kwargs.update(cpu_unsplit_prefill())
             if opts.tensor_parallel_size == 1:
                 run_model_in_engine_core_on_cpu()
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

@@ -300,6 +300,19 @@ if __name__ == "__main__":
 """
 
 
+def vllm_logprobs(model_dir, ids: list[int], tmp_path: Path) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t >= 1 from a fresh vLLM engine on
+    `model_dir`, in its own process (VLLM_SCORE)."""
+    script = tmp_path / "vllm_score.py"
+    script.write_text(VLLM_SCORE)
+    res = subprocess.run([sys.executable, str(script), str(model_dir), json.dumps(ids)], cwd=tmp_path,
+                         env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
+                         timeout=600)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("LOGPROBS ")]
+    assert res.returncode == 0 and line, res.stdout[-2000:] + res.stderr[-4000:]
+    return json.loads(line[0][len("LOGPROBS "):])
+
+
 @pytest.mark.slow
 def test_hub_ids_from_offline_cache_and_bf16_exports(student_path, teacher_path, tmp_path):
     """The real command with both models given as hub ids that resolve from
@@ -361,14 +374,7 @@ def test_hub_ids_from_offline_cache_and_bf16_exports(student_path, teacher_path,
     # rounding of short dot products (~1e-6); a wrong or missing weight moves
     # logprobs by far more than 1e-4.
     ids = base("12+34=46 and 7+8=15")["input_ids"]
-    script = tmp_path / "vllm_score.py"
-    script.write_text(VLLM_SCORE)
-    res = subprocess.run([sys.executable, str(script), str(final), json.dumps(ids)], cwd=tmp_path,
-                         env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
-                         timeout=600)
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("LOGPROBS ")]
-    assert res.returncode == 0 and line, res.stdout[-2000:] + res.stderr[-4000:]
-    got = json.loads(line[0][len("LOGPROBS "):])
+    got = vllm_logprobs(final, ids, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = hf(torch.tensor([ids])).logits[0, :-1]
@@ -442,13 +448,6 @@ def test_lora_student(ray_session, teacher_server, tmp_path, student_path, capsy
 
     # vLLM loads final/ as a plain model (no LoRA) and scores like transformers.
     tok_ids = ids[0].tolist()
-    script = tmp_path / "vllm_score.py"
-    script.write_text(VLLM_SCORE)
-    res = subprocess.run([sys.executable, str(script), str(final), json.dumps(tok_ids)], cwd=tmp_path,
-                         env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"), capture_output=True, text=True,
-                         timeout=600)
-    line = [ln for ln in res.stdout.splitlines() if ln.startswith("LOGPROBS ")]
-    assert res.returncode == 0 and line, res.stdout[-2000:] + res.stderr[-4000:]
-    got = json.loads(line[0][len("LOGPROBS "):])
+    got = vllm_logprobs(final, tok_ids, tmp_path)
     ref = lp_merged[0, :-1].gather(1, ids[0, 1:, None])[:, 0].tolist()
     assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < 1e-4, (got, ref)

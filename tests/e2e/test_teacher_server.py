@@ -159,6 +159,18 @@ def test_generate(teacher_server, teacher_hf):
     assert sample["finish_reason"] == "stop" and len(sample["token_ids"]) == 1
 
 
+def test_seeded_generate_with_more_prompt_tokens_than_one_engine_step(teacher_server):
+    """A seeded batch whose prompts overflow one engine step (vLLM's CPU default
+    is 2048 tokens): vLLM 0.32 on CPU killed its engine here when it split a
+    prefill (teacher_server.engine.cpu_unsplit_prefill)."""
+    prompts = [{"token_ids": [1 + (i + j) % (VOCAB - 1) for j in range(60)]} for i in range(80)]  # 4800 tokens
+    req = {"prompts": prompts, "n": 1, "max_new_tokens": 2, "temperature": 1.0, "seed": 7}
+    a = post(teacher_server, "/v1/generate", req)
+    assert a.status_code == 200, a.text
+    assert [len(r["samples"][0]["token_ids"]) for r in a.json()["results"]] == [2] * 80
+    assert post(teacher_server, "/v1/generate", req).json() == a.json()   # still seeded: reproducible
+
+
 # ----------------------------------------------------------------------------- bad input
 
 GOOD = {"token_ids": [1, 2, 3, 4], "start": 1}

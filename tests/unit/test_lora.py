@@ -88,19 +88,23 @@ def test_check_student_accepts_the_default_and_names_bad_targets(tiny_student, t
     assert p.startswith("learner.lora.rank=8: cannot build the student"), p
 
 
-def test_driver_exits_2_before_any_actor(tiny_student, tmp_path, capsys):
+def test_driver_exits_2_before_any_actor(tiny_student, tmp_path, capsys, monkeypatch):
     """A bad target module stops the real command with exit code 2 before Ray
-    (or any actor) starts."""
-    import ray
-
+    (or any actor) starts: the driver never connects to Ray. (The test
+    session may hold a Ray cluster of its own, so ray.is_initialized() says
+    nothing here.)"""
+    import cluster.placement
     from cluster.train import main
 
-    assert not ray.is_initialized()
+    def no_ray(*a, **k):
+        raise AssertionError("the driver connected to Ray despite a bad LoRA setting")
+
+    monkeypatch.setattr(cluster.placement, "connect", no_ray)
     rc = main(["--config", "configs/demo.yaml", f"run.dir={tmp_path / 'run'}", "learner.lora.rank=8",
                "learner.lora.target_modules=[qq_proj]", "log.wandb.mode=disabled"])
     assert rc == 2
     assert "learner.lora.target_modules: ['qq_proj'] match no module" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert not (tmp_path / "run" / "placement.json").exists()
 
 
 def _peft_student(student_path, **lora):
