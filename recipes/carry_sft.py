@@ -147,7 +147,10 @@ CARRY_RECIPE_VERSION = 1
 def _key(obj, **extra) -> str:
     from cluster.tiny_models import SPECS
 
-    payload = json.dumps({"recipe": dataclasses.asdict(obj), "spec": dataclasses.asdict(SPECS[obj.spec]),
+    recipe = dataclasses.asdict(obj)
+    if recipe.get("schedule") == "constant":   # keys of recipes from before `schedule` existed
+        del recipe["schedule"]
+    payload = json.dumps({"recipe": recipe, "spec": dataclasses.asdict(SPECS[obj.spec]),
                           "v": CARRY_RECIPE_VERSION, **extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
@@ -174,9 +177,12 @@ class TeacherRecipe:
 @dataclasses.dataclass(frozen=True)
 class StudentRecipe:
     """The student init: SFT on `n0` fresh teacher traces (teacher sampled at
-    `temperature`, unfiltered), one pass, constant lr after warmup, evaluated
-    at n0 / 2^k for k < `points` (the SFT curve that chooses N0 and that the
-    compute ratio extrapolates)."""
+    `temperature`, unfiltered), one pass, evaluated at n0 / 2^k for k <
+    `points` (the SFT curve that chooses N0 and that the compute ratio
+    extrapolates). `schedule`: "constant" (lr after warmup; one run whose
+    checkpoints are the curve) or "cosine" (one run per point, each decayed
+    to 0.1 x lr over its own data: every point is a finished SFT run on that
+    much data, as a data-scaling curve is measured)."""
 
     spec: str = "student-4l"
     n0: int = 16384
@@ -186,6 +192,7 @@ class StudentRecipe:
     temperature: float = 1.0
     points: int = 3
     seed: int = 0
+    schedule: str = "constant"
 
     def key(self, teacher_key: str) -> str:
         return _key(self, teacher=teacher_key)
@@ -258,7 +265,8 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
     gen_s = time.monotonic() - t0
     trace_acc = sum(trace_errors(x["answer"], x["prompt"]).correct for x in data) / len(data)
     log(f"[carry student] {len(data)} teacher traces in {gen_s:.0f}s, {trace_acc:.3f} of them correct")
-    model, tok = fresh_model(r.spec, r.seed)
+    if r.schedule not in ("constant", "cosine"):
+        raise ValueError(f"StudentRecipe.schedule={r.schedule!r}: use 'constant' or 'cosine'")
     held = [make_record(a, b, n, layout=layout) for a, b in eval_problems(n, eval_count)]
     steps = r.n0 // r.batch_size
     marks = {r.n0 // 2 ** k // r.batch_size for k in range(r.points)}
@@ -275,12 +283,21 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
             log(json.dumps(row))
         return False
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(r.seed)
-        # One pass over the traces: sft_loop shuffles within its single epoch.
-        tokens = sft_loop(model, tok, data, steps=steps, batch_size=r.batch_size,
-                          lr_fn=lr_fn_constant(r.lr, r.warmup_steps), seed=r.seed, callback=cb,
-                          encode=encode_record, name=f"carry-student-{r.spec}", log=log)
+    # constant: one run, its checkpoints are the curve; cosine: one decayed
+    # run per point, on the first traces of the same stream (the last is the init).
+    runs = [steps] if r.schedule == "constant" else sorted(marks)
+    for run_steps in runs:
+        model, tok = fresh_model(r.spec, r.seed)
+        lr_fn = (lr_fn_constant(r.lr, r.warmup_steps) if r.schedule == "constant"
+                 else lr_fn_cosine(r.lr, r.warmup_steps, run_steps))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(r.seed)
+            # One pass over the traces: sft_loop shuffles within its single epoch.
+            tokens = sft_loop(model, tok, data[: run_steps * r.batch_size], steps=run_steps,
+                              batch_size=r.batch_size, lr_fn=lr_fn, seed=r.seed,
+                              callback=cb if r.schedule == "constant" else
+                              (lambda step, tk, _n=run_steps: cb(step, tk) if step == _n else False),
+                              encode=encode_record, name=f"carry-student-{r.spec}", log=log)
     fp, fp_t = flop_params(model), t_sum["flop_params"]
     gen_tokens = sum(len(encode_record(tok, x)[0]) for x in data)   # prompt + completion + EOS
     summary = {"recipe": dataclasses.asdict(r), "key": r.key(t_sum["key"]), "teacher": str(teacher_dir),
@@ -388,6 +405,7 @@ def main(argv=None) -> int:
     c.add_argument("--points", type=int, default=StudentRecipe.points)
     c.add_argument("--lr", type=float, default=StudentRecipe.lr)
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--schedule", default=StudentRecipe.schedule, choices=["constant", "cosine"])
     args = ap.parse_args(argv)
     tr = TeacherRecipe(spec=args.teacher_spec, steps=args.teacher_steps, recovery_frac=args.recovery_frac,
                        n_digits=args.digits, layout=args.layout)
@@ -395,7 +413,8 @@ def main(argv=None) -> int:
     ts = json.loads((tdir / "sft_summary.json").read_text())
     print(f"teacher {tdir}: {json.dumps(ts['final'])}")
     if args.cmd == "student":
-        sr = StudentRecipe(spec=args.spec, n0=args.n0, points=args.points, lr=args.lr, seed=args.seed)
+        sr = StudentRecipe(spec=args.spec, n0=args.n0, points=args.points, lr=args.lr, seed=args.seed,
+                           schedule=args.schedule)
         sdir = build_student(sr, tdir, use_cache=not args.no_cache, eval_count=args.eval_count)
         ss = json.loads((sdir / "sft_summary.json").read_text())
         print(f"student {sdir}: traces {ss['trace_accuracy']:.3f} correct")

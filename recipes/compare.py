@@ -171,10 +171,15 @@ def choose_lrs(runs: list[dict]) -> dict[str, float]:
     return {m: max(v, key=lambda lr: (statistics.fmean(v[lr]), -lr)) for m, v in by.items()}
 
 
-def sft_points(init_curve: list[dict], seq_kd_rows: list[dict], n0: int, traces_per_step: int) -> list[tuple[float, float]]:
+def sft_points(init_curve: list[dict], seq_kd_rows: list[dict], n0: int, traces_per_step: int,
+               fit_from: float = 0.5) -> list[tuple[float, float]]:
     """(traces trained in total, test accuracy) of continued SFT on teacher
-    traces: the init's own curve, then run (a)'s evaluations after step 0."""
-    pts = [(float(c["traces"]), float(c["accuracy"])) for c in init_curve]
+    traces: the init's own curve from `fit_from` x N0 on, then run (a)'s
+    evaluations after step 0. The default fits the curve past its phase
+    transition (N0/2, N0, and beyond), as the publication extrapolates the
+    flattening SFT curve; fit_from=0.25 also takes N0/4 (a steeper line:
+    cheaper SFT, a smaller ratio)."""
+    pts = [(float(c["traces"]), float(c["accuracy"])) for c in init_curve if c["traces"] >= fit_from * n0 - 1e-9]
     pts += [(float(n0 + s * traces_per_step), a) for s, a in series(seq_kd_rows, "eval/accuracy") if s > 0]
     return pts
 
@@ -198,8 +203,11 @@ def ratios_for(method: str, seeds_data: list[dict], *, n_student: int, n_teacher
         per_seed = []
         for d in seeds_data:
             curve = opd_curve(d["rows"], n_student=n_student, n_teacher=n_teacher, prompt_tokens=prompt_tokens)
-            r = compute_ratio(d["sft_points"], d["n0"], curve, final_accuracy(d["rows"]), per_trace)
-            per_seed.append({**dataclasses.asdict(r), "ratio": r.ratio})
+            target, start = final_accuracy(d["rows"]), series(d["rows"], "eval/accuracy")[0][1]
+            r = compute_ratio(d["sft_points"], d["n0"], curve, target, per_trace)
+            # No gain over the init's own measured accuracy: nothing to compare.
+            gain = target > start
+            per_seed.append({**dataclasses.asdict(r), "ratio": r.ratio if gain else None, "no_gain": not gain})
         entry = {"per_seed": per_seed}
         vals = [p["ratio"] for p in per_seed]
         if len(vals) >= 2 and all(v is not None and v > 0 for v in vals):
@@ -229,7 +237,9 @@ def analyse(seeds: dict[str, dict], all_runs: list[dict], methods: list[str], se
     for k, d in seeds.items():
         runs = {m: d["runs_by_lr"][m][chosen[m]] for m in methods}
         out_seeds[k] = {kk: vv for kk, vv in d.items() if kk != "runs_by_lr"} | {
-            "runs": runs, "sft_points": sft_points(d["init_curve"], runs["seq_kd"]["rows"], d["n0"], traces_per_step)}
+            "runs": runs, "sft_points": sft_points(d["init_curve"], runs["seq_kd"]["rows"], d["n0"], traces_per_step),
+            "sft_points_from_quarter": sft_points(d["init_curve"], runs["seq_kd"]["rows"], d["n0"], traces_per_step,
+                                                  fit_from=0.25)}
     res = {"settings": settings, "n_student": n_s, "n_teacher": n_teacher, "prompt_tokens": prompt_tokens,
            "completion_tokens": completion_tokens, "teacher_accuracy": teacher_accuracy, "seeds": out_seeds,
            "all_runs": [{k: r[k] for k in ("method", "lr", "seed", "validation_accuracy", "wall_s")} |
@@ -244,12 +254,14 @@ def analyse(seeds: dict[str, dict], all_runs: list[dict], methods: list[str], se
                              "final_accuracy": [final_accuracy(d["runs"][m]["rows"]) for d in out_seeds.values()],
                              "student_flops": statistics.fmean(x.student for x in last),
                              "teacher_flops": statistics.fmean(x.teacher for x in last)}
+    res["ratios_fit_from_quarter"] = {}
     for m in OPD_METHODS:
         if m in methods:
-            res["ratios"][m] = ratios_for(m, [{"sft_points": d["sft_points"], "n0": d["n0"],
-                                                "rows": d["runs"][m]["rows"]} for d in out_seeds.values()],
-                                          n_student=n_s, n_teacher=n_teacher, prompt_tokens=prompt_tokens,
-                                          completion_tokens=completion_tokens)
+            for key, pts in (("ratios", "sft_points"), ("ratios_fit_from_quarter", "sft_points_from_quarter")):
+                res[key][m] = ratios_for(m, [{"sft_points": d[pts], "n0": d["n0"], "rows": d["runs"][m]["rows"]}
+                                             for d in out_seeds.values()],
+                                         n_student=n_s, n_teacher=n_teacher, prompt_tokens=prompt_tokens,
+                                         completion_tokens=completion_tokens)
     return res
 
 
@@ -267,6 +279,8 @@ def _mean_sd(xs: list[float]) -> str:
 
 
 def _fmt_ratio(x) -> str:
+    if isinstance(x, str):
+        return x
     if x is None:
         return "not reached"
     return "inf" if math.isinf(x) else f"{x:.2f}x"
@@ -301,70 +315,88 @@ def report(res: dict) -> str:
               format_table(head[:-1], [r[:-1] for r in body]), ""]
     # Ratios
     head = ["on-policy method", "mode", "per-seed ratio", "geometric mean", "95% interval", "reproduced",
-            "SFT data extrapolated"]
+            "SFT data extrapolated", "per-seed ratio, fit from N0/4"]
     body = []
     for m, by_mode in res["ratios"].items():
         for mode, e in by_mode.items():
-            per = [p["ratio"] for p in e["per_seed"]]
+            per = ["no gain" if p["no_gain"] else p["ratio"] for p in e["per_seed"]]
+            quarter = ["no gain" if p["no_gain"] else p["ratio"]
+                       for p in res["ratios_fit_from_quarter"][m][mode]["per_seed"]]
             iv = e.get("interval")
             body.append([LABELS[m], mode, ", ".join(_fmt_ratio(x) for x in per),
                          _fmt_ratio(iv[0]) if iv else "-", f"{_fmt_ratio(iv[1])} - {_fmt_ratio(iv[2])}" if iv else
                          e.get("interval_error", "needs >= 2 seeds"),
                          ("yes" if e["reproduced"] else "no") if iv else "-",
-                         ", ".join("yes" if p["extrapolated"] else "no" for p in e["per_seed"])])
-    lines += ["Compute ratio (SFT FLOPs / on-policy FLOPs to the on-policy run's final accuracy):", "",
+                         ", ".join("yes" if p["extrapolated"] else "no" for p in e["per_seed"]),
+                         ", ".join(_fmt_ratio(x) for x in quarter)])
+    lines += ["Compute ratio (SFT FLOPs / on-policy FLOPs to the on-policy run's final accuracy; SFT's curve "
+              "fitted log-linearly from N0/2 on, and, as a check, from N0/4):", "",
               format_table(head, body), ""]
     return "\n".join(lines)
 
 
 def plot(res: dict, out_png: Path) -> Path:
-    """Accuracy against FLOPs (from zero, the init's SFT included) in both
-    modes, with the fitted SFT line extrapolated; accuracy against step."""
+    """(1) the SFT curve in log data with its fit, extrapolated to where each
+    on-policy run's accuracy lies; (2, 3) accuracy against FLOPs spent from
+    the init in both modes: continued SFT (measured and extrapolated) and the
+    on-policy runs; (4) accuracy against step."""
     from recipes.efficiency import fit_log_linear
 
-    fig, axes = subplots(3, figsize=(16, 4.2))
+    fig, axes = subplots(4, figsize=(20, 4.4))
     s = res["settings"]
     pt, ct = res["prompt_tokens"], res["completion_tokens"]
     colors = {"seq_kd": "C0", "reverse_kl": "C1", "reverse_kl_topk": "C2", "truth_sft": "C3"}
-    for ax, mode in zip(axes[:2], MODES, strict=True):
-        per_trace = sft_flops_per_trace(n_student=res["n_student"], n_teacher=res["n_teacher"], prompt_tokens=pt,
-                                        completion_tokens=ct, mode=mode)
-        for i, (seed, d) in enumerate(res["seeds"].items()):
-            xs = [n * per_trace for n, _ in d["sft_points"]]
-            ax.plot(xs, [a for _, a in d["sft_points"]], "o", color=colors["seq_kd"], alpha=0.6,
-                    label=LABELS["seq_kd"] if i == 0 else None)
-            alpha, beta = fit_log_linear(d["sft_points"])
-            n_hi = max([n for n, _ in d["sft_points"]] + [r["n_star"] for m in OPD_METHODS if m in res["ratios"]
-                                                          for r in [res["ratios"][m][mode]["per_seed"][i]]
-                                                          if math.isfinite(r["n_star"])])
-            n_lo = min(n for n, _ in d["sft_points"])
-            grid_n = [n_lo * (n_hi / n_lo) ** (k / 40) for k in range(41)]
-            ax.plot([n * per_trace for n in grid_n], [alpha + beta * math.log2(n) for n in grid_n], "--",
-                    color=colors["seq_kd"], alpha=0.5, label="SFT log-linear fit, extrapolated" if i == 0 else None)
-            base = d["n0"] * per_trace
+    for i, (seed, d) in enumerate(res["seeds"].items()):
+        alpha, beta = fit_log_linear(d["sft_points"])
+        n_stars = [res["ratios"][m][MODES[0]]["per_seed"][i]["n_star"] for m in OPD_METHODS if m in res["ratios"]]
+        n_hi = max([n for n, _ in d["sft_points"]] + [n for n in n_stars if math.isfinite(n)])
+        pts = d["sft_points_from_quarter"]
+        axes[0].plot([n for n, _ in pts], [a for _, a in pts], "o", color=colors["seq_kd"], alpha=0.6,
+                     label="SFT on teacher traces (init curve, then (a))" if i == 0 else None)
+        n_lo = min(n for n, _ in d["sft_points"])
+        grid_n = [n_lo * (n_hi / n_lo) ** (k / 40) for k in range(41)]
+        axes[0].plot(grid_n, [alpha + beta * math.log2(n) for n in grid_n], "--", color=colors["seq_kd"], alpha=0.6,
+                     label="log-linear fit from N0/2, extrapolated" if i == 0 else None)
+        for m in OPD_METHODS:
+            if m in d["runs"]:
+                axes[0].axhline(final_accuracy(d["runs"][m]["rows"]), color=colors[m], alpha=0.4, lw=0.8,
+                                label=f"{LABELS[m]}: final" if i == 0 else None)
+        for ax, mode in zip(axes[1:3], MODES, strict=True):
+            per_trace = sft_flops_per_trace(n_student=res["n_student"], n_teacher=res["n_teacher"], prompt_tokens=pt,
+                                            completion_tokens=ct, mode=mode)
+            meas = [((n - d["n0"]) * per_trace, a) for n, a in d["sft_points"] if n > d["n0"]]
+            if meas:
+                ax.plot(*zip(*meas), "o", color=colors["seq_kd"], label=LABELS["seq_kd"] if i == 0 else None)
+            ext = [n for n in grid_n if n > d["n0"]]
+            if ext:
+                ax.plot([(n - d["n0"]) * per_trace for n in ext], [alpha + beta * math.log2(n) for n in ext], "--",
+                        color=colors["seq_kd"], alpha=0.6, label="SFT fit, extrapolated" if i == 0 else None)
             for m in OPD_METHODS:
                 if m in d["runs"]:
-                    c = opd_curve(d["runs"][m]["rows"], n_student=res["n_student"], n_teacher=res["n_teacher"],
-                                  prompt_tokens=pt)
-                    ax.plot([base + x for x, _ in c], [a for _, a in c], "-o", color=colors[m], ms=3,
-                            label=LABELS[m] if i == 0 else None)
-        ax.axhline(res["teacher_accuracy"], color="gray", linestyle=":", label="teacher")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"FLOPs from zero ({'SFT data given' if mode == 'data_given' else 'with teacher generation'})")
-        ax.set_ylabel("test accuracy (sampled, T=1)")
-        ax.set_ylim(0, 1.02)
-    for m, info in res["methods"].items():
+                    c = [(x, a) for x, a in opd_curve(d["runs"][m]["rows"], n_student=res["n_student"],
+                                                      n_teacher=res["n_teacher"], prompt_tokens=pt) if x > 0]
+                    if c:
+                        ax.plot(*zip(*c), "-o", color=colors[m], ms=3, label=LABELS[m] if i == 0 else None)
+    for m in res["methods"]:
         for i, d in enumerate(res["seeds"].values()):
             acc = series(d["runs"][m]["rows"], "eval/accuracy")
-            axes[2].plot(*zip(*acc), "-o", ms=3, color=colors[m], alpha=0.8, label=LABELS[m] if i == 0 else None)
+            axes[3].plot(*zip(*acc), "-o", ms=3, color=colors[m], alpha=0.8, label=LABELS[m] if i == 0 else None)
     if res.get("truth_sft"):
         for i, c in enumerate(res["truth_sft"]["curves"]):
-            axes[2].plot([r["step"] for r in c], [r["accuracy"] for r in c], "-o", ms=3, color=colors["truth_sft"],
+            axes[3].plot([r["step"] for r in c], [r["accuracy"] for r in c], "-o", ms=3, color=colors["truth_sft"],
                          alpha=0.8, label=LABELS["truth_sft"] if i == 0 else None)
-    axes[2].set_xlabel("step")
-    axes[2].set_ylim(0, 1.02)
-    axes[0].legend(fontsize=7)
-    axes[2].legend(fontsize=7)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("teacher traces trained on (SFT)")
+    for ax, mode in zip(axes[1:3], MODES, strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel("FLOPs from the init (" + ("SFT data given" if mode == "data_given" else
+                                                 "SFT pays the teacher's generation") + ")")
+    axes[3].set_xlabel("step")
+    for ax in axes:
+        ax.axhline(res["teacher_accuracy"], color="gray", linestyle=":", label="teacher" if ax is axes[3] else None)
+        ax.set_ylabel("test accuracy (sampled, T=1)")
+    for ax in (axes[0], axes[1], axes[3]):
+        ax.legend(fontsize=6)
     fig.suptitle(f"carry addition, n = {s['n_digits']}: continued SFT on teacher traces vs on-policy distillation")
     return save_figure(fig, out_png)
 
@@ -397,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                          "does not correct)")
     ap.add_argument("--student-spec", default="student-1l")
     ap.add_argument("--n0", type=int, default=262144)
+    ap.add_argument("--init-schedule", default=StudentRecipe.schedule, choices=["constant", "cosine"],
+                    help="lr schedule of the init's SFT (recipes/carry_sft.py StudentRecipe.schedule)")
     ap.add_argument("--top-k", type=int, default=16, help="teacher.top_k of reverse_kl_topk")
     ap.add_argument("--no-truth-ref", action="store_true", help="skip the ground-truth SFT reference row")
     ap.add_argument("--out", default=None)
@@ -435,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds: dict[str, dict] = {}
         all_runs: list[dict] = []
         for seed in grid.seeds:
-            init = build_student(StudentRecipe(spec=args.student_spec, n0=args.n0, points=5, seed=seed), teacher)
+            init = build_student(StudentRecipe(spec=args.student_spec, n0=args.n0, points=5, seed=seed,
+                                               schedule=args.init_schedule), teacher)
             s_sum = json.loads((init / "sft_summary.json").read_text())
             runs = {}
             for m in methods:
@@ -454,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"n_digits": n, "steps": grid.steps, "prompts": args.prompts_per_step,
                 "samples": args.samples_per_prompt, "seeds": list(grid.seeds), "lrs": grid.lrs,
                 "teacher_spec": args.teacher_spec, "student_spec": args.student_spec, "n0": args.n0,
-                "recovery_frac": args.recovery_frac, "top_k": args.top_k, "quick": args.quick}
+                "init_schedule": args.init_schedule, "recovery_frac": args.recovery_frac, "top_k": args.top_k,
+                "quick": args.quick}
     res = analyse(seeds, all_runs, methods, settings, n_teacher=t_sum["flop_params"],
                   teacher_accuracy=test_accuracy(teacher, n, seed=0), traces_per_step=traces_per_step)
     res["teacher"] = str(teacher)

@@ -79,15 +79,22 @@ class Ratio:
 
 def compute_ratio(sft_points: list[tuple[float, float]], n0: float, opd_curve: list[tuple[float, float]],
                   target: float, flops_per_trace: float) -> Ratio:
-    """SFT's compute from the init (N0 traces) to `target` on its log-linear
-    fit, over on-policy distillation's compute to `target` (`opd_curve`:
+    """SFT's compute from the init (N0 traces) to `target`, over on-policy
+    distillation's compute to `target`. SFT's data to reach it is read off
+    its measured points from N0 on (interpolated at the first crossing) when
+    they reach it, else off the log-linear fit of all `sft_points`,
+    extrapolated (`opd_curve`:
     (cumulative FLOPs from the init, accuracy), sorted; linearly interpolated
     at the first crossing; None when OPD never reaches it)."""
     from recipes.report import flops_to_reach
 
-    alpha, beta = fit_log_linear(sft_points)
-    n_star = max(n0, data_to_reach(alpha, beta, target))
-    return Ratio(target=target, n_star=n_star, extrapolated=n_star > max(n for n, _ in sft_points),
+    measured = sorted((n, a) for n, a in sft_points if n >= n0)
+    n_star = flops_to_reach(measured, target) if measured else None   # x = traces here
+    extrapolated = n_star is None
+    if extrapolated:
+        alpha, beta = fit_log_linear(sft_points)
+        n_star = max(n0, data_to_reach(alpha, beta, target))
+    return Ratio(target=target, n_star=n_star, extrapolated=extrapolated,
                  sft_flops=(n_star - n0) * flops_per_trace, opd_flops=flops_to_reach(opd_curve, target))
 
 

@@ -62,6 +62,16 @@ def test_ratio_interpolates_the_opd_crossing_and_handles_not_reaching():
     assert compute_ratio(pts, 2000, [(0.0, 0.5), (100.0, 0.6)], 0.55, 1.0).sft_flops == 0.0
 
 
+def test_sft_reaching_the_target_in_its_run_is_read_off_its_measured_points():
+    """Measured continued SFT beats the fit: an SFT run that jumps above its
+    log-linear trend (e.g. when a lower lr anneals the init) is
+    interpolated where it crosses, not extrapolated along the fit."""
+    pts = [(1000, 0.5), (2000, 0.6), (2100, 0.8), (2200, 0.9)]   # N0 = 2000, then the run
+    r = compute_ratio(pts, 2000, [(0.0, 0.6), (100.0, 0.7), (200.0, 0.9)], 0.7, flops_per_trace=1.0)
+    assert not r.extrapolated and r.n_star == pytest.approx(2050)
+    assert r.sft_flops == pytest.approx(50) and r.ratio == pytest.approx(0.5)
+
+
 def test_interval_is_a_t_interval_on_log_ratios():
     g, lo, hi = ratio_interval([4.0, 9.0, 16.0])
     logs = [math.log(4), math.log(9), math.log(16)]

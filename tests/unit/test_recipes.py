@@ -257,7 +257,9 @@ def test_compare_ratio_on_synthetic_runs():
 
     init_curve, seq_kd, opd = _synthetic_compare_runs()
     pts = sft_points(init_curve, seq_kd, n0=4000, traces_per_step=1000)
-    assert pts == [(1000.0, 0.3), (2000.0, 0.4), (4000.0, 0.5), (8000.0, pytest.approx(0.6))]
+    # from N0/2 on by default; N0/4 only when asked
+    assert pts == [(2000.0, 0.4), (4000.0, 0.5), (8000.0, pytest.approx(0.6))]
+    assert sft_points(init_curve, seq_kd, n0=4000, traces_per_step=1000, fit_from=0.25)[0] == (1000.0, 0.3)
     assert final_accuracy(opd) == pytest.approx(0.65)   # mean of the last two evals
     seeds = [{"sft_points": pts, "n0": 4000, "rows": opd}] * 2
     r = ratios_for("reverse_kl", seeds, n_student=10, n_teacher=40, prompt_tokens=12, completion_tokens=15)
