@@ -205,9 +205,15 @@ def ratios_for(method: str, seeds_data: list[dict], *, n_student: int, n_teacher
             curve = opd_curve(d["rows"], n_student=n_student, n_teacher=n_teacher, prompt_tokens=prompt_tokens)
             target, start = final_accuracy(d["rows"]), series(d["rows"], "eval/accuracy")[0][1]
             r = compute_ratio(d["sft_points"], d["n0"], curve, target, per_trace)
+            # Also at the accuracy both runs reached (no extrapolation): the
+            # lower of the two final accuracies.
+            common = min(target, d.get("sft_final", target))
+            rc = compute_ratio(d["sft_points"], d["n0"], curve, common, per_trace)
             # No gain over the init's own measured accuracy: nothing to compare.
             gain = target > start
-            per_seed.append({**dataclasses.asdict(r), "ratio": r.ratio if gain else None, "no_gain": not gain})
+            per_seed.append({**dataclasses.asdict(r), "ratio": r.ratio if gain else None, "no_gain": not gain,
+                             "common_target": common,
+                             "common_ratio": rc.ratio if gain and common > start and not rc.extrapolated else None})
         entry = {"per_seed": per_seed}
         vals = [p["ratio"] for p in per_seed]
         if len(vals) >= 2 and all(v is not None and v > 0 for v in vals):
@@ -258,7 +264,8 @@ def analyse(seeds: dict[str, dict], all_runs: list[dict], methods: list[str], se
     for m in OPD_METHODS:
         if m in methods:
             for key, pts in (("ratios", "sft_points"), ("ratios_fit_from_quarter", "sft_points_from_quarter")):
-                res[key][m] = ratios_for(m, [{"sft_points": d[pts], "n0": d["n0"], "rows": d["runs"][m]["rows"]}
+                res[key][m] = ratios_for(m, [{"sft_points": d[pts], "n0": d["n0"], "rows": d["runs"][m]["rows"],
+                                              "sft_final": final_accuracy(d["runs"]["seq_kd"]["rows"])}
                                              for d in out_seeds.values()],
                                          n_student=n_s, n_teacher=n_teacher, prompt_tokens=prompt_tokens,
                                          completion_tokens=completion_tokens)
@@ -315,7 +322,7 @@ def report(res: dict) -> str:
               format_table(head[:-1], [r[:-1] for r in body]), ""]
     # Ratios
     head = ["on-policy method", "mode", "per-seed ratio", "geometric mean", "95% interval", "reproduced",
-            "SFT data extrapolated", "per-seed ratio, fit from N0/4"]
+            "SFT data extrapolated", "per-seed ratio, fit from N0/4", "per-seed ratio at the accuracy both reached"]
     body = []
     for m, by_mode in res["ratios"].items():
         for mode, e in by_mode.items():
@@ -328,7 +335,9 @@ def report(res: dict) -> str:
                          e.get("interval_error", "needs >= 2 seeds"),
                          ("yes" if e["reproduced"] else "no") if iv else "-",
                          ", ".join("yes" if p["extrapolated"] else "no" for p in e["per_seed"]),
-                         ", ".join(_fmt_ratio(x) for x in quarter)])
+                         ", ".join(_fmt_ratio(x) for x in quarter),
+                         ", ".join(f"{_fmt_ratio(p['common_ratio'])} at {p['common_target']:.3f}"
+                                   for p in e["per_seed"])])
     lines += ["Compute ratio (SFT FLOPs / on-policy FLOPs to the on-policy run's final accuracy; SFT's curve "
               "fitted log-linearly from N0/2 on, and, as a check, from N0/4):", "",
               format_table(head, body), ""]

@@ -273,6 +273,13 @@ def test_compare_ratio_on_synthetic_runs():
         # identical seeds: a zero-width interval at that ratio
         assert e["interval"] == pytest.approx((seed0["ratio"],) * 3)
         assert e["reproduced"] == (seed0["ratio"] > 1)
+        assert seed0["common_ratio"] is None   # no seq-KD final given: nothing measured to compare at
+    # With seq-KD's final accuracy (0.6), also compared where both got: SFT's
+    # measured 8000 traces (4000 past N0) against OPD's 432,000 FLOPs.
+    r = ratios_for("reverse_kl", [dict(seeds[0], sft_final=0.6)], n_student=10, n_teacher=40, prompt_tokens=12,
+                   completion_tokens=15)
+    p = r["data_given"]["per_seed"][0]
+    assert p["common_target"] == pytest.approx(0.6) and p["common_ratio"] == pytest.approx(4000 * 1620 / 432000)
 
 
 def test_compare_report_and_plot_from_synthetic_runs(tmp_path):
