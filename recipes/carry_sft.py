@@ -7,7 +7,7 @@ probe. In-process torch (recipes.sft.sft_loop), for choosing sizes and N0.
     python -m recipes.carry_sft teacher                      # build (or reuse) the teacher, print its evals
     python -m recipes.carry_sft student --n0 16384 --spec student-4l   # + the student init and its SFT curve
 
-WIP (#24): the cached pair and the driver recipes build on these pieces.
+Used by `python -m recipes.compare`, which builds the pair through these.
 """
 
 from __future__ import annotations
