@@ -216,17 +216,22 @@ def flop_params(model) -> int:
 # --------------------------------------------------------------------------
 
 def sft_loop(model, tokenizer, records: list[dict], *, steps: int, batch_size: int, lr_fn, seed: int,
-             weight_decay: float = 0.01, log=print, name: str = "sft", callback=None) -> int:
+             weight_decay: float = 0.01, log=print, name: str = "sft", callback=None, encode=None) -> int:
     """Completion-only SFT of `model` on `records` for `steps` AdamW steps at
     learning rate `lr_fn(step)`; returns the tokens processed (prompt +
     answer + EOS, no padding). `callback(step, tokens_so_far)` runs after
     every step (evaluation curves); the model is in train mode again after it;
-    a callback returning True stops training after that step."""
+    a callback returning True stops training after that step. `encode(tokenizer,
+    record) -> (ids, loss_mask)` replaces `encode_example` (e.g. masks that
+    leave some answer tokens untrained)."""
     import torch
 
     set_threads()
     model.train()
-    examples = [encode_example(tokenizer, r["prompt"], r["answer"]) for r in records]
+    if encode is None:
+        examples = [encode_example(tokenizer, r["prompt"], r["answer"]) for r in records]
+    else:
+        examples = [encode(tokenizer, r) for r in records]
     opt = torch.optim.AdamW(model.parameters(), lr=lr_fn(0), weight_decay=weight_decay, betas=(0.9, 0.98))
     rng = random.Random(seed + 1)
     order: list[int] = []

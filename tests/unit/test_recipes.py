@@ -240,29 +240,84 @@ def test_format_table_is_markdown():
     assert lines[4] == "| z  | -        |"
 
 
-def test_comparison_tables_ratio_against_sft():
-    from recipes.compare import comparison_tables
+def _synthetic_compare_runs():
+    """An init curve and a seq-KD run exactly on acc = 0.3 + 0.1 log2(N/1000),
+    and an on-policy run of 432,000 FLOPs per step (n_student 10, n_teacher
+    40, 100 completions x 12 prompt tokens + 1500 completion tokens)."""
+    init_curve = [{"traces": n, "accuracy": 0.3 + 0.1 * math.log2(n / 1000)} for n in (1000, 2000, 4000)]
+    seq_kd = [{"step": 0, "eval/accuracy": 0.5}, {"step": 4, "eval/accuracy": 0.6}]
+    opd = [{"step": 0, "eval/accuracy": 0.5},
+           {"step": 1, "eval/accuracy": 0.6, "rollout/completions": 100, "rollout/completion_tokens": 1500},
+           {"step": 2, "eval/accuracy": 0.7, "rollout/completions": 100, "rollout/completion_tokens": 1500}]
+    return init_curve, seq_kd, opd
 
-    def run(accs, flops_per_step):
-        rows = [{"step": i, "eval/accuracy": a} for i, a in enumerate(accs)]
-        return {"rows": rows, "flops": {i: FlopCounts(flops_per_step * i, 0.0) for i in range(len(accs))}}
 
-    # sft reaches 0.5 at step 2 (200 FLOPs); reverse_kl at step 1 (10 FLOPs): 20x.
-    results = {"reverse_kl": run([0.2, 0.5, 0.8], 10.0), "sft": run([0.2, 0.35, 0.5], 100.0)}
-    t = comparison_tables(results, {"accuracy": 0.2, "flops": 1000.0}, 0.9, [0.5, 0.8])
-    def cells(prefix, table_index):
-        table = t.split("\n\n")[table_index]
-        row = next(ln for ln in table.splitlines() if ln.startswith("| " + prefix))
-        return [c.strip() for c in row.strip("|").split("|")]
+def test_compare_ratio_on_synthetic_runs():
+    from recipes.compare import final_accuracy, ratios_for, sft_points
 
-    # second table: FLOPs to reach 0.5 / 0.8, then the ratios vs ground-truth SFT
-    assert cells("on-policy distillation", 1)[1:] == ["10.000", "20.000", "20.0x", "-"]
-    assert cells("more SFT", 1)[1:] == ["200.000", "-", "1.0x", "-"]
-    # the post-style first table: final accuracy, teacher FLOPs, student FLOPs incl. the init's 1000
-    assert cells("initialisation: student SFT", 0)[1:] == ["0.200", "0.000", "1000.000"]
-    assert cells("on-policy distillation", 0)[1:] == ["0.800", "0.000", "1020.000"]
-    assert cells("more SFT", 0)[1:] == ["0.500", "0.000", "1200.000"]
-    assert cells("teacher", 0)[1:] == ["0.900", "-", "-"]
+    init_curve, seq_kd, opd = _synthetic_compare_runs()
+    pts = sft_points(init_curve, seq_kd, n0=4000, traces_per_step=1000)
+    # from N0/2 on by default; N0/4 only when asked
+    assert pts == [(2000.0, 0.4), (4000.0, 0.5), (8000.0, pytest.approx(0.6))]
+    assert sft_points(init_curve, seq_kd, n0=4000, traces_per_step=1000, fit_from=0.25)[0] == (1000.0, 0.3)
+    assert final_accuracy(opd) == pytest.approx(0.65)   # mean of the last two evals
+    seeds = [{"sft_points": pts, "n0": 4000, "rows": opd}] * 2
+    r = ratios_for("reverse_kl", seeds, n_student=10, n_teacher=40, prompt_tokens=12, completion_tokens=15)
+    # SFT reaches 0.65 at N* = 1000 * 2^3.5 traces (beyond the 8000 run: extrapolated);
+    # OPD crosses 0.65 halfway between 432,000 and 864,000 FLOPs.
+    n_star = 1000 * 2 ** 3.5
+    for mode, per_trace in (("data_given", 6 * 10 * 27), ("with_generation", 6 * 10 * 27 + 2 * 40 * 27)):
+        seed0, e = r[mode]["per_seed"][0], r[mode]
+        assert seed0["n_star"] == pytest.approx(n_star) and seed0["extrapolated"]
+        assert seed0["ratio"] == pytest.approx((n_star - 4000) * per_trace / 648000)
+        # identical seeds: a zero-width interval at that ratio
+        assert e["interval"] == pytest.approx((seed0["ratio"],) * 3)
+        assert e["reproduced"] == (seed0["ratio"] > 1)
+        assert seed0["common_ratio"] is None   # no seq-KD final given: nothing measured to compare at
+    # With seq-KD's final accuracy (0.6), also compared where both got: SFT's
+    # measured 8000 traces (4000 past N0) against OPD's 432,000 FLOPs.
+    r = ratios_for("reverse_kl", [dict(seeds[0], sft_final=0.6)], n_student=10, n_teacher=40, prompt_tokens=12,
+                   completion_tokens=15)
+    p = r["data_given"]["per_seed"][0]
+    assert p["common_target"] == pytest.approx(0.6) and p["common_ratio"] == pytest.approx(4000 * 1620 / 432000)
+
+
+def test_compare_report_and_plot_from_synthetic_runs(tmp_path):
+    from recipes.compare import analyse, plot, report
+
+    init_curve, seq_kd, opd = _synthetic_compare_runs()
+    seq_kd = [dict(r, **{"rollout/completions": 1000, "rollout/completion_tokens": 15000}) if r["step"] else r
+              for r in seq_kd]
+    def run(m, lr, rows, val):
+        return {"method": m, "lr": lr, "seed": 0, "rows": rows, "validation_accuracy": val, "wall_s": 1.0}
+    runs = [run("seq_kd", 1e-3, seq_kd, 0.6), run("reverse_kl", 1e-3, opd, 0.6), run("reverse_kl", 3e-3, seq_kd, 0.5)]
+    seeds = {"0": {"n0": 4000, "init_curve": init_curve, "init_accuracy": 0.5, "flop_params": 10,
+                   "runs_by_lr": {"seq_kd": {1e-3: runs[0]}, "reverse_kl": {1e-3: runs[1], 3e-3: runs[2]}}}}
+    settings = {"n_digits": 4, "steps": 2, "prompts": 250, "samples": 4, "seeds": [0], "teacher_spec": "t",
+                "student_spec": "s", "n0": 4000}
+    res = analyse(seeds, runs, ["seq_kd", "reverse_kl"], settings, n_teacher=40, teacher_accuracy=0.9,
+                  traces_per_step=1000)
+    assert res["methods"]["reverse_kl"]["lr"] == 1e-3 and res["completion_tokens"] == 15
+    ratio = res["ratios"]["reverse_kl"]["data_given"]["per_seed"][0]["ratio"]
+    assert ratio == pytest.approx((1000 * 2 ** 3.5 - 4000) * 6 * 10 * 27 / 648000)
+    md = report(res)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| (b) on-policy") and "data_given" in ln)
+    assert f"{ratio:.2f}x" in row and "needs >= 2 seeds" in row
+    assert plot(res, tmp_path / "c.png").stat().st_size > 0
+
+
+def test_compare_picks_the_lr_with_the_best_mean_validation_accuracy():
+    from recipes.compare import choose_lrs, parse_lrs
+
+    runs = [{"method": "seq_kd", "lr": 1e-3, "validation_accuracy": a} for a in (0.5, 0.7)] + \
+           [{"method": "seq_kd", "lr": 3e-3, "validation_accuracy": a} for a in (0.65, 0.6)] + \
+           [{"method": "reverse_kl", "lr": 1e-4, "validation_accuracy": 0.4}]
+    assert choose_lrs(runs) == {"seq_kd": 3e-3, "reverse_kl": 1e-4}
+    assert parse_lrs(["reverse_kl=1e-4,3e-4"], {"seq_kd": (1e-3,)}) == {"seq_kd": (1e-3,), "reverse_kl": (1e-4, 3e-4)}
+    with pytest.raises(ValueError, match="METHOD=LR"):
+        parse_lrs(["sft=1e-3"], {})
+    with pytest.raises(ValueError, match="must be > 0"):
+        parse_lrs(["seq_kd=0"], {})
 
 
 def test_self_distill_table_aligns_steps():
