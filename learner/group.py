@@ -21,6 +21,7 @@ Tests: tests/e2e/test_learner.py, tests/e2e/test_learner_sync.py.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -41,6 +42,18 @@ def _token_denominator(batch: RolloutBatch, normalize: str) -> float:
 # LearnerGroup's weight-sync transport when the samplers serve the LoRA
 # adapter itself (learner.lora.rank > 0).
 LORA_ADAPTER = "lora-adapter"
+# Attempts at the learners' torch.distributed rendezvous when its port is lost (port_taken).
+RENDEZVOUS_TRIES = 3
+
+log = logging.getLogger(__name__)
+
+
+def port_taken(e: BaseException) -> bool:
+    """Whether a learner failed to start because its rendezvous port was in
+    use (torch.distributed's DistNetworkError, EADDRINUSE, carried inside
+    Ray's ActorDiedError text)."""
+    text = str(e)
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
 
 
 def _serves_adapters(client) -> bool:
@@ -91,24 +104,32 @@ class LearnerGroup:
                 o["scheduling_strategy"] = strategies[r]
             return o
 
-        # Rank 0's node hosts the torch.distributed rendezvous: ask a task
-        # placed like rank 0 for that node's IP and a free port. Its worker
-        # exits after it (max_calls=1) instead of idling with torch imported.
-        probe = ray.remote(max_calls=1)(node_address).options(**opts(0))
-        master_addr, master_port = ray.get(probe.remote(), timeout=learner_cfg.collective_timeout_s)
         actor_cls = ray.remote(LearnerWorker)
-        workers = [actor_cls.options(**opts(r)).remote(
-            r, n, master_addr, master_port, str(model_path), learner_cfg, loss_cfg, seed,
-            use_gpu=num_gpus_per_worker > 0, total_steps=total_steps, ds_config_overrides=ds_config_overrides,
-            cpu_threads=cpu_threads[r] if isinstance(cpu_threads, (list, tuple)) else cpu_threads)
-            for r in range(n)]
-        group = cls(workers, learner_cfg, loss_cfg)
-        try:
-            group._all(lambda w: w.ready.remote())
-        except BaseException:
-            group.kill()
-            raise
-        return group
+        for attempt in range(1, RENDEZVOUS_TRIES + 1):
+            # Rank 0's node hosts the torch.distributed rendezvous: ask a task
+            # placed like rank 0 for that node's IP and a free port. Its worker
+            # exits after it (max_calls=1) instead of idling with torch imported.
+            probe = ray.remote(max_calls=1)(node_address).options(**opts(0))
+            master_addr, master_port = ray.get(probe.remote(), timeout=learner_cfg.collective_timeout_s)
+            workers = [actor_cls.options(**opts(r)).remote(
+                r, n, master_addr, master_port, str(model_path), learner_cfg, loss_cfg, seed,
+                use_gpu=num_gpus_per_worker > 0, total_steps=total_steps, ds_config_overrides=ds_config_overrides,
+                cpu_threads=cpu_threads[r] if isinstance(cpu_threads, (list, tuple)) else cpu_threads)
+                for r in range(n)]
+            group = cls(workers, learner_cfg, loss_cfg)
+            try:
+                group._all(lambda w: w.ready.remote())
+                return group
+            except BaseException as e:
+                group.kill()
+                # The probed port was free when probed; another process (any
+                # outgoing connection takes ephemeral ports) may bind it before
+                # rank 0's TCPStore does. Only that is retried, on a new port.
+                if attempt == RENDEZVOUS_TRIES or not port_taken(e):
+                    raise
+                log.warning("learner rendezvous port %s:%d was taken before rank 0 bound it; retrying on a new "
+                            "port (%d/%d)", master_addr, master_port, attempt + 1, RENDEZVOUS_TRIES)
+        raise AssertionError("unreachable")
 
     # ----------------------------------------------------------- plumbing
 

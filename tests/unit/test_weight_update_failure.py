@@ -283,3 +283,17 @@ def test_weight_sync_timed_out_reads_the_stage_through_a_ray_wrapper():
     assert weight_sync_timed_out(Wrapped(WeightSyncError("v3 did not finish", "timeout")))
     assert not weight_sync_timed_out(Wrapped(WeightSyncError("rejected", "validate")))
     assert not weight_sync_timed_out(TimeoutError("a learner rank hangs"))
+
+
+def test_a_lost_rendezvous_port_is_recognised_and_nothing_else():
+    """LearnerGroup.create retries the learners' rendezvous on a new port only
+    when rank 0 lost its port (the text Ray carries from torch.distributed)."""
+    from learner.group import port_taken
+
+    seen = ("ray.exceptions.ActorDiedError: The actor died because of an error raised in its creation task, "
+            "ray::LearnerWorker.__init__() torch.distributed.DistNetworkError: The server socket has failed to "
+            "listen on any local network address. port: 45331, useIpv6: false, code: -98, name: EADDRINUSE, "
+            "message: address already in use")
+    assert port_taken(RuntimeError(seen))
+    assert not port_taken(RuntimeError("DistNetworkError: connection refused by 10.0.0.2:29500"))
+    assert not port_taken(TimeoutError("learner call did not finish on all 2 learner ranks within 600s"))
