@@ -326,18 +326,13 @@ def sampled_accuracy(model, tok, problems: list[tuple[int, int]], n: int, *, lay
                for i in range(samples)) / samples
 
 
-def validation_accuracy(model_dir, n: int, *, seed: int = 0, layout: str = "columns") -> float:
-    """Sampled accuracy of a checkpoint on the validation problems (for
-    choosing learning rates; disjoint from the test set)."""
+def held_out_accuracy(model_dir, n: int, split: str, *, seed: int = 0, layout: str = "columns") -> float:
+    """Sampled accuracy of a checkpoint, 2 samples per problem (as the
+    recipes' driver evaluation), on the "test" problems or the "validation"
+    ones (disjoint from test, for choosing learning rates)."""
+    problems = {"test": eval_problems, "validation": validation_problems}[split](n)
     model, tok = _load(model_dir)
-    return sampled_accuracy(model, tok, validation_problems(n), n, layout=layout, samples=2, seed=seed)
-
-
-def test_accuracy(model_dir, n: int, *, seed: int = 0, layout: str = "columns") -> float:
-    """Sampled accuracy of a checkpoint on the test problems, 2 samples each
-    (as the recipes' driver evaluation)."""
-    model, tok = _load(model_dir)
-    return sampled_accuracy(model, tok, eval_problems(n), n, layout=layout, samples=2, seed=seed)
+    return sampled_accuracy(model, tok, problems, n, layout=layout, samples=2, seed=seed)
 
 
 def truth_sft_run(init_dir, n: int, *, steps: int, batch_size: int, lr: float, eval_every: int, seed: int,
@@ -356,7 +351,6 @@ def truth_sft_run(init_dir, n: int, *, steps: int, batch_size: int, lr: float, e
             curve.append({"step": step, "accuracy": sampled_accuracy(model, tok, probs, n, layout=layout, samples=2,
                                                                      seed=seed + step)})
             log(f"[truth sft] step {step}: test accuracy {curve[-1]['accuracy']:.3f}")
-            model.train()
         return False
 
     recs = train_records(steps * batch_size, n, seed=seed + 5000, layout=layout)

@@ -119,25 +119,13 @@ def driver_config(overrides: list[str]):
 
 def run_driver(cfg, log=print) -> Path:
     """Run the real driver (cluster.train.run) in this process; returns the
-    run directory. Raises if the driver fails."""
-    import ray
-
-    from cluster.train import actor_env, run
+    run directory. Raises if the driver fails. Ray as the driver connects:
+    an initialised Ray, else `placement.ray_address` / RAY_ADDRESS, else a
+    local cluster of its own for this run (cluster.placement.connect)."""
+    from cluster.train import run
 
     t0 = time.monotonic()
-    own_ray = cfg.placement.ray_address is None and not os.environ.get("RAY_ADDRESS") and not ray.is_initialized()
-    if own_ray:
-        # A fresh local cluster for this run. Plain ray.init() would join any
-        # cluster another process started on this machine (`ray start`), and
-        # then fails on num_cpus ("When connecting to an existing cluster,
-        # num_cpus and num_gpus must not be provided").
-        ray.init(address="local", num_cpus=cfg.placement.local_num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": actor_env(cfg)}, log_to_driver=True)
-    try:
-        rc = run(cfg)
-    finally:
-        if own_ray:
-            ray.shutdown()
+    rc = run(cfg)
     if rc != 0:
         raise RuntimeError(f"the driver exited with code {rc} (run dir {cfg.run.dir}); see its output above")
     log(f"[recipes] driver run {cfg.run.dir} finished in {time.monotonic() - t0:.0f}s")

@@ -122,7 +122,7 @@ def driver_run(method: str, lr: float, seed: int, *, init: Path, teacher: Path, 
     """One driver run from the init; returns (and stores in result.json) its
     metrics rows, its validation accuracy and its wall time. A finished run
     in `out` is read back instead of rerun."""
-    from recipes.carry_sft import validation_accuracy
+    from recipes.carry_sft import held_out_accuracy
 
     run_dir = out / run_name(method, lr, seed)
     done = run_dir / "result.json"
@@ -143,7 +143,7 @@ def driver_run(method: str, lr: float, seed: int, *, init: Path, teacher: Path, 
     t0 = time.monotonic()
     run_driver(cfg, log=log)
     rows = read_metrics(run_dir)
-    val = validation_accuracy(run_dir / "final", n_digits, seed=seed)
+    val = held_out_accuracy(run_dir / "final", n_digits, "validation", seed=seed)
     res = {"method": method, "lr": lr, "seed": seed, "rows": rows, "validation_accuracy": val,
            "wall_s": time.monotonic() - t0}
     write_json(done, res)
@@ -416,8 +416,8 @@ def plot(res: dict, out_png: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recipes.carry_sft import (StudentRecipe, TeacherRecipe, build_student, build_teacher, truth_sft_run,
-                                   test_accuracy)
+    from recipes.carry_sft import (StudentRecipe, TeacherRecipe, build_student, build_teacher, held_out_accuracy,
+                                   truth_sft_run)
 
     ap = argparse.ArgumentParser(prog="python -m recipes.compare", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -468,12 +468,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from cluster.placement import connect
     from cluster.train import actor_env
 
-    # One local Ray cluster for every run of the recipe (each run_driver joins it).
+    # One Ray connection for every run of the recipe (each run joins it).
     cfg0 = driver_config(carry_overrides(n))
-    ray.init(address="local", num_cpus=cfg0.placement.local_num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": actor_env(cfg0)}, log_to_driver=True)
+    ray_info = connect(cfg0.placement, env_vars=actor_env(cfg0))
     try:
         seeds: dict[str, dict] = {}
         all_runs: list[dict] = []
@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "init_accuracy": s_sum["final"]["accuracy"], "runs_by_lr": runs,
                                 "flop_params": s_sum["flop_params"]}
     finally:
-        ray.shutdown()
+        if ray_info.started_local:
+            ray.shutdown()
 
     settings = {"n_digits": n, "steps": grid.steps, "prompts": args.prompts_per_step,
                 "samples": args.samples_per_prompt, "seeds": list(grid.seeds), "lrs": grid.lrs,
@@ -501,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 "init_schedule": args.init_schedule, "recovery_frac": args.recovery_frac, "top_k": args.top_k,
                 "quick": args.quick}
     res = analyse(seeds, all_runs, methods, settings, n_teacher=t_sum["flop_params"],
-                  teacher_accuracy=test_accuracy(teacher, n, seed=0), traces_per_step=traces_per_step)
+                  teacher_accuracy=held_out_accuracy(teacher, n, "test", seed=0), traces_per_step=traces_per_step)
     res["teacher"] = str(teacher)
     chosen = {m: info["lr"] for m, info in res["methods"].items()}
     n_s, prompt_tokens, completion_tokens = res["n_student"], res["prompt_tokens"], res["completion_tokens"]
