@@ -87,7 +87,8 @@ class LearnerGroup:
         cluster/placement.py cpu_thread_shares)."""
         import ray
 
-        from learner.worker import LearnerWorker, lr_factor, node_address
+        from learner.worker import LearnerWorker, lr_factor
+        from rollout.host import node_address
 
         n = learner_cfg.world_size
         if scheduling_strategies is not None and len(scheduling_strategies) != n:
@@ -107,10 +108,13 @@ class LearnerGroup:
         actor_cls = ray.remote(LearnerWorker)
         for attempt in range(1, RENDEZVOUS_TRIES + 1):
             # Rank 0's node hosts the torch.distributed rendezvous: ask a task
-            # placed like rank 0 for that node's IP and a free port. Its worker
-            # exits after it (max_calls=1) instead of idling with torch imported.
-            probe = ray.remote(max_calls=1)(node_address).options(**opts(0))
-            master_addr, master_port = ray.get(probe.remote(), timeout=learner_cfg.collective_timeout_s)
+            # placed like rank 0 for that node's IP and a free port (a light
+            # one: no torch; its worker exits after it). A single rank picks
+            # its own port, in its own process.
+            master_addr, master_port = None, None
+            if n > 1:
+                probe = ray.remote(max_calls=1)(node_address).options(**opts(0))
+                master_addr, master_port = ray.get(probe.remote(), timeout=learner_cfg.collective_timeout_s)
             workers = [actor_cls.options(**opts(r)).remote(
                 r, n, master_addr, master_port, str(model_path), learner_cfg, loss_cfg, seed,
                 use_gpu=num_gpus_per_worker > 0, total_steps=total_steps, ds_config_overrides=ds_config_overrides,

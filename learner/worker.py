@@ -36,7 +36,7 @@ from learner.ds_ops import use_env_build_dir
 from rollout.config import ThreadShare
 from learner.logprobs import completion_logprobs, sampling_truncation
 from learner.losses import LossInputs, compute_loss
-from rollout.host import free_port
+from rollout.host import node_address
 from rollout.types import RolloutBatch
 from rollout.weight_sync import ParamSpec, concrete_dtype, dtype_name
 
@@ -170,23 +170,12 @@ def disable_dropout(model: torch.nn.Module) -> list[str]:
     return changed
 
 
-def node_address() -> tuple[str, int]:
-    """This node's IP (as Ray sees it) and a free TCP port."""
-    try:
-        import ray
-
-        ip = ray.util.get_node_ip_address()
-    except Exception:  # outside Ray
-        ip = "127.0.0.1"
-    return ip, free_port("")  # other nodes' ranks connect to it
-
-
 class LearnerWorker:
     """Learner rank `rank` of `world_size`. Construction joins the torch
     process group (all ranks must be constructed concurrently) and builds the
     DeepSpeed engine."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+    def __init__(self, rank: int, world_size: int, master_addr: str | None, master_port: int | None, model_path: str,
                  learner_cfg: LearnerConfig, loss_cfg: LossConfig, seed: int, *, use_gpu: bool = False,
                  total_steps: int | None = None, ds_config_overrides: dict | None = None,
                  cpu_threads: int | ThreadShare | None = 0):
@@ -197,6 +186,8 @@ class LearnerWorker:
         learner_cfg = dataclasses.replace(learner_cfg, dtype=concrete_dtype(learner_cfg.dtype, use_gpu))
         self.cfg, self.loss_cfg = learner_cfg, loss_cfg
         self.seed = seed
+        if master_addr is None:  # a group of one rank hosts its own rendezvous
+            master_addr, master_port = node_address()
         os.environ.update(MASTER_ADDR=str(master_addr), MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         if not use_gpu:

@@ -39,6 +39,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def node_address() -> tuple[str, int]:
+    """This node's IP (as Ray sees it) and a TCP port free on every interface
+    (for a rendezvous other nodes' processes connect to). Light on purpose: a
+    Ray task that only asks for it starts no torch."""
+    try:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+    except Exception:  # outside Ray
+        ip = "127.0.0.1"
+    return ip, free_port("")
+
+
 def kv_bytes_per_token(model_dir: str | Path, dtype: str) -> int | None:
     """Bytes one token's keys and values take in a vLLM engine of the model at
     `model_dir` (its config.json): 2 x layers x KV heads x head dim x the

@@ -54,7 +54,7 @@ from rollout.config import CpuConfig, ThreadShare, parse_cpu_list
 from rollout.host import KV_MAX_SEQS, kv_cache_size
 from rollout.types import Completion
 from rollout.weight_sync import WeightSyncError, concrete_dtype, engine_backend
-from teacher_server.engine import cpu_unsplit_prefill
+from teacher_server.engine import cpu_engine_setup
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class SamplerActor:
                                seqs=KV_MAX_SEQS, seq_tokens=student_cfg.max_model_len,
                                max_model_len=student_cfg.max_model_len)
             kwargs["kv_cache_memory_bytes"] = kv.bytes
-            kwargs.update(cpu_unsplit_prefill())
+            kwargs.update(cpu_engine_setup())
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's CPU platform would override the size with it
             log.info("sampler %d: KV cache %.0f MiB (%s)", sampler_index, kv.bytes / 2**20, kv.reason)
             if self.in_process:

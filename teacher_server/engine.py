@@ -95,18 +95,33 @@ def prompt_logprobs_to_result(flat, token_ids: list[int], start: int, top_k: int
                             top_logprobs=top_P_K.tolist())
 
 
-def cpu_unsplit_prefill() -> dict:
-    """vLLM engine arguments for CPU that never split a prompt's prefill over
-    engine steps. vLLM 0.32 rewinds a seeded request's generator when it
-    drops the token sampled after a partial prefill
-    (vllm/v1/worker/gpu_model_runner.py:3495-3502, `gen.set_offset`), which a
-    CPU torch.Generator refuses ("CPU Generator does not use offset"): the
-    engine dies as soon as a batch of seeded samples holds more prompt tokens
-    than one step takes. Seeds are what make rollouts reproducible, so on CPU
-    chunked prefill is off; vLLM then raises a step's token budget to at least
-    max_model_len (vllm/engine/arg_utils.py:3136-3145), so every prompt fits
-    in one step. A `--max-batch-tokens` below max_model_len is refused by
-    vLLM's own config check."""
+def cpu_engine_setup() -> dict:
+    """What every CPU vLLM engine of opd (the sampler's and the teacher
+    server's) runs with; returns the engine arguments and sets up this process.
+
+    - No prompt's prefill is split over engine steps. vLLM 0.32 rewinds a
+      seeded request's generator when it drops the token sampled after a
+      partial prefill (vllm/v1/worker/gpu_model_runner.py:3495-3502,
+      `gen.set_offset`), which a CPU torch.Generator refuses ("CPU Generator
+      does not use offset"): the engine dies as soon as a batch of seeded
+      samples holds more prompt tokens than one step takes. Seeds are what
+      make rollouts reproducible, so on CPU chunked prefill is off; vLLM then
+      raises a step's token budget to at least max_model_len
+      (vllm/engine/arg_utils.py:3136-3145), so every prompt fits in one step.
+      A `--max-batch-tokens` below max_model_len is refused by vLLM's own
+      config check.
+    - torch.compile is off in this process and the engine-core processes it
+      spawns (TORCH_COMPILE_DISABLE, read when torch._dynamo is imported). CPU
+      engines run eagerly (enforce_eager), yet vLLM compiles the rank count of
+      every returned logprob with inductor on first use
+      (vllm/v1/sample/ops/logprobs.py:10; on CPU the platform's
+      simple_compile_backend is "inductor"): 3-8 s of tracing and C++ compile
+      in each engine's first request, for a `(x >= v).sum(-1)` that runs as
+      fast eagerly. GPU engines keep it."""
+    os.environ["TORCH_COMPILE_DISABLE"] = "1"
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True
     return {"enable_chunked_prefill": False}
 
 
@@ -144,7 +159,7 @@ class TeacherEngine:
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
         if _is_cpu_build():  # CUDA graphs do not exist on CPU
             kwargs["enforce_eager"] = True
-            kwargs.update(cpu_unsplit_prefill())
+            kwargs.update(cpu_engine_setup())
             if opts.tensor_parallel_size == 1:
                 run_model_in_engine_core_on_cpu()
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

@@ -197,8 +197,9 @@ def test_sigkill_while_checkpointing_then_resume(ray_session, teacher_server, tm
     with the same prompts an uninterrupted run would see."""
     run_dir = tmp_path / "resume"
     ov = base_overrides(run_dir, teacher_server, steps=3) + ["run.save_every_steps=1", "eval.every_steps=0"]
-    # The fault-injection hook holds each checkpoint half-written for 20 s.
-    env = dict(os.environ, OPD_FAULT_CHECKPOINT_DELAY_S="20")
+    # The fault-injection hook holds each checkpoint half-written for 5 s
+    # (25x the 0.2 s this test polls at).
+    env = dict(os.environ, OPD_FAULT_CHECKPOINT_DELAY_S="5")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.train", "--config", "configs/demo.yaml", *ov],
                             cwd=REPO, env=env, start_new_session=True,
                             stdout=open(tmp_path / "driver.log", "wb"), stderr=subprocess.STDOUT)

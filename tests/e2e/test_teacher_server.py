@@ -162,7 +162,7 @@ def test_generate(teacher_server, teacher_hf):
 def test_seeded_generate_with_more_prompt_tokens_than_one_engine_step(teacher_server):
     """A seeded batch whose prompts overflow one engine step (vLLM's CPU default
     is 2048 tokens): vLLM 0.32 on CPU killed its engine here when it split a
-    prefill (teacher_server.engine.cpu_unsplit_prefill)."""
+    prefill (teacher_server.engine.cpu_engine_setup)."""
     prompts = [{"token_ids": [1 + (i + j) % (VOCAB - 1) for j in range(60)]} for i in range(80)]  # 4800 tokens
     req = {"prompts": prompts, "n": 1, "max_new_tokens": 2, "temperature": 1.0, "seed": 7}
     a = post(teacher_server, "/v1/generate", req)
