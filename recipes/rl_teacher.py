@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.monotonic()
         results[name] = read_metrics(run_driver(driver_config(common + ov + [f"run.dir={out / name}"])))
         wall[name] = time.monotonic() - t0
+        if name == "rl":  # no gain, nothing to distil: stop before the second run
+            acc = series(results["rl"], "eval/accuracy")
+            target_accuracy(acc[0][1], acc[-1][1], args.target_fraction)
     s = summarize(results, args.target_fraction)
     header = (f"# recipes.rl_teacher: {args.prompts_per_step} prompts x {args.samples_per_prompt} samples per "
               f"step; RL {args.steps} steps at lr {args.lr}; distillation {args.distill_steps} steps at lr "
