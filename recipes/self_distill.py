@@ -46,8 +46,8 @@ RUNS: dict[str, list[str]] = {
     # student.model is the drifted export of sft_own_samples (set in main).
     "recovery": ["loss.kind=reverse_kl", "run.export_final=false"],
 }
-LABELS = {"sft_own_samples": "SFT on own samples", "on_policy_self": "on-policy distillation, teacher = init",
-          "recovery": "recovery: on-policy distillation from the drifted checkpoint"}
+LABELS = {"sft_own_samples": "SFT on own samples", "on_policy_self": "OPD, teacher = init",
+          "recovery": "recovery: OPD from the drifted SFT export"}
 
 
 def _shifted(rows: list[dict], key: str, offset: int) -> list[tuple[int, float]]:
