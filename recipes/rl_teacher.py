@@ -41,7 +41,7 @@ import sys
 import time
 from pathlib import Path
 
-from recipes.common import default_run_dir, driver_config, run_driver, run_parser, write_json
+from recipes.common import accuracy, default_run_dir, driver_config, run_driver, run_parser, write_json
 from recipes.report import flops_to_reach, format_table, read_metrics, save_figure, series, subplots
 from recipes.sft import STUDENT_RECIPE, build_sft_model
 
@@ -77,14 +77,18 @@ def step_ratio(rl_steps: float | None, distill_steps: float | None) -> float | N
     return rl_steps / distill_steps
 
 
-def summarize(results: dict[str, list[dict]], fraction: float, fractions=FRACTIONS) -> dict:
+def summarize(results: dict[str, list[dict]], fraction: float, fractions=FRACTIONS, *, init: float | None = None,
+              teacher: float | None = None) -> dict:
     """Steps to the target for each run at `fraction` and at each of
-    `fractions`, from the runs' metrics rows."""
+    `fractions`, from the runs' metrics rows. `init` and `teacher` are the
+    accuracies the target lies between; by default the RL run's first and
+    last evals."""
     rl = series(results["rl"], "eval/accuracy")
     dist = series(results["distill"], "eval/accuracy")
     if not rl or not dist:
         raise ValueError("a run logged no eval/accuracy: set eval.every_steps > 0")
-    init, teacher = rl[0][1], rl[-1][1]
+    init = rl[0][1] if init is None else init
+    teacher = rl[-1][1] if teacher is None else teacher
     rows = []
     for f in sorted(set(fractions) | {fraction}):
         t = target_accuracy(init, teacher, f)
@@ -129,8 +133,9 @@ def plot_rl_teacher(results: dict[str, list[dict]], s: dict, out_png: Path) -> P
             ax.axvline(s[key], color=color, linestyle=":", linewidth=1)
     ax.set_xlabel("gradient steps from the init")
     ax.set_ylabel("held-out accuracy (sampled, T=1)")
-    ratio = "n/a" if s["ratio"] is None else f"{s['ratio']:.1f}x"
-    ax.set_title(f"RL teacher vs its on-policy distillation: {ratio} fewer steps to the target")
+    ax.axhline(s["teacher_accuracy"], color="C0", linestyle="-.", linewidth=0.8, label="RL teacher (final export)")
+    ratio = "a run did not reach the target" if s["ratio"] is None else f"{s['ratio']:.1f}x fewer steps to the target"
+    ax.set_title(f"RL teacher vs its on-policy distillation: {ratio}", fontsize=10)
     ax.legend(fontsize=8)
     return save_figure(fig, out_png)
 
@@ -144,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distill-eval-every", type=int, default=1)
     ap.add_argument("--target-fraction", type=float, default=0.8,
                     help="the target accuracy is init + f (RL teacher - init)")
+    ap.add_argument("--accuracy-samples", type=int, default=10, help="samples per held-out prompt (T=1) for the "
+                    "init's and the RL teacher's accuracy, the two ends of the target")
+    ap.add_argument("--rl-dir", default=None, help="reuse the RL run of an earlier invocation (its driver run "
+                    "directory, e.g. runs/rl_teacher-<time>/rl: its metrics.jsonl and final/ export) instead of "
+                    "training one (to try distillation settings against the same RL teacher)")
     args = ap.parse_args(argv)
     if not 0.0 < args.target_fraction <= 1.0:
         ap.error(f"--target-fraction must be in (0, 1], got {args.target_fraction}")
@@ -154,29 +164,42 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"student.model={student}", f"train.prompts_per_step={args.prompts_per_step}",
               f"rollout.samples_per_prompt={args.samples_per_prompt}", "learner.warmup_steps=2",
               "eval.samples_per_prompt=4", *args.overrides]
-    runs = {
-        "rl": [f"teacher.model={student}", "loss.kind=reverse_kl", "loss.kl_coef=0", f"reward.fn={REWARD_FN}",
-               "reward.coef=1", f"learner.lr={args.lr}", f"train.steps={args.steps}",
-               f"eval.every_steps={args.eval_every}", "run.export_final=true"],
-        "distill": [f"teacher.model={out / 'rl' / 'final'}", "loss.kind=reverse_kl", "loss.kl_coef=1",
-                    "reward.coef=0", f"learner.lr={args.distill_lr or args.lr}", f"train.steps={args.distill_steps}",
-                    f"eval.every_steps={args.distill_eval_every}", "run.export_final=false"],
-    }
+    rl_ov = [f"teacher.model={student}", "loss.kind=reverse_kl", "loss.kl_coef=0", f"reward.fn={REWARD_FN}",
+             "reward.coef=1", f"learner.lr={args.lr}", f"train.steps={args.steps}",
+             f"eval.every_steps={args.eval_every}", "run.export_final=true", f"run.dir={out / 'rl'}"]
     results: dict[str, list[dict]] = {}
-    wall: dict[str, float] = {}
-    for name, ov in runs.items():
+    wall: dict[str, float] = {"rl": 0.0}
+    if args.rl_dir is None:
         t0 = time.monotonic()
-        results[name] = read_metrics(run_driver(driver_config(common + ov + [f"run.dir={out / name}"])))
-        wall[name] = time.monotonic() - t0
-        if name == "rl":  # no gain, nothing to distil: stop before the second run
-            acc = series(results["rl"], "eval/accuracy")
-            target_accuracy(acc[0][1], acc[-1][1], args.target_fraction)
-    s = summarize(results, args.target_fraction)
+        rl_dir = run_driver(driver_config(common + rl_ov))
+        wall["rl"] = time.monotonic() - t0
+    else:
+        rl_dir = Path(args.rl_dir).resolve()
+        if not (rl_dir / "final" / "config.json").is_file():
+            ap.error(f"--rl-dir {rl_dir}: no final/ export there (a finished RL run of this recipe has "
+                     "<run>/final/config.json)")
+    results["rl"] = read_metrics(rl_dir)
+    # The two ends of the target, each measured on 200 x --accuracy-samples
+    # samples at T=1: the driver's evals draw 800, and their noise would move the target.
+    acc_init = accuracy(student, temperature=1.0, samples_per_prompt=args.accuracy_samples)
+    acc_teacher = accuracy(rl_dir / "final", temperature=1.0, samples_per_prompt=args.accuracy_samples)
+    print(f"[rl_teacher] held-out accuracy (T=1, {args.accuracy_samples} samples per prompt): init {acc_init:.3f}, "
+          f"RL teacher {acc_teacher:.3f}", flush=True)
+    target_accuracy(acc_init, acc_teacher, args.target_fraction)  # no gain, nothing to distil: stop here
+    distill_ov = [f"teacher.model={rl_dir / 'final'}", "loss.kind=reverse_kl", "loss.kl_coef=1", "reward.coef=0",
+                  f"learner.lr={args.distill_lr or args.lr}", f"train.steps={args.distill_steps}",
+                  f"eval.every_steps={args.distill_eval_every}", "run.export_final=false",
+                  f"run.dir={out / 'distill'}"]
+    t0 = time.monotonic()
+    results["distill"] = read_metrics(run_driver(driver_config(common + distill_ov)))
+    wall["distill"] = time.monotonic() - t0
+    s = summarize(results, args.target_fraction, init=acc_init, teacher=acc_teacher)
+    rl_desc = f"reused from {rl_dir}" if args.rl_dir else f"{args.steps} steps at lr {args.lr}"
     header = (f"# recipes.rl_teacher: {args.prompts_per_step} prompts x {args.samples_per_prompt} samples per "
-              f"step; RL {args.steps} steps at lr {args.lr}; distillation {args.distill_steps} steps at lr "
-              f"{args.distill_lr or args.lr}\n\n"
-              f"init accuracy {s['init_accuracy']:.3f}; RL teacher (RL step {s['teacher_steps']}) "
-              f"{s['teacher_accuracy']:.3f}; distilled student after {s['distill_steps_run']} steps "
+              f"step; RL {rl_desc}; distillation {args.distill_steps} steps at lr {args.distill_lr or args.lr}\n\n"
+              f"held-out accuracy at T=1 ({args.accuracy_samples} samples per prompt): init "
+              f"{s['init_accuracy']:.3f}, RL teacher (the RL run's step-{s['teacher_steps']} export) "
+              f"{s['teacher_accuracy']:.3f}; distilled student (driver eval) after {s['distill_steps_run']} steps "
               f"{s['distill_final_accuracy']:.3f}\n\n")
     ratio = "n/a (a run did not reach the target)" if s["ratio"] is None else f"{s['ratio']:.1f}x"
     text = (header + steps_table(s) + f"\n\nsteps to {s['fraction']:.0%} of the RL gain "
