@@ -25,9 +25,11 @@ fixed accuracy, the same for both runs:
 
     target = init + f (teacher - init)
 
-with init the accuracy at step 0 (both runs start from the same weights),
-teacher the RL run's accuracy at its last step (the RL teacher's), f
---target-fraction. Steps to the target: the first eval at or above it,
+with init and teacher the held-out accuracy of the student init and of the
+RL teacher (the RL run's export), each measured on 200 prompts x 10 samples
+at T=1 (transformers, recipes.common.accuracy; one driver eval's 800 samples
+would move the target with their noise), f --target-fraction. Both runs start
+from the same weights. Steps to the target: the first eval at or above it,
 linearly interpolated between that eval and the one before
 (`steps_to_reach`); the ratio is RL's steps over distillation's. Output in
 runs/rl_teacher-<time>/ (or --out): the two driver run dirs,
