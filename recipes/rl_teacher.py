@@ -114,11 +114,15 @@ def curve_table(results: dict[str, list[dict]]) -> str:
                         [[s, acc["rl"].get(s), acc["distill"].get(s), kl.get(s)] for s in steps])
 
 
+def _steps(v: float | None) -> str | None:
+    return None if v is None else f"{v:.1f}"
+
+
 def steps_table(s: dict) -> str:
     """Steps each run needs to reach each target."""
     return format_table(["fraction of the RL gain", "target accuracy", "RL steps", "distillation steps",
                          "ratio (RL / distillation)"],
-                        [[r["fraction"], r["target"], r["rl_steps"], r["distill_steps"],
+                        [[r["fraction"], r["target"], _steps(r["rl_steps"]), _steps(r["distill_steps"]),
                           None if r["ratio"] is None else f"{r['ratio']:.1f}x"] for r in s["by_fraction"]])
 
 
@@ -145,7 +149,8 @@ def plot_rl_teacher(results: dict[str, list[dict]], s: dict, out_png: Path) -> P
 def main(argv: list[str] | None = None) -> int:
     ap = run_parser("rl_teacher", __doc__, steps=100, prompts_per_step=64, lr=1e-3, eval_every=5,
                     lr_help="learning rate of the RL run", overrides_help="driver overrides applied to both runs")
-    ap.add_argument("--distill-steps", type=int, default=30)
+    ap.add_argument("--distill-steps", type=int, default=None, help="steps of the distillation run (default: "
+                    "--steps, the RL run's: the same budget, whichever reaches the target first)")
     ap.add_argument("--distill-lr", type=float, default=None, help="learning rate of the distillation run "
                     "(default: --lr)")
     ap.add_argument("--distill-eval-every", type=int, default=1)
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
           f"RL teacher {acc_teacher:.3f}", flush=True)
     target_accuracy(acc_init, acc_teacher, args.target_fraction)  # no gain, nothing to distil: stop here
     distill_ov = [f"teacher.model={rl_dir / 'final'}", "loss.kind=reverse_kl", "loss.kl_coef=1", "reward.coef=0",
-                  f"learner.lr={args.distill_lr or args.lr}", f"train.steps={args.distill_steps}",
+                  f"learner.lr={args.distill_lr or args.lr}", f"train.steps={args.distill_steps or args.steps}",
                   f"eval.every_steps={args.distill_eval_every}", "run.export_final=false",
                   f"run.dir={out / 'distill'}"]
     t0 = time.monotonic()
@@ -198,14 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     s = summarize(results, args.target_fraction, init=acc_init, teacher=acc_teacher)
     rl_desc = f"reused from {rl_dir}" if args.rl_dir else f"{args.steps} steps at lr {args.lr}"
     header = (f"# recipes.rl_teacher: {args.prompts_per_step} prompts x {args.samples_per_prompt} samples per "
-              f"step; RL {rl_desc}; distillation {args.distill_steps} steps at lr {args.distill_lr or args.lr}\n\n"
+              f"step; RL {rl_desc}; distillation {args.distill_steps or args.steps} steps at lr "
+              f"{args.distill_lr or args.lr}\n\n"
               f"held-out accuracy at T=1 ({args.accuracy_samples} samples per prompt): init "
               f"{s['init_accuracy']:.3f}, RL teacher (the RL run's step-{s['teacher_steps']} export) "
               f"{s['teacher_accuracy']:.3f}; distilled student (driver eval) after {s['distill_steps_run']} steps "
               f"{s['distill_final_accuracy']:.3f}\n\n")
     ratio = "n/a (a run did not reach the target)" if s["ratio"] is None else f"{s['ratio']:.1f}x"
-    text = (header + steps_table(s) + f"\n\nsteps to {s['fraction']:.0%} of the RL gain "
-            f"(accuracy {s['target']:.3f}): RL {s['rl_steps']}, distillation {s['distill_steps']}: {ratio}\n\n"
+    fmt = lambda v: "not reached" if v is None else f"{v:.1f}"  # noqa: E731
+    text = (header + steps_table(s) + f"\n\nsteps to {s['fraction']:.0%} of the RL gain (accuracy "
+            f"{s['target']:.3f}): RL {fmt(s['rl_steps'])}, distillation {fmt(s['distill_steps'])}: {ratio}\n\n"
             + curve_table(results) + "\n")
     (out / "rl_teacher.md").write_text(text)
     write_json(out / "rl_teacher.json", {"args": vars(args), "summary": s, "wall_s": wall, "runs": results})

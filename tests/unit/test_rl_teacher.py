@@ -58,7 +58,7 @@ def test_summarize_uses_one_target_for_both_runs():
     assert by[1.0]["distill_steps"] is None and by[1.0]["ratio"] is None
     table = steps_table(s).splitlines()
     assert len(table) == 2 + 3
-    assert table[3].replace(" ", "") == "|0.800|0.720|64.000|3.500|18.3x|"
+    assert table[3].replace(" ", "") == "|0.800|0.720|64.0|3.5|18.3x|"
     curves = curve_table(results).splitlines()
     assert len(curves) == 2 + 8  # steps 0, 2, 4, 6, 20, 40, 60, 80
     assert curves[2].replace(" ", "") == "|0|0.400|0.400|0.100|"
