@@ -332,6 +332,18 @@ def test_self_distill_table_aligns_steps():
     assert lines[3].replace(" ", "") == "|5|0.200|0.350|0.001|0.310|"
 
 
+def test_self_distill_table_shifts_the_recovery_run_after_the_drift():
+    from recipes.self_distill import self_distill_table
+
+    res = {"sft_own_samples": [{"step": 0, "eval/reverse_kl": 0.0, "eval/accuracy": 0.4},
+                               {"step": 10, "eval/reverse_kl": 0.5, "eval/accuracy": 0.2}],
+           "recovery": [{"step": 0, "eval/reverse_kl": 0.5, "eval/accuracy": 0.2},
+                        {"step": 10, "eval/reverse_kl": 0.05, "eval/accuracy": 0.35}]}
+    lines = self_distill_table(res, {"recovery": 10}).splitlines()
+    assert [ln.replace(" ", "") for ln in lines[2:]] == ["|0|0.000|0.400|-|-|", "|10|0.500|0.200|0.500|0.200|",
+                                                         "|20|-|-|0.050|0.350|"]
+
+
 # ----------------------------------------------------------------- a real (small) SFT
 
 def test_sft_loop_memorises_a_few_problems():
