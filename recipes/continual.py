@@ -250,18 +250,21 @@ def continual_table(rows: dict[str, dict]) -> str:
 
 
 def plot_runs(results: dict[str, list[dict]], scores_by_row: dict[str, dict], out_png: Path) -> Path:
-    fig, (ax,) = subplots(1, figsize=(6, 4))
+    """The driver's held-out evals over steps: instruction prompts (the
+    restoring runs) and fact questions (the control)."""
+    fig, (ax1, ax2) = subplots(2, figsize=(10, 4))
     for name, rows in results.items():
         acc = series(rows, "eval/accuracy")
         if acc:
-            ax.plot(*zip(*acc), marker="o", label=LABELS.get(name, name) + (
-                " [fact QA]" if RUNS[name][0] == "facts" else " [instructions]"))
-    ax.axhline(scores_by_row["post"]["instruction_sampled"], color="gray", linestyle=":",
-               label="teacher, instructions (sampled)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("driver held-out accuracy (sampled, T=1)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=6)
+            (ax2 if RUNS[name][0] == "facts" else ax1).plot(*zip(*acc), marker="o", label=LABELS.get(name, name))
+    ax1.axhline(scores_by_row["post"]["instruction_sampled"], color="gray", linestyle=":",
+                label="post-trained teacher")
+    ax1.set_ylabel("held-out instruction accuracy (sampled, T=1)")
+    ax2.set_ylabel("fact QA accuracy (sampled, T=1)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=6)
     fig.suptitle("restoring instruction following after mid-training")
     return save_figure(fig, out_png)
 

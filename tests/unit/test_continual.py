@@ -113,3 +113,29 @@ def test_task_files(tmp_path, monkeypatch):
     assert read_jsonl(paths["inst_train"]) == train_instructions(300, seed=0)
     assert read_jsonl(paths["facts"]) == [fact_question(*f) for f in make_facts(40)]
     assert all(str(p).startswith(str(tmp_path)) for p in paths.values())
+
+
+def test_driver_configs_of_the_recipe_runs_are_valid(tmp_path, monkeypatch):
+    # Every driver run of recipes.continual loads as a config (no actor starts):
+    # its data files, the grader spec, the token budget, loss and sampling source.
+    monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path))
+    from recipes.common import driver_config
+    from recipes.continual import RUNS, task_overrides
+
+    files = build_task_files(40, n_train=300, n_eval=80)
+    for name, (train, ov) in RUNS.items():
+        cfg = driver_config(task_overrides(files, train) + ov + [f"run.dir={tmp_path / name}"])
+        assert cfg.data.train == str(files[train])
+        assert cfg.eval.grader == "recipes.continual_task:grade_record"
+        assert cfg.eval.num_prompts == (80 if train == "inst_train" else 40)
+        assert cfg.data.max_prompt_tokens >= MAX_PROMPT_CHARS and cfg.rollout.max_new_tokens > MAX_ANSWER_CHARS
+    assert driver_config(RUNS["sft_teacher_samples"][1]).train.sample_from == "teacher"
+
+
+def test_table_has_one_row_per_model():
+    from recipes.continual import continual_table
+
+    s = {"knowledge": 0.5, "instruction": 0.25, "instruction_sampled": 0.125}
+    lines = continual_table({"post": s, "distill": s}).splitlines()
+    assert len(lines) == 4 and "post-trained" in lines[2] and "on-policy distillation" in lines[3]
+    assert "| 0.500" in lines[2] and "0.250" in lines[2] and "0.125" in lines[2]
