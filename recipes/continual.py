@@ -1,4 +1,5 @@
-"""Continual learning with on-policy distillation, after "On-Policy Distillation" (Thinking Machines Lab, 2025): restore post-trained behaviour after mid-training on new documents.
+"""Restore post-trained behaviour after mid-training, as in "On-Policy Distillation" (Thinking
+Machines Lab, 2025): its continual-learning experiment in miniature.
 
     python -m recipes.continual
     python -m recipes.continual --steps 40 --lr 1e-3
@@ -14,7 +15,7 @@ then restores instruction following and keeps the new knowledge. In miniature:
                  "zbqk", up, sort, dup); it knows none of the facts.
   mid-trained    that model trained further (in-process SFT) on documents of
                  synthetic facts ("the code of qzv is 47.") and their question
-                 form ("code qzv?" -> "47"): once on documents only (the
+                 form ("code qzv?" -> "47"): once on those only (the
                  publication's "midtrain (100%)"), once with 30% of the mix
                  instruction data ("midtrain (70%)").
   + distill      on-policy distillation of the 70% model on instruction
