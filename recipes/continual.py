@@ -87,7 +87,7 @@ class MidRecipe:
     `instruction_frac` share of fresh instruction records) at a constant lr
     after warmup, the way continued pre-training runs before any final
     anneal. (Annealed to 0.1x over 1500 steps, the 70% mix cost only 2 points of
-    instruction score: the decay re-sharpens what the mix still trains.)"""
+    greedy instruction score: the decay re-sharpens what the mix still trains.)"""
 
     spec: str = "student-4l"
     n_facts: int = 200
