@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import random
@@ -25,7 +24,7 @@ from pathlib import Path
 from cluster.tiny_models import build_model, cache_dir, publish_dir, save_tokenizer
 from recipes.carry_task import (DEFAULT_DIGITS, carry_trace, encode_trace, eval_problems, format_prompt, make_record,
                                 trace_errors, train_records, validation_problems)
-from recipes.sft import flop_params, set_threads, sft_loop
+from recipes.sft import flop_params, recipe_key, set_threads, sft_loop
 
 
 def fresh_model(spec: str, seed: int, init_std: float = 0.02):
@@ -145,14 +144,10 @@ CARRY_RECIPE_VERSION = 1
 
 
 def _key(obj, **extra) -> str:
-    from cluster.tiny_models import SPECS
-
     recipe = dataclasses.asdict(obj)
     if recipe.get("schedule") == "constant":   # keys of recipes from before `schedule` existed
         del recipe["schedule"]
-    payload = json.dumps({"recipe": recipe, "spec": dataclasses.asdict(SPECS[obj.spec]),
-                          "v": CARRY_RECIPE_VERSION, **extra}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    return recipe_key(recipe, obj.spec, CARRY_RECIPE_VERSION, **extra)
 
 
 @dataclasses.dataclass(frozen=True)

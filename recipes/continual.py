@@ -38,7 +38,6 @@ driver run dirs, `continual.md` (the table), `continual.json`, `continual.png`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -49,6 +48,7 @@ from recipes.common import default_run_dir, driver_config, run_driver, run_parse
 from recipes.continual_task import (MAX_ANSWER_CHARS, MAX_PROMPT_CHARS, build_task_files, eval_instructions,
                                     fact_question, make_facts, midtrain_mix, read_jsonl, train_instructions)
 from recipes.report import format_table, read_metrics, save_figure, series, subplots
+from recipes.sft import recipe_key
 
 # Bump when the training code changes in a way that changes the result.
 CONTINUAL_RECIPE_VERSION = 1
@@ -57,11 +57,7 @@ N_EVAL = 400
 
 
 def _key(obj, **extra) -> str:
-    from cluster.tiny_models import SPECS
-
-    payload = json.dumps({"recipe": dataclasses.asdict(obj), "spec": dataclasses.asdict(SPECS[obj.spec]),
-                          "v": CONTINUAL_RECIPE_VERSION, **extra}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    return recipe_key(dataclasses.asdict(obj), obj.spec, CONTINUAL_RECIPE_VERSION, **extra)
 
 
 @dataclasses.dataclass(frozen=True)

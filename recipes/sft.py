@@ -88,9 +88,16 @@ class SFTRecipe:
         recipe = dataclasses.asdict(self)
         if not self.stop_at_accuracy:  # keys of recipes without an early stop stay what they were
             del recipe["stop_at_accuracy"], recipe["stop_check_every"]
-        payload = json.dumps({"recipe": recipe, "spec": dataclasses.asdict(SPECS[self.spec]),
-                              "v": RECIPE_VERSION}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+        return recipe_key(recipe, self.spec, RECIPE_VERSION)
+
+
+def recipe_key(recipe: dict, spec: str, version: int, **extra) -> str:
+    """The cache key of a trained model: a hash of its recipe (as a dict),
+    its architecture (cluster.tiny_models.SPECS[spec]), the recipe code's
+    version and any `extra` (e.g. the key of the teacher it learned from)."""
+    payload = json.dumps({"recipe": recipe, "spec": dataclasses.asdict(SPECS[spec]), "v": version, **extra},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 # The demo pair. The teacher is the 4-layer x 256 `tiny:teacher` architecture
