@@ -131,8 +131,8 @@ class LearnerGroup:
                 # rank 0's TCPStore does. Only that is retried, on a new port.
                 if attempt == RENDEZVOUS_TRIES or not port_taken(e):
                     raise
-                log.warning("learner rendezvous port %s:%d was taken before rank 0 bound it; retrying on a new "
-                            "port (%d/%d)", master_addr, master_port, attempt + 1, RENDEZVOUS_TRIES)
+                log.warning("learner rendezvous port was taken before rank 0 bound it (%s); retrying on a new "
+                            "port (%d/%d)", e, attempt + 1, RENDEZVOUS_TRIES)
         raise AssertionError("unreachable")
 
     # ----------------------------------------------------------- plumbing
