@@ -61,6 +61,11 @@ def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file written by `_write_jsonl_atomic`."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def build_task(name: str, n_train: int = 4000, n_eval: int = 200, seed: int = 1234) -> tuple[Path, Path]:
     """Write (or reuse) the train and eval JSONL files of a built-in task."""
     if name not in TASKS:

@@ -35,12 +35,11 @@ Everything here is pure Python (no torch); the data files are written under
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 from pathlib import Path
 
-from cluster.tiny_data import _write_jsonl_atomic
+from cluster.tiny_data import _write_jsonl_atomic, read_jsonl  # noqa: F401  (read_jsonl: for the task's users)
 from cluster.tiny_models import cache_dir
 
 # Digits per operand of the default task (15 completion tokens with EOS).
@@ -270,7 +269,3 @@ def build_task_files(n: int = DEFAULT_DIGITS, n_train: int = 20000, n_eval: int 
         # Training prompts skip the test and the validation problems.
         _write_jsonl_atomic(train, train_records(n_train, n, seed=seed, layout=layout))
     return train, evalp
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -25,12 +25,11 @@ Everything here is pure Python (no torch); the data files are written under
 
 from __future__ import annotations
 
-import json
 import random
 import string
 from pathlib import Path
 
-from cluster.tiny_data import _write_jsonl_atomic, grade
+from cluster.tiny_data import _write_jsonl_atomic, grade, read_jsonl  # noqa: F401  (read_jsonl: for the task's users)
 from cluster.tiny_models import cache_dir
 
 TRANSFORMS = {
@@ -156,7 +155,3 @@ def build_task_files(n_facts: int, n_train: int = 4000, n_eval: int = 400,
         _write_jsonl_atomic(paths["inst_train"], train_instructions(n_train, seed=0))
         _write_jsonl_atomic(paths["facts"], [fact_question(*f) for f in make_facts(n_facts, fact_seed)])
     return paths
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
