@@ -10,6 +10,7 @@ command of its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -115,6 +116,25 @@ def driver_config(overrides: list[str]):
     from cluster.config import load_config
 
     return load_config(DEMO_YAML, BASE_OVERRIDES + list(overrides))
+
+
+@contextlib.contextmanager
+def one_ray_for_runs(cfg):
+    """One Ray connection for every driver run of a recipe (each run_driver
+    joins it instead of starting a local cluster of its own): connected as the
+    driver connects (cluster.placement.connect, with `cfg`'s actor
+    environment); a local cluster started here is shut down on exit."""
+    import ray
+
+    from cluster.placement import connect
+    from cluster.train import actor_env
+
+    info = connect(cfg.placement, env_vars=actor_env(cfg))
+    try:
+        yield info
+    finally:
+        if info.started_local:
+            ray.shutdown()
 
 
 def run_driver(cfg, log=print) -> Path:

@@ -57,7 +57,7 @@ import sys
 import time
 from pathlib import Path
 
-from recipes.common import carry_overrides, default_run_dir, driver_config, run_driver, write_json
+from recipes.common import carry_overrides, default_run_dir, driver_config, one_ray_for_runs, run_driver, write_json
 from recipes.efficiency import MODES, compute_ratio, ratio_interval, reproduced, sft_flops_per_trace
 from recipes.report import cumulative_flops, format_table, read_metrics, save_figure, series, subplots
 
@@ -466,15 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     t_sum = json.loads((teacher / "sft_summary.json").read_text())
     traces_per_step = args.prompts_per_step * args.samples_per_prompt
 
-    import ray
-
-    from cluster.placement import connect
-    from cluster.train import actor_env
-
-    # One Ray connection for every run of the recipe (each run joins it).
-    cfg0 = driver_config(carry_overrides(n))
-    ray_info = connect(cfg0.placement, env_vars=actor_env(cfg0))
-    try:
+    with one_ray_for_runs(driver_config(carry_overrides(n))):
         seeds: dict[str, dict] = {}
         all_runs: list[dict] = []
         for seed in grid.seeds:
@@ -492,9 +484,6 @@ def main(argv: list[str] | None = None) -> int:
             seeds[str(seed)] = {"init": str(init), "n0": args.n0, "init_curve": s_sum["curve"],
                                 "init_accuracy": s_sum["final"]["accuracy"], "runs_by_lr": runs,
                                 "flop_params": s_sum["flop_params"]}
-    finally:
-        if ray_info.started_local:
-            ray.shutdown()
 
     settings = {"n_digits": n, "steps": grid.steps, "prompts": args.prompts_per_step,
                 "samples": args.samples_per_prompt, "seeds": list(grid.seeds), "lrs": grid.lrs,

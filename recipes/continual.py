@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from cluster.tiny_models import cache_dir, publish_dir, save_tokenizer
-from recipes.common import default_run_dir, driver_config, run_driver, run_parser, write_json
+from recipes.common import default_run_dir, driver_config, one_ray_for_runs, run_driver, run_parser, write_json
 from recipes.continual_task import (MAX_ANSWER_CHARS, MAX_PROMPT_CHARS, build_task_files, eval_instructions,
                                     fact_question, make_facts, midtrain_mix, read_jsonl, train_instructions)
 from recipes.report import format_table, read_metrics, save_figure, series, subplots
@@ -287,19 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = {k: checkpoint_scores(d, facts) for k, d in {"post": post, **mids}.items()}
     print(f"[continual] in-process SFT done ({(time.monotonic() - t_start) / 60:.1f} min)", flush=True)
 
-    import ray
-
-    from cluster.placement import connect
-    from cluster.train import actor_env
-
     common = [f"student.model={mids['mid70']}", f"teacher.model={post}", f"eval.every_steps={args.eval_every}",
               f"train.steps={args.steps}", f"train.prompts_per_step={args.prompts_per_step}",
               f"rollout.samples_per_prompt={args.samples_per_prompt}", f"learner.lr={args.lr}",
               "learner.warmup_steps=2", "run.export_final=true"]
-    cfg0 = driver_config(common + task_overrides(files, "inst_train"))
-    ray_info = connect(cfg0.placement, env_vars=actor_env(cfg0))
     results: dict[str, list[dict]] = {}
-    try:
+    with one_ray_for_runs(driver_config(common + task_overrides(files, "inst_train"))):
         for name in runs:
             train, ov = RUNS[name]
             cfg = driver_config(common + task_overrides(files, train) + ov + list(args.overrides)
@@ -308,9 +301,6 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = read_metrics(run_dir)
             rows[name] = checkpoint_scores(run_dir / "final", facts)
             print(f"[continual] {name}: {json.dumps(rows[name])}", flush=True)
-    finally:
-        if ray_info.started_local:
-            ray.shutdown()
 
     wall = time.monotonic() - t_start
     table = continual_table(rows)
