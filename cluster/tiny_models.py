@@ -73,6 +73,8 @@ SPECS: dict[str, TinySpec] = {
     # curves must flatten below the teacher's accuracy. head_dim 32.
     "student-1l": TinySpec(hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=256, seed=6),
     "student-64": TinySpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, seed=7),
+    "student-1l-64": TinySpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128, seed=8),
+    "student-1l-32": TinySpec(hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=64, seed=9),
     # Larger pair for benchmarks (about 25M and 100M parameters).
     "student-25m": TinySpec(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536, seed=3),
     "teacher-100m": TinySpec(hidden_size=768, num_layers=14, num_heads=12, num_kv_heads=4, intermediate_size=2816, seed=4),

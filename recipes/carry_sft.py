@@ -330,6 +330,16 @@ def held_out_accuracy(model_dir, n: int, split: str, *, seed: int = 0, layout: s
     return sampled_accuracy(model, tok, problems, n, layout=layout, samples=2, seed=seed)
 
 
+def diagnose(model_dir, n: int, *, count: int = 500, layout: str = "columns") -> dict:
+    """Where a checkpoint's errors come from, on the test problems: greedy and
+    sampled (T = 1) accuracy, wrong carries per sampled completion, the share
+    of them that compound into a wrong digit, and the teacher-forced
+    recovery probe (see `recovery_probe`)."""
+    model, tok = _load(model_dir)
+    held = [make_record(a, b, n, layout=layout) for a, b in eval_problems(n, count)]
+    return _eval_row(model, tok, held, n, layout, count, 0)
+
+
 def truth_sft_run(init_dir, n: int, *, steps: int, batch_size: int, lr: float, eval_every: int, seed: int,
                   layout: str = "columns", log=print) -> list[dict]:
     """Ground-truth SFT from a checkpoint, in-process (the comparison's

@@ -122,7 +122,7 @@ def driver_run(method: str, lr: float, seed: int, *, init: Path, teacher: Path, 
     """One driver run from the init; returns (and stores in result.json) its
     metrics rows, its validation accuracy and its wall time. A finished run
     in `out` is read back instead of rerun."""
-    from recipes.carry_sft import held_out_accuracy
+    from recipes.carry_sft import diagnose, held_out_accuracy
 
     run_dir = out / run_name(method, lr, seed)
     done = run_dir / "result.json"
@@ -145,7 +145,7 @@ def driver_run(method: str, lr: float, seed: int, *, init: Path, teacher: Path, 
     rows = read_metrics(run_dir)
     val = held_out_accuracy(run_dir / "final", n_digits, "validation", seed=seed)
     res = {"method": method, "lr": lr, "seed": seed, "rows": rows, "validation_accuracy": val,
-           "wall_s": time.monotonic() - t0}
+           "diagnosis": diagnose(run_dir / "final", n_digits), "wall_s": time.monotonic() - t0}
     write_json(done, res)
     log(f"[compare] {run_name(method, lr, seed)}: test {series(rows, 'eval/accuracy')[-1][1]:.3f}, "
         f"validation {val:.3f}, {res['wall_s']:.0f}s")
@@ -258,6 +258,7 @@ def analyse(seeds: dict[str, dict], all_runs: list[dict], methods: list[str], se
         last = [x[max(x)] for x in f]
         res["methods"][m] = {"lr": chosen[m],
                              "final_accuracy": [final_accuracy(d["runs"][m]["rows"]) for d in out_seeds.values()],
+                             "diagnosis": [d["runs"][m].get("diagnosis") for d in out_seeds.values()],
                              "student_flops": statistics.fmean(x.student for x in last),
                              "teacher_flops": statistics.fmean(x.teacher for x in last)}
     res["ratios_fit_from_quarter"] = {}
@@ -341,7 +342,44 @@ def report(res: dict) -> str:
     lines += ["Compute ratio (SFT FLOPs / on-policy FLOPs to the on-policy run's final accuracy; SFT's curve "
               "fitted log-linearly from N0/2 on, and, as a check, from N0/4):", "",
               format_table(head, body), ""]
+    lines += mechanism_table(res)
     return "\n".join(lines)
+
+
+DIAG_COLUMNS = (("greedy", "greedy acc."), ("accuracy", "sampled acc."),
+                ("wrong_carries_per_completion", "wrong carries / sampled completion"),
+                ("compounded_share", "share of them compounding"), ("probe.recovers", "probe: recovers"),
+                ("probe.compounds", "probe: compounds"))
+
+
+def _diag_value(d: dict | None, key: str) -> float | None:
+    for part in key.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
+def mechanism_table(res: dict) -> list[str]:
+    """Where the errors come from, per model (means over seeds): the final
+    checkpoints' test diagnosis (`recipes.carry_sft.diagnose`)."""
+    models = [(LABELS["init"], [d.get("init_diagnosis") for d in res["seeds"].values()])]
+    models += [(LABELS[m], info.get("diagnosis") or []) for m, info in res["methods"].items()]
+    if res.get("teacher_diagnosis"):
+        models.append((LABELS["teacher"], [res["teacher_diagnosis"]]))
+    body = []
+    for name, diags in models:
+        row = [name]
+        for key, _ in DIAG_COLUMNS:
+            vals = [v for v in (_diag_value(d, key) for d in diags) if v is not None]
+            row.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
+        body.append(row)
+    if all(all(c == "-" for c in r[1:]) for r in body):
+        return []
+    return ["Where the errors come from (exported final checkpoints, 500 test problems, one sample each; probe = "
+            "teacher-forced clean trace with one carry flipped, greedy next digit true (recovers) or the one the "
+            "flipped carry implies (compounds)):", "",
+            format_table(["model"] + [h for _, h in DIAG_COLUMNS], body), ""]
 
 
 def plot(res: dict, out_png: Path) -> Path:
@@ -416,8 +454,8 @@ def plot(res: dict, out_png: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recipes.carry_sft import (StudentRecipe, TeacherRecipe, build_student, build_teacher, held_out_accuracy,
-                                   truth_sft_run)
+    from recipes.carry_sft import (StudentRecipe, TeacherRecipe, build_student, build_teacher, diagnose,
+                                   held_out_accuracy, truth_sft_run)
 
     ap = argparse.ArgumentParser(prog="python -m recipes.compare", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -482,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                     all_runs.append(r)
                     runs.setdefault(m, {})[lr] = r
             seeds[str(seed)] = {"init": str(init), "n0": args.n0, "init_curve": s_sum["curve"],
-                                "init_accuracy": s_sum["final"]["accuracy"], "runs_by_lr": runs,
+                                "init_accuracy": s_sum["final"]["accuracy"], "init_diagnosis": s_sum["final"],
+                                "runs_by_lr": runs,
                                 "flop_params": s_sum["flop_params"]}
 
     settings = {"n_digits": n, "steps": grid.steps, "prompts": args.prompts_per_step,
@@ -493,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     res = analyse(seeds, all_runs, methods, settings, n_teacher=t_sum["flop_params"],
                   teacher_accuracy=held_out_accuracy(teacher, n, "test", seed=0), traces_per_step=traces_per_step)
     res["teacher"] = str(teacher)
+    res["teacher_diagnosis"] = diagnose(teacher, n)
     chosen = {m: info["lr"] for m, info in res["methods"].items()}
     n_s, prompt_tokens, completion_tokens = res["n_student"], res["prompt_tokens"], res["completion_tokens"]
     if not args.no_truth_ref:

@@ -303,6 +303,22 @@ def test_compare_report_and_plot_from_synthetic_runs(tmp_path):
     md = report(res)
     row = next(ln for ln in md.splitlines() if ln.startswith("| (b) on-policy") and "data_given" in ln)
     assert f"{ratio:.2f}x" in row and "needs >= 2 seeds" in row
+    assert "Where the errors come from" not in md   # no diagnoses recorded: no empty table
+    # With diagnoses (init, the chosen runs, the teacher): one row each, means over seeds.
+    seeds["0"]["init_diagnosis"] = {"greedy": 0.8, "accuracy": 0.5, "wrong_carries_per_completion": 0.2,
+                                    "compounded_share": 0.9, "probe": {"recovers": 0.1, "compounds": 0.9}}
+    runs[1]["diagnosis"] = {"greedy": 0.9, "accuracy": 0.7, "wrong_carries_per_completion": 0.1,
+                            "compounded_share": None, "probe": {"recovers": 0.6, "compounds": 0.4}}
+    res = analyse(seeds, runs, ["seq_kd", "reverse_kl"], settings, n_teacher=40, teacher_accuracy=0.9,
+                  traces_per_step=1000)
+    res["teacher_diagnosis"] = {"greedy": 1.0, "accuracy": 1.0, "probe": {"recovers": 1.0, "compounds": 0.0}}
+    lines = report(res).splitlines()
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines
+             if ln.startswith("| ") and len(ln.split("|")) == 9}
+    assert cells["student init: SFT on N0 teacher traces"] == ["0.800", "0.500", "0.200", "0.900", "0.100", "0.900"]
+    assert cells["(b) on-policy distillation, sampled reverse KL"] == ["0.900", "0.700", "0.100", "-", "0.600", "0.400"]
+    assert cells["(a) more SFT on fresh teacher traces"] == ["-"] * 6     # run (a) has no diagnosis
+    assert cells["teacher"] == ["1.000", "1.000", "-", "-", "1.000", "0.000"]
     assert plot(res, tmp_path / "c.png").stat().st_size > 0
 
 
