@@ -162,7 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rl-dir", default=None, help="reuse the RL run of an earlier invocation (its driver run "
                     "directory, e.g. runs/rl_teacher-<time>/rl: its metrics.jsonl and final/ export) instead of "
                     "training one (to try distillation settings against the same RL teacher)")
+    ap.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="driver override of the distillation run only, after the recipe's own (repeatable; e.g. "
+                         "--distill-set loss.kind=reverse_kl_topk --distill-set teacher.top_k=16)")
     args = ap.parse_args(argv)
+    if bad := [o for o in args.distill_set if "=" not in o]:
+        ap.error(f"--distill-set {bad[0]!r}: expected KEY=VALUE, e.g. loss.kind=reverse_kl_topk")
     if not 0.0 < args.target_fraction <= 1.0:
         ap.error(f"--target-fraction must be in (0, 1], got {args.target_fraction}")
     out = Path(args.out or default_run_dir("rl_teacher")).resolve()
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     distill_ov = [f"teacher.model={rl_dir / 'final'}", "loss.kind=reverse_kl", "loss.kl_coef=1", "reward.coef=0",
                   f"learner.lr={args.distill_lr}", f"train.steps={args.distill_steps or args.steps}",
                   f"eval.every_steps={args.distill_eval_every}", "run.export_final=false",
-                  f"run.dir={out / 'distill'}"]
+                  f"run.dir={out / 'distill'}", *args.distill_set]
     t0 = time.monotonic()
     results["distill"] = read_metrics(run_driver(driver_config(common + distill_ov)))
     wall["distill"] = time.monotonic() - t0
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     rl_desc = f"reused from {rl_dir}" if args.rl_dir else f"{args.steps} steps at lr {args.lr}"
     header = (f"# recipes.rl_teacher: {args.prompts_per_step} prompts x {args.samples_per_prompt} samples per "
               f"step; RL {rl_desc}; distillation {args.distill_steps or args.steps} steps at lr "
-              f"{args.distill_lr}\n\n"
+              f"{args.distill_lr}{' (' + ' '.join(args.distill_set) + ')' if args.distill_set else ''}\n\n"
               f"held-out accuracy at T=1 ({args.accuracy_samples} samples per prompt): init "
               f"{s['init_accuracy']:.3f}, RL teacher (the RL run's step-{s['teacher_steps']} export) "
               f"{s['teacher_accuracy']:.3f}; distilled student (driver eval) after {s['distill_steps_run']} steps "

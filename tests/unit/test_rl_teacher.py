@@ -69,3 +69,12 @@ def test_summarize_refuses_rl_that_did_not_improve():
     results = {"rl": _rows([(0, 0.4), (20, 0.35)]), "distill": _rows([(0, 0.4), (2, 0.4)])}
     with pytest.raises(ValueError, match="did not improve"):
         summarize(results, 0.8)
+
+
+def test_distill_set_must_be_key_value(capsys):
+    from recipes.rl_teacher import main
+
+    with pytest.raises(SystemExit) as e:   # refused before any model is built
+        main(["--distill-set", "loss.kind"])
+    assert e.value.code == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
