@@ -303,6 +303,9 @@ def report(res: dict) -> str:
              f"student `{s['student_spec']}` ({res['n_student']:,} matmul params), teacher `{s['teacher_spec']}` "
              f"({res['n_teacher']:,}); N0 = {s['n0']:,} teacher traces; test: 500 problems x 2 samples at T = 1.",
              ""]
+    if s.get("run_teacher"):
+        lines += [f"The driver runs score with (and run (a) samples) another teacher than the init's: "
+                  f"`{s['run_teacher']}`.", ""]
     # SFT curve of the init
     pts = sorted({c["traces"] for d in res["seeds"].values() for c in d["init_curve"]})
     rows = [[f"{p:,}", _mean_sd([c["accuracy"] for d in res["seeds"].values() for c in d["init_curve"]
@@ -474,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recovery-frac", type=float, default=TeacherRecipe.recovery_frac,
                     help="share of the teacher's SFT traces that recover from a flipped carry (0: a teacher that "
                          "does not correct)")
+    ap.add_argument("--run-teacher", default=None, metavar="DIR",
+                    help="teacher of the driver runs (their scoring and run (a)'s traces) instead of the one that "
+                         "wrote the init's traces: e.g. the cache dir of a teacher built with --recovery-frac 0, to "
+                         "see whether the teacher's corrections matter from the same init")
     ap.add_argument("--student-spec", default="student-1l")
     ap.add_argument("--n0", type=int, default=262144)
     ap.add_argument("--init-schedule", default=StudentRecipe.schedule, choices=["constant", "cosine"],
@@ -495,13 +502,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--methods: unknown {bad}; valid: {', '.join(DRIVER_METHODS)}")
     if "seq_kd" not in methods:
         ap.error("--methods must include seq_kd: the compute ratio extrapolates its curve")
+    if args.run_teacher and not (Path(args.run_teacher) / "sft_summary.json").is_file():
+        ap.error(f"--run-teacher {args.run_teacher}: not a teacher of this recipe (no sft_summary.json there; "
+                 "build one with python -m recipes.carry_sft teacher ...)")
     out = Path(args.out or default_run_dir("compare")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     n = args.digits
     teacher = build_teacher(TeacherRecipe(spec=args.teacher_spec, n_digits=n, steps=args.teacher_steps,
                                           recovery_frac=args.recovery_frac))
-    t_sum = json.loads((teacher / "sft_summary.json").read_text())
+    run_teacher = Path(args.run_teacher).resolve() if args.run_teacher else teacher
+    t_sum = json.loads((run_teacher / "sft_summary.json").read_text())
     traces_per_step = args.prompts_per_step * args.samples_per_prompt
 
     with one_ray_for_runs(driver_config(carry_overrides(n))):
@@ -514,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = {}
             for m in methods:
                 for lr in grid.lrs[m]:
-                    r = driver_run(m, lr, seed, init=init, teacher=teacher, n_digits=n, grid=grid,
+                    r = driver_run(m, lr, seed, init=init, teacher=run_teacher, n_digits=n, grid=grid,
                                    prompts=args.prompts_per_step, samples=args.samples_per_prompt, top_k=args.top_k,
                                    out=out, extra=args.overrides)
                     all_runs.append(r)
@@ -528,11 +539,12 @@ def main(argv: list[str] | None = None) -> int:
                 "samples": args.samples_per_prompt, "seeds": list(grid.seeds), "lrs": grid.lrs,
                 "teacher_spec": args.teacher_spec, "student_spec": args.student_spec, "n0": args.n0,
                 "init_schedule": args.init_schedule, "recovery_frac": args.recovery_frac, "top_k": args.top_k,
+                "run_teacher": str(run_teacher) if args.run_teacher else None,
                 "quick": args.quick}
     res = analyse(seeds, all_runs, methods, settings, n_teacher=t_sum["flop_params"],
-                  teacher_accuracy=held_out_accuracy(teacher, n, "test", seed=0), traces_per_step=traces_per_step)
-    res["teacher"] = str(teacher)
-    res["teacher_diagnosis"] = diagnose(teacher, n)
+                  teacher_accuracy=held_out_accuracy(run_teacher, n, "test", seed=0), traces_per_step=traces_per_step)
+    res["teacher"] = str(run_teacher)
+    res["teacher_diagnosis"] = diagnose(run_teacher, n)
     chosen = {m: info["lr"] for m, info in res["methods"].items()}
     n_s, prompt_tokens, completion_tokens = res["n_student"], res["prompt_tokens"], res["completion_tokens"]
     if not args.no_truth_ref:

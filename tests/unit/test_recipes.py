@@ -404,3 +404,12 @@ def test_sft_loop_stops_when_the_callback_says_so():
                       callback=lambda step, tokens: seen.append(step) or step == 3)
     assert seen == [1, 2, 3]
     assert tokens == 3 * sum(len(r["prompt"]) + len(r["answer"]) + 1 for r in recs)
+
+
+def test_compare_refuses_a_run_teacher_that_is_not_a_recipe_teacher(tmp_path, capsys):
+    from recipes.compare import main
+
+    with pytest.raises(SystemExit) as e:   # refused before any model is built or run dir made
+        main(["--run-teacher", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "no sft_summary.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
