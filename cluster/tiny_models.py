@@ -69,8 +69,9 @@ SPECS: dict[str, TinySpec] = {
     # half as wide (about 0.6M vs 2.5M parameters); the 2-layer `student`
     # plateaus near 10% held-out accuracy on 2-digit addition. head_dim 32.
     "student-4l": TinySpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256, seed=5),
-    # Weaker students for the carry recipe (recipes/carry_sft.py), whose SFT
-    # curves must flatten below the teacher's accuracy. head_dim 32.
+    # Weaker students tried for the carry recipe (recipes/carry_sft.py), whose
+    # SFT curves should flatten below the teacher's accuracy (none does on
+    # that task: recipes/README.md). head_dim 32.
     "student-1l": TinySpec(hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=256, seed=6),
     "student-64": TinySpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, seed=7),
     "student-1l-64": TinySpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128, seed=8),

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     rl_desc = f"reused from {rl_dir}" if args.rl_dir else f"{args.steps} steps at lr {args.lr}"
     header = (f"# recipes.rl_teacher: {args.prompts_per_step} prompts x {args.samples_per_prompt} samples per "
               f"step; RL {rl_desc}; distillation {args.distill_steps or args.steps} steps at lr "
-              f"{args.distill_lr}{' (' + ' '.join(args.distill_set) + ')' if args.distill_set else ''}\n\n"
+              f"{args.distill_lr} ({' '.join(DISTILL_LOSS + args.distill_set)})\n\n"
               f"held-out accuracy at T=1 ({args.accuracy_samples} samples per prompt): init "
               f"{s['init_accuracy']:.3f}, RL teacher (the RL run's step-{s['teacher_steps']} export) "
               f"{s['teacher_accuracy']:.3f}; distilled student (driver eval) after {s['distill_steps_run']} steps "
