@@ -39,7 +39,7 @@ import random
 import re
 from pathlib import Path
 
-from cluster.tiny_data import _write_jsonl_atomic, read_jsonl  # noqa: F401  (read_jsonl: for the task's users)
+from cluster.tiny_data import _write_jsonl_atomic
 from cluster.tiny_models import cache_dir
 
 # Digits per operand of the default task (15 completion tokens with EOS).

@@ -43,10 +43,11 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.tiny_data import read_jsonl
 from cluster.tiny_models import cache_dir, publish_dir, save_tokenizer
 from recipes.common import default_run_dir, driver_config, one_ray_for_runs, run_driver, run_parser, write_json
 from recipes.continual_task import (MAX_ANSWER_CHARS, MAX_PROMPT_CHARS, build_task_files, eval_instructions,
-                                    fact_question, make_facts, midtrain_mix, read_jsonl, train_instructions)
+                                    fact_question, make_facts, midtrain_mix, train_instructions)
 from recipes.report import format_table, read_metrics, save_figure, series, subplots
 from recipes.sft import recipe_key
 

@@ -29,7 +29,7 @@ import random
 import string
 from pathlib import Path
 
-from cluster.tiny_data import _write_jsonl_atomic, grade, read_jsonl  # noqa: F401  (read_jsonl: for the task's users)
+from cluster.tiny_data import _write_jsonl_atomic, grade
 from cluster.tiny_models import cache_dir
 
 TRANSFORMS = {

@@ -8,9 +8,10 @@ import random
 
 import pytest
 
+from cluster.tiny_data import read_jsonl
 from cluster.tiny_models import build_tokenizer
 from recipes.carry_task import (TraceErrors, build_task_files, carry_trace, encode_trace, eval_problems, format_prompt,
-                                grade_record, make_record, parse_prompt, parse_trace, read_jsonl, trace_errors,
+                                grade_record, make_record, parse_prompt, parse_trace, trace_errors,
                                 trace_value, train_records, validation_problems)
 
 

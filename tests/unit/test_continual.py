@@ -10,10 +10,11 @@ from collections import Counter
 
 import pytest
 
+from cluster.tiny_data import read_jsonl
 from cluster.tiny_models import build_tokenizer
 from recipes.continual_task import (KINDS, MAX_ANSWER_CHARS, MAX_PROMPT_CHARS, build_task_files, documents,
                                     eval_instructions, fact_question, fact_sentence, grade_record, instruction,
-                                    make_facts, midtrain_mix, read_jsonl, train_instructions)
+                                    make_facts, midtrain_mix, train_instructions)
 
 
 def test_docstring_examples():

@@ -94,7 +94,8 @@ def test_carry_overrides_make_a_valid_driver_config(tmp_path, monkeypatch):
     """The driver config of the carry task validates (grader importable, token
     budgets consistent) without starting anything."""
     from cluster.tiny_models import build_model
-    from recipes.carry_task import parse_prompt, read_jsonl
+    from cluster.tiny_data import read_jsonl
+    from recipes.carry_task import parse_prompt
     from recipes.common import carry_overrides, driver_config
 
     m = str(build_model("student"))   # from the usual cache; the data files go to tmp_path
