@@ -29,6 +29,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 
 import numpy as np
 
@@ -184,13 +185,21 @@ class TeacherEngine:
             raise RuntimeError("vLLM returned no output for a request")
         return out
 
-    async def score(self, req: LogprobsRequest) -> LogprobsResponse:
+    async def score(self, req: LogprobsRequest, phase=None) -> LogprobsResponse:
         """Score every sequence of an already validated request; each sequence is one
-        engine request so vLLM batches them with every other client's."""
+        engine request so vLLM batches them with every other client's.
+        `phase(name, seconds)`, if given, receives the time spent waiting on
+        vLLM ("engine": queueing, prefill, vLLM's own prompt-logprob and output
+        processing) and turning its output into the protocol's ("convert")."""
         params = sampling_params_for_scoring(req.top_k, req.temperature)
+        t0 = time.perf_counter()
         outs = await _all(self._final(s.token_ids, params) for s in req.sequences)
+        t1 = time.perf_counter()
         results = [prompt_logprobs_to_result(o.prompt_logprobs, s.token_ids, s.start, req.top_k, req.temperature)
                    for o, s in zip(outs, req.sequences, strict=True)]
+        if phase is not None:
+            phase("engine", t1 - t0)
+            phase("convert", time.perf_counter() - t1)
         return LogprobsResponse(model=self.info.model, results=results)
 
     async def generate(self, req: GenerateRequest) -> GenerateResponse:

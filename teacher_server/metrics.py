@@ -34,6 +34,11 @@ class ServerMetrics:
                            registry=r)
         self.latency = Histogram("teacher_request_latency_seconds", "Wall time of admitted requests",
                                  ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r)
+        # Where a request's time goes in this process: receiving the body ("read"),
+        # msgspec decoding ("decode"), checks ("validate"), waiting on vLLM ("engine"),
+        # vLLM output -> protocol ("convert"), encoding the answer ("encode").
+        self.phase = Histogram("teacher_phase_seconds", "Time of a successful request in each phase",
+                               ["endpoint", "phase"], buckets=LATENCY_BUCKETS_S, registry=r)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -225,13 +225,18 @@ class TeacherServer:
 
     @contextlib.asynccontextmanager
     async def _admitted(self, request: web.Request, endpoint: str, request_type: type):
-        """(engine, decoded request) of a call to `endpoint`, inside its
-        admission (`_admit`). The body is read (bounded, timed) before
+        """(engine, decoded request, phase timer) of a call to `endpoint`, inside
+        its admission (`_admit`). The body is read (bounded, timed) before
         admission: a stalled upload holds no queue slot."""
         engine = self._ready_engine()
-        body, ct = await self._read(request)
+        phases = _Phases()
+        with phases.timed("read"):
+            body, ct = await self._read(request)
         async with self._admit(endpoint):
-            yield engine, decode(body, request_type, ct)
+            with phases.timed("decode"):
+                req = decode(body, request_type, ct)
+            yield engine, req, phases
+            phases.observe(self.metrics.phase, endpoint)  # reached only by requests answered 200
 
     async def _read(self, request: web.Request) -> tuple[bytes, str]:
         ct = media_type(request.headers.get("Content-Type"))
@@ -283,29 +288,59 @@ class TeacherServer:
         return self._reply(request, self._ready_engine().tokenizer)
 
     async def _logprobs(self, request: web.Request) -> web.Response:
-        async with self._admitted(request, "/v1/logprobs", LogprobsRequest) as (engine, req):
+        async with self._admitted(request, "/v1/logprobs", LogprobsRequest) as (engine, req, phases):
             info = engine.info
-            validate_logprobs_request(req, info.vocab_size, info.max_model_len, info.max_top_k)
+            with phases.timed("validate"):
+                validate_logprobs_request(req, info.vocab_size, info.max_model_len, info.max_top_k)
             n_tokens = count_tokens(req)
             self._inflight_tokens += n_tokens
             self.metrics.queue_tokens.set(self._inflight_tokens)
             try:
-                resp = await engine.score(req)
+                resp = await engine.score(req, phase=phases.add)
             finally:
                 self._inflight_tokens -= n_tokens
                 self.metrics.queue_tokens.set(self._inflight_tokens)
             self.metrics.sequences_scored.inc(len(req.sequences))
             self.metrics.tokens_prefilled.inc(n_tokens)
             self.metrics.tokens_scored.inc(sum(len(s.token_ids) - s.start for s in req.sequences))
-            return self._reply(request, resp)
+            with phases.timed("encode"):
+                reply = self._reply(request, resp)
+        return reply
 
     async def _generate(self, request: web.Request) -> web.Response:
-        async with self._admitted(request, "/v1/generate", GenerateRequest) as (engine, req):
+        async with self._admitted(request, "/v1/generate", GenerateRequest) as (engine, req, phases):
             info = engine.info
-            validate_generate_request(req, info.vocab_size, info.max_model_len)
-            resp = await engine.generate(req)
+            with phases.timed("validate"):
+                validate_generate_request(req, info.vocab_size, info.max_model_len)
+            with phases.timed("engine"):
+                resp = await engine.generate(req)
             self.metrics.tokens_generated.inc(sum(len(s.token_ids) for r in resp.results for s in r.samples))
-            return self._reply(request, resp)
+            with phases.timed("encode"):
+                reply = self._reply(request, resp)
+        return reply
+
+
+class _Phases:
+    """Seconds per phase of one request, observed into the phase histogram once
+    the request has succeeded (failed requests would skew the per-request means)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def timed(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def observe(self, histogram, endpoint: str) -> None:
+        for name, s in self.seconds.items():
+            histogram.labels(endpoint, name).observe(s)
 
 
 def _reply_type(request: web.Request) -> str:

@@ -283,3 +283,30 @@ def test_metrics_count_tokens(teacher_server):
     assert _metric(teacher_server, "teacher_tokens_scored_total") - before == 7 + 4
     assert _metric(teacher_server, "teacher_queue_depth") == 0
     assert _metric(teacher_server, 'teacher_request_latency_seconds_count{endpoint="/v1/logprobs"}') >= 1
+
+
+PHASES = ("read", "decode", "validate", "engine", "convert", "encode")
+
+
+def test_metrics_time_each_phase_of_answered_requests(teacher_server):
+    """/metrics splits a scoring request's time into phases; a refused request adds none."""
+    def phase(stat: str, name: str) -> float:
+        return _metric(teacher_server, f'teacher_phase_seconds_{stat}{{endpoint="/v1/logprobs",phase="{name}"}}')
+
+    def latency_sum() -> float:
+        return _metric(teacher_server, 'teacher_request_latency_seconds_sum{endpoint="/v1/logprobs"}')
+
+    seqs = [{"token_ids": list(range(40)), "start": 3}]
+    assert post(teacher_server, "/v1/logprobs", {"sequences": seqs}).status_code == 200  # every series exists
+    count0 = {p: phase("count", p) for p in PHASES}
+    sum0, lat0 = {p: phase("sum", p) for p in PHASES}, latency_sum()
+    assert post(teacher_server, "/v1/logprobs", {"sequences": seqs * 4}).status_code == 200
+    assert post(teacher_server, "/v1/logprobs", {"sequences": [{"token_ids": [VOCAB], "start": 1}]}).status_code == 400
+    for p in PHASES:
+        assert phase("count", p) - count0[p] == 1, p  # the 200 once; the 400 not at all
+    spent = {p: phase("sum", p) - sum0[p] for p in PHASES}
+    assert spent["engine"] > 0
+    # The admitted phases of the 200 happen inside its request latency (read precedes admission);
+    # the 400's latency only adds to the right-hand side.
+    inside = sum(spent[p] for p in PHASES if p != "read")
+    assert inside <= latency_sum() - lat0, spent
