@@ -11,6 +11,16 @@ CPU thread binding).
     .venv/bin/python -m bench.teacher_server --model tiny:teacher-100m --num-seqs 256
     .venv/bin/python -m bench.teacher_server --client-only    # only the TeacherClient rows
 
+Next to them, (c) a plain transformers forward of the same model on the same
+chunks (float32, `log_softmax` gathered at the given tokens, converted to
+lists as the server must): the model's own cost, at one thread (what each
+vLLM CPU engine runs with on this box: every core but one) and at every core.
+For teacher_server's JSON route the table "where the time goes" splits the
+mean request, as its client sees it, into the server's phases (its /metrics
+`teacher_phase_seconds`: body read, decode, validate, vLLM engine, output
+conversion, encode) and what is outside the server process (HTTP transport,
+the client's own encode and decode).
+
 "Tokens scored" are the positions start .. len-1 of every sequence (here the
 second half: a prompt plus a completion of equal length). The offline ceiling of
 a (batch B, concurrency C) row is `LLM.generate` on chunks of B x C sequences,
@@ -88,6 +98,46 @@ def bench_offline(model: str, max_model_len: int, seqs, configs, repeats: int) -
     return out
 
 
+# ----------------------------------------------------------------------------- (c) plain transformers forward
+
+def bench_transformers(model: str, seqs, configs, repeats: int, threads: int) -> dict:
+    """The model's forward alone, on the same chunks as the offline ceiling
+    (sequences of one length, so no padding): tokens/s, best of `repeats`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    hf = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
+    out = {}
+
+    def score(part) -> list[list[float]]:
+        ids_B_T = torch.tensor([s["token_ids"] for s in part])
+        start = part[0]["start"]
+        with torch.inference_mode():
+            logits_B_P_V = hf(ids_B_T).logits[:, start - 1:-1].float()
+            lps_B_P_V = torch.log_softmax(logits_B_P_V, dim=-1)
+            given_B_P = lps_B_P_V.gather(2, ids_B_T[:, start:, None])[..., 0]
+        return given_B_P.tolist()
+
+    try:
+        assert len({(len(s["token_ids"]), s["start"]) for s in seqs}) == 1, "one length and start for all"
+        score(seqs[:8])  # warm-up
+        for b, c in configs:
+            chunk = b * c
+            best = 0.0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for i in range(0, len(seqs), chunk):
+                    score(seqs[i:i + chunk])
+                best = max(best, scored_tokens(seqs) / (time.perf_counter() - t0))
+            out[(b, c)] = best
+        ref = score(seqs[:4])
+    finally:
+        torch.set_num_threads(prev)
+    return out, ref
+
+
 # ----------------------------------------------------------------------------- servers
 
 def launch(args: list[str], ready_path: str, log_path: str, timeout_s: float = 300.0) -> subprocess.Popen:
@@ -119,21 +169,28 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
-async def drive(post_batch, seqs, batch: int, concurrency: int) -> float:
-    """C workers, each sending B sequences per request until all are scored; tokens/s."""
+async def drive(post_batch, seqs, batch: int, concurrency: int, before=None) -> tuple[float, float]:
+    """C workers, each sending B sequences per request until all are scored:
+    (tokens/s, mean seconds per request as the client sees it, from sending
+    the body to holding the decoded answer). `before()` runs after the warm-up."""
     batches = [seqs[i:i + batch] for i in range(0, len(seqs), batch)]
     it = iter(batches)
+    took: list[float] = []
 
     async def worker(session):
         for part in it:
+            t = time.perf_counter()
             await post_batch(session, part)
+            took.append(time.perf_counter() - t)
 
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as session:
         await post_batch(session, seqs[:2])  # warm-up (connections, first request)
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        return scored_tokens(seqs) / (time.perf_counter() - t0)
+        return scored_tokens(seqs) / (time.perf_counter() - t0), sum(took) / len(took)
 
 
 def ours_poster(url: str, binary: bool):
@@ -168,7 +225,43 @@ def vllm_poster(url: str, model: str):
 
 
 def bench_server(post, seqs, configs, repeats: int) -> dict:
-    return {(b, c): max(asyncio.run(drive(post, seqs, b, c)) for _ in range(repeats)) for b, c in configs}
+    return {(b, c): max(asyncio.run(drive(post, seqs, b, c))[0] for _ in range(repeats)) for b, c in configs}
+
+
+PHASES = ("read", "decode", "validate", "engine", "convert", "encode")
+
+
+def server_phases(url: str) -> dict[str, float]:
+    """teacher_server's cumulative /metrics for /v1/logprobs: phase and latency
+    sums (seconds) and the number of answered requests."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        for p in PHASES:
+            if line.startswith(f'teacher_phase_seconds_sum{{endpoint="/v1/logprobs",phase="{p}"}}'):
+                out[p] = float(line.rsplit(" ", 1)[1])
+        if line.startswith('teacher_request_latency_seconds_sum{endpoint="/v1/logprobs"}'):
+            out["server"] = float(line.rsplit(" ", 1)[1])
+        if line.startswith('teacher_request_latency_seconds_count{endpoint="/v1/logprobs"}'):
+            out["count"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def bench_breakdown(post, url: str, seqs, configs) -> dict:
+    """One run per config: the mean request as the client sees it and the
+    server's phases of the same requests (differences of /metrics), seconds."""
+    out = {}
+    for b, c in configs:
+        marks = {}
+        _, client = asyncio.run(drive(post, seqs, b, c, before=lambda: marks.update(server_phases(url))))
+        after = server_phases(url)
+        n = after["count"] - marks["count"]
+        row = {k: (after.get(k, 0.0) - marks.get(k, 0.0)) / n for k in (*PHASES, "server")}
+        row["client"] = client
+        row["outside"] = client - row["server"] - row["read"]
+        out[(b, c)] = row
+    return out
 
 
 def bench_client(url: str, backend: str, seqs, configs, repeats: int) -> dict:
@@ -215,6 +308,12 @@ def main() -> None:
 
     offline = {} if args.client_only else bench_offline(model, args.max_model_len, seqs, configs, args.repeats)
     print("offline done", flush=True)
+    hf_threads = sorted({1, os.cpu_count() or 1})
+    hf, hf_ref = {}, None
+    if not args.client_only:
+        for t in hf_threads:
+            hf[t], hf_ref = bench_transformers(model, seqs, configs, args.repeats, t)
+        print("transformers done", flush=True)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -226,6 +325,7 @@ def main() -> None:
         if not args.client_only:
             ours_json = bench_server(ours_poster(url, False), seqs, configs, args.repeats)
             ours_msgpack = bench_server(ours_poster(url, True), seqs, configs, args.repeats)
+            breakdown = bench_breakdown(ours_poster(url, False), url, seqs, configs)
         ref_ours = asyncio.run(_once(ours_poster(url, False), seqs[:4]))
     finally:
         stop(proc)
@@ -256,16 +356,36 @@ def main() -> None:
         print(f"{b:>5} {c:>4} | {o:>11.0f} {v:>12.0f} | {o / v:>8.2f}")
     if args.client_only:
         return
+    hf_diff = max(float(np.max(np.abs(np.subtract(a, b)))) for a, b in zip(ref_ours, hf_ref, strict=True))
+    print(f"max |teacher_server - transformers| logprob difference on 4 sequences: {hf_diff:.2e}")
     print()
-    print("tokens scored per second (best of %d)" % args.repeats)
-    hdr = (f"{'batch':>5} {'conc':>4} | {'offline':>9} {'ours-json':>9} {'ours-msgp':>9} {'vllm-srv':>9} | "
-           f"{'json/off':>8} {'msgp/off':>8} {'json/vllm':>9} {'msgp/vllm':>9}")
+    print("tokens scored per second (best of %d); hf<N>t = transformers forward at N threads" % args.repeats)
+    hf_cols = [f"hf{t}t" for t in hf_threads]
+    hdr = (f"{'batch':>5} {'conc':>4} | {'offline':>9} {'ours-json':>9} {'ours-msgp':>9} {'vllm-srv':>9} "
+           + " ".join(f"{h:>7}" for h in hf_cols) + " | "
+           f"{'json/off':>8} {'msgp/off':>8} {'json/vllm':>9} {'msgp/vllm':>9} "
+           + " ".join(f"{'json/' + h:>11}" for h in hf_cols))
     print(hdr)
     print("-" * len(hdr))
     for b, c in configs:
         o, j, m, v = offline[(b, c)], ours_json[(b, c)], ours_msgpack[(b, c)], vllm[(b, c)]
-        print(f"{b:>5} {c:>4} | {o:>9.0f} {j:>9.0f} {m:>9.0f} {v:>9.0f} | "
-              f"{j / o:>8.2f} {m / o:>8.2f} {j / v:>9.2f} {m / v:>9.2f}")
+        h = [hf[t][(b, c)] for t in hf_threads]
+        print(f"{b:>5} {c:>4} | {o:>9.0f} {j:>9.0f} {m:>9.0f} {v:>9.0f} " + " ".join(f"{x:>7.0f}" for x in h)
+              + f" | {j / o:>8.2f} {m / o:>8.2f} {j / v:>9.2f} {m / v:>9.2f} "
+              + " ".join(f"{j / x:>11.2f}" for x in h))
+    print()
+    print("where the time goes: mean ms per /v1/logprobs request (teacher_server, JSON), one run per row;")
+    print("client = as the client sees it; in-server = admitted time not in a phase (event loop, waiting);")
+    print("outside = client - read - the server's latency (HTTP transport, the client's encode and decode)")
+    cols = ("client", *PHASES, "in-server", "outside")
+    hdr = f"{'batch':>5} {'conc':>4} | " + " ".join(f"{k:>9}" for k in cols) + f" | {'engine%':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for b, c in configs:
+        r = dict(breakdown[(b, c)])
+        r["in-server"] = r["server"] - sum(r[p] for p in PHASES if p != "read")
+        print(f"{b:>5} {c:>4} | " + " ".join(f"{1e3 * r[k]:>9.1f}" for k in cols)
+              + f" | {100 * r['engine'] / r['client']:>6.0f}%")
 
 
 async def _once(post, part):
