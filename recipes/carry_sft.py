@@ -49,13 +49,15 @@ def encode_record(tok, r: dict):
 
 
 def generate(model, tok, prompts: list[str], *, n: int, temperature: float, seed: int,
-             batch_size: int = 500) -> list[str]:
+             batch_size: int = 500, log=None, log_every_s: float = 30.0) -> list[str]:
     """One completion per prompt (greedy at temperature 0, else sampled from the
-    raw distribution), decoded without special tokens."""
+    raw distribution), decoded without special tokens. With `log`, a progress
+    line every `log_every_s` seconds."""
     import torch
 
     model.eval()
     out_text: list[str] = []
+    t0 = last = time.monotonic()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
@@ -69,6 +71,9 @@ def generate(model, tok, prompts: list[str], *, n: int, temperature: float, seed
                 out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=3 * n + 1,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
             out_text += [tok.decode(row, skip_special_tokens=True) for row in out[:, T:].tolist()]
+            if log is not None and time.monotonic() - last >= log_every_s:
+                last = time.monotonic()
+                log(f"[generate] {len(out_text):,}/{len(prompts):,} completions, {last - t0:.0f}s")
     return out_text
 
 
@@ -119,10 +124,11 @@ def recovery_probe(model, tok, n: int, count: int = 500, seed: int = 0, layout: 
     return {"recovers": rec / len(probs), "compounds": comp / len(probs), "true_digit_logprob": lp_sum / len(probs)}
 
 
-def teacher_traces(model, tok, prompts: list[str], *, n: int, temperature: float = 1.0, seed: int = 0) -> list[dict]:
+def teacher_traces(model, tok, prompts: list[str], *, n: int, temperature: float = 1.0, seed: int = 0,
+                   log=None) -> list[dict]:
     """Sequence-level KD data: the teacher's sampled completions as answers
     (unfiltered, as a teacher-generated SFT set is)."""
-    comps = generate(model, tok, prompts, n=n, temperature=temperature, seed=seed)
+    comps = generate(model, tok, prompts, n=n, temperature=temperature, seed=seed, log=log)
     return [{"prompt": p, "answer": c.strip()} for p, c in zip(prompts, comps, strict=True)]
 
 
@@ -256,7 +262,8 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
     ttok = AutoTokenizer.from_pretrained(teacher_dir)
     prompts = [x["prompt"] for x in train_records(r.n0, n, seed=r.seed + 1000, layout=layout)]
     t0 = time.monotonic()
-    data = teacher_traces(teacher, ttok, prompts, n=n, temperature=r.temperature, seed=r.seed)
+    log(f"[carry student] sampling {len(prompts):,} teacher traces")
+    data = teacher_traces(teacher, ttok, prompts, n=n, temperature=r.temperature, seed=r.seed, log=log)
     gen_s = time.monotonic() - t0
     trace_acc = sum(trace_errors(x["answer"], x["prompt"]).correct for x in data) / len(data)
     log(f"[carry student] {len(data)} teacher traces in {gen_s:.0f}s, {trace_acc:.3f} of them correct")
