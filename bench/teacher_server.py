@@ -77,39 +77,46 @@ def bench_offline(model: str, max_model_len: int, seqs, configs, repeats: int) -
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=max_model_len, max_logprobs=-1,
               seed=0)
     params = sampling_params_for_scoring(0, 1.0)
-    out = {}
+    def score(part):
+        res = llm.generate([{"prompt_token_ids": s["token_ids"]} for s in part], params, use_tqdm=False)
+        return [prompt_logprobs_to_result(o.prompt_logprobs, s["token_ids"], s["start"], 0, 1.0)
+                for o, s in zip(res, part, strict=True)]
+
     try:
-        llm.generate([{"prompt_token_ids": s["token_ids"]} for s in seqs[:8]], params, use_tqdm=False)  # warm-up
-        for b, c in configs:
-            chunk = b * c
-            best = 0.0
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for i in range(0, len(seqs), chunk):
-                    part = seqs[i:i + chunk]
-                    res = llm.generate([{"prompt_token_ids": s["token_ids"]} for s in part], params, use_tqdm=False)
-                    for o, s in zip(res, part, strict=True):
-                        prompt_logprobs_to_result(o.prompt_logprobs, s["token_ids"], s["start"], 0, 1.0)
-                best = max(best, scored_tokens(seqs) / (time.perf_counter() - t0))
-            out[(b, c)] = best
+        score(seqs[:8])  # warm-up
+        return best_chunked(score, seqs, configs, repeats)
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
+
+
+def best_chunked(score, seqs, configs, repeats: int) -> dict:
+    """`score` on chunks of B x C sequences (the most a server can have in
+    flight in that row), all sequences per run: tokens/s, best of `repeats`."""
+    out = {}
+    for b, c in configs:
+        best = 0.0
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(0, len(seqs), b * c):
+                score(seqs[i:i + b * c])
+            best = max(best, scored_tokens(seqs) / (time.perf_counter() - t0))
+        out[(b, c)] = best
     return out
 
 
 # ----------------------------------------------------------------------------- (c) plain transformers forward
 
-def bench_transformers(model: str, seqs, configs, repeats: int, threads: int) -> dict:
+def bench_transformers(model: str, seqs, configs, repeats: int, threads: int) -> tuple[dict, list[list[float]]]:
     """The model's forward alone, on the same chunks as the offline ceiling
-    (sequences of one length, so no padding): tokens/s, best of `repeats`."""
+    (sequences of one length, so no padding): (tokens/s best of `repeats`,
+    the logprobs of the first 4 sequences)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
-    hf = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32).eval()
-    out = {}
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
 
     def score(part) -> list[list[float]]:
         ids_B_T = torch.tensor([s["token_ids"] for s in part])
@@ -123,19 +130,9 @@ def bench_transformers(model: str, seqs, configs, repeats: int, threads: int) ->
     try:
         assert len({(len(s["token_ids"]), s["start"]) for s in seqs}) == 1, "one length and start for all"
         score(seqs[:8])  # warm-up
-        for b, c in configs:
-            chunk = b * c
-            best = 0.0
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for i in range(0, len(seqs), chunk):
-                    score(seqs[i:i + chunk])
-                best = max(best, scored_tokens(seqs) / (time.perf_counter() - t0))
-            out[(b, c)] = best
-        ref = score(seqs[:4])
+        return best_chunked(score, seqs, configs, repeats), score(seqs[:4])
     finally:
         torch.set_num_threads(prev)
-    return out, ref
 
 
 # ----------------------------------------------------------------------------- servers
