@@ -13,8 +13,9 @@ CPU thread binding).
 
 Next to them, (c) a plain transformers forward of the same model on the same
 chunks (float32, `log_softmax` gathered at the given tokens, converted to
-lists as the server must): the model's own cost, at one thread (what each
-vLLM CPU engine runs with on this box: every core but one) and at every core.
+lists as the server must): the model's own cost, at the thread count every
+vLLM CPU engine here runs with (vLLM's default: every core but one) and at
+every core.
 For teacher_server's JSON route the table "where the time goes" splits the
 mean request, as its client sees it, into the server's phases (its /metrics
 `teacher_phase_seconds`: body read, decode, validate, vLLM engine, output
@@ -47,6 +48,7 @@ import msgspec
 import numpy as np
 
 from rollout.host import free_port
+from teacher_server.metrics import PHASES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,6 +79,7 @@ def bench_offline(model: str, max_model_len: int, seqs, configs, repeats: int) -
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=max_model_len, max_logprobs=-1,
               seed=0)
     params = sampling_params_for_scoring(0, 1.0)
+
     def score(part):
         res = llm.generate([{"prompt_token_ids": s["token_ids"]} for s in part], params, use_tqdm=False)
         return [prompt_logprobs_to_result(o.prompt_logprobs, s["token_ids"], s["start"], 0, 1.0)
@@ -225,23 +228,24 @@ def bench_server(post, seqs, configs, repeats: int) -> dict:
     return {(b, c): max(asyncio.run(drive(post, seqs, b, c))[0] for _ in range(repeats)) for b, c in configs}
 
 
-PHASES = ("read", "decode", "validate", "engine", "convert", "encode")
-
-
 def server_phases(url: str) -> dict[str, float]:
     """teacher_server's cumulative /metrics for /v1/logprobs: phase and latency
-    sums (seconds) and the number of answered requests."""
+    sums (seconds) and the number of admitted requests."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
     out = {}
-    for line in text.splitlines():
-        for p in PHASES:
-            if line.startswith(f'teacher_phase_seconds_sum{{endpoint="/v1/logprobs",phase="{p}"}}'):
-                out[p] = float(line.rsplit(" ", 1)[1])
-        if line.startswith('teacher_request_latency_seconds_sum{endpoint="/v1/logprobs"}'):
-            out["server"] = float(line.rsplit(" ", 1)[1])
-        if line.startswith('teacher_request_latency_seconds_count{endpoint="/v1/logprobs"}'):
-            out["count"] = float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("endpoint") != "/v1/logprobs":
+                continue
+            if s.name == "teacher_phase_seconds_sum":
+                out[s.labels["phase"]] = s.value
+            elif s.name == "teacher_request_latency_seconds_sum":
+                out["server"] = s.value
+            elif s.name == "teacher_request_latency_seconds_count":
+                out["count"] = s.value
     return out
 
 
@@ -305,7 +309,8 @@ def main() -> None:
 
     offline = {} if args.client_only else bench_offline(model, args.max_model_len, seqs, configs, args.repeats)
     print("offline done", flush=True)
-    hf_threads = sorted({1, os.cpu_count() or 1})
+    cores = len(os.sched_getaffinity(0))
+    hf_threads = sorted({max(1, cores - 1), cores})  # vLLM's CPU default (every core but one), every core
     hf, hf_ref = {}, None
     if not args.client_only:
         for t in hf_threads:

@@ -9,6 +9,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+# The phases of `teacher_phase_seconds`: receiving the body, msgspec decoding,
+# checks, waiting on vLLM, vLLM output -> protocol (/v1/logprobs only; in
+# /v1/generate it is part of "engine"), encoding the answer.
+PHASES = ("read", "decode", "validate", "engine", "convert", "encode")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -34,9 +38,7 @@ class ServerMetrics:
                            registry=r)
         self.latency = Histogram("teacher_request_latency_seconds", "Wall time of admitted requests",
                                  ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r)
-        # Where a request's time goes in this process: receiving the body ("read"),
-        # msgspec decoding ("decode"), checks ("validate"), waiting on vLLM ("engine"),
-        # vLLM output -> protocol ("convert"), encoding the answer ("encode").
+        # Where a request's time goes in this process, by PHASES.
         self.phase = Histogram("teacher_phase_seconds", "Time of a successful request in each phase",
                                ["endpoint", "phase"], buckets=LATENCY_BUCKETS_S, registry=r)
 
