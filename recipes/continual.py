@@ -3,6 +3,7 @@ Machines Lab, 2025): its continual-learning experiment in miniature.
 
     python -m recipes.continual
     python -m recipes.continual --steps 40 --lr 1e-3
+    python -m recipes.continual --post-steps 300 --mid-steps 200 --steps 10   # smaller in-process SFT (~5 min)
 
 The publication mid-trains a post-trained model (Qwen3-8B) on internal
 documents: its knowledge of them rises, its instruction following (IF-eval)
@@ -272,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                     lr_help="the learning rate of the three driver runs",
                     overrides_help="driver overrides applied to the three driver runs")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"driver runs to do (of {', '.join(RUNS)})")
+    ap.add_argument("--post-steps", type=int, default=POST.steps, help="SFT steps of the post-trained model")
+    ap.add_argument("--mid-steps", type=int, default=MID.steps, help="SFT steps of each mid-trained model")
     args = ap.parse_args(argv)
+    if args.post_steps < 1 or args.mid_steps < 1:
+        ap.error(f"--post-steps and --mid-steps must be >= 1, got {args.post_steps} and {args.mid_steps}")
+    post_recipe = dataclasses.replace(POST, steps=args.post_steps)
+    mid_recipe = dataclasses.replace(MID, steps=args.mid_steps)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if bad := [r for r in runs if r not in RUNS]:
         ap.error(f"--runs: unknown {bad}; valid: {', '.join(RUNS)}")
@@ -280,11 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
 
-    post = build_post(POST)
-    mids = {"mid100": build_mid(dataclasses.replace(MID, instruction_frac=0.0), post),
-            "mid70": build_mid(MID, post)}
-    facts = make_facts(MID.n_facts, MID.seed)
-    files = build_task_files(MID.n_facts, fact_seed=MID.seed)
+    post = build_post(post_recipe)
+    mids = {"mid100": build_mid(dataclasses.replace(mid_recipe, instruction_frac=0.0), post),
+            "mid70": build_mid(mid_recipe, post)}
+    facts = make_facts(mid_recipe.n_facts, mid_recipe.seed)
+    files = build_task_files(mid_recipe.n_facts, fact_seed=mid_recipe.seed)
     rows = {k: checkpoint_scores(d, facts) for k, d in {"post": post, **mids}.items()}
     print(f"[continual] in-process SFT done ({(time.monotonic() - t_start) / 60:.1f} min)", flush=True)
 
@@ -305,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 
     wall = time.monotonic() - t_start
     table = continual_table(rows)
-    header = (f"# recipes.continual: {len(facts)} facts; driver runs {args.steps} steps x {args.prompts_per_step} "
+    header = (f"# recipes.continual: {len(facts)} facts; in-process SFT {post_recipe.steps} steps (post-training), "
+              f"{mid_recipe.steps} (each mid-training); driver runs {args.steps} steps x {args.prompts_per_step} "
               f"prompts x {args.samples_per_prompt} samples, lr {args.lr}; teacher = the post-trained model\n\n")
     md = header + table + f"\n\nRun time: {wall / 60:.1f} min (`python -m recipes.continual " \
                           f"{' '.join(argv if argv is not None else sys.argv[1:])}`).\n"

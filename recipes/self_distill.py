@@ -2,6 +2,7 @@
 
     python -m recipes.self_distill
     python -m recipes.self_distill --steps 20 --lr 6e-4
+    python -m recipes.self_distill --student DIR     # your own checkpoint as init and teacher
 
 Every run uses the SFT student init itself, frozen, as the teacher
 (teacher.model = the student init), through the real driver, all at the same
@@ -100,12 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = run_parser("self_distill", __doc__, steps=20, prompts_per_step=32, lr=3e-4, eval_every=5,
                     lr_help="the same learning rate for all three runs",
                     overrides_help="driver overrides applied to all three runs")
+    ap.add_argument("--student", default=None, help="the init (and its own teacher): a checkpoint directory of a "
+                    "model with the tiny tokenizer (default: build recipes.sft's student init)")
     args = ap.parse_args(argv)
+    if args.student is not None and not (Path(args.student) / "config.json").is_file():
+        ap.error(f"--student {args.student}: no config.json there; give a checkpoint directory "
+                 "(save_pretrained's output)")
     out = Path(args.out or default_run_dir("self_distill")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     # Only the student init is needed: it is its own teacher.
-    student = build_sft_model(STUDENT_RECIPE)
+    student = Path(args.student).resolve() if args.student else build_sft_model(STUDENT_RECIPE)
     common = [f"student.model={student}", f"teacher.model={student}",
               f"eval.every_steps={args.eval_every}", f"train.steps={args.steps}",
               f"train.prompts_per_step={args.prompts_per_step}",

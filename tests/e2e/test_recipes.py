@@ -75,3 +75,80 @@ def test_compare_runs_each_method_through_the_driver_and_reuses_finished_runs(tm
     assert before == {m: (d / "result.json").stat().st_mtime_ns for m, d in run_dirs.items()}
     assert json.loads((out / "compare.json").read_text())["methods"]["seq_kd"]["final_accuracy"] == \
         res["methods"]["seq_kd"]["final_accuracy"]
+
+
+def _config(run_dir):
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def test_self_distill_runs_its_three_runs_through_the_driver(tmp_path, student_path):
+    """`python -m recipes.self_distill --student DIR` on the session's tiny
+    student: SFT on its own samples, on-policy distillation with itself as
+    teacher, and the recovery from the SFT run's export, each a real driver
+    run. The lr is large so that two SFT steps move an untrained model far
+    enough for a 64-sample estimate of the KL to show it."""
+    from recipes import self_distill
+
+    out = tmp_path / "sd"
+    assert self_distill.main(["--student", student_path, "--steps", "2", "--eval-every", "1",
+                              "--prompts-per-step", "8", "--samples-per-prompt", "2", "--lr", "1e-2",
+                              "--out", str(out), "eval.num_prompts=32"]) == 0
+    runs = {name: read_metrics(out / name) for name in self_distill.RUNS}
+    for name, rows in runs.items():
+        assert [r["step"] for r in rows if "eval/reverse_kl" in r] == [0, 1, 2], name
+        assert [r["step"] for r in rows if "learner/loss" in r] == [1, 2], name
+        assert _config(out / name)["teacher"]["model"] == str(student_path), name
+    # The init as its own teacher: every advantage is exactly 0, so is the
+    # loss, and the held-out KL to the init stays exactly 0.
+    assert all(r["learner/loss"] == 0.0 for r in runs["on_policy_self"] if "learner/loss" in r)
+    assert all(r["eval/reverse_kl"] == 0.0 for r in runs["on_policy_self"] if "eval/reverse_kl" in r)
+    # SFT on its own samples starts at the init (KL exactly 0) and drifts.
+    sft_kl = dict((r["step"], r["eval/reverse_kl"]) for r in runs["sft_own_samples"] if "eval/reverse_kl" in r)
+    assert sft_kl[0] == 0.0 and sft_kl[2] > 0.0, sft_kl
+    # The recovery run starts from the SFT run's export, away from the init.
+    assert _config(out / "recovery")["student"]["model"] == str(out / "sft_own_samples" / "final")
+    assert runs["recovery"][0]["eval/reverse_kl"] > 0.0
+    md = (out / "self_distill.md").read_text()
+    assert "recovery: OPD from the drifted SFT export: KL to init" in md
+    # The table has one row per evaluated step, the recovery run shifted after the SFT run's last one.
+    assert [line.split("|")[1].strip() for line in md.splitlines()[4:]] == ["0", "1", "2", "3", "4"]
+    assert (out / "self_distill.png").stat().st_size > 10_000
+
+
+def test_continual_mid_trains_then_restores_through_the_driver(tmp_path, monkeypatch):
+    """`python -m recipes.continual` with a few steps of in-process SFT (the
+    post-trained and the two mid-trained models, built into this test's
+    cache) and 2 steps per driver run: each run is a real driver run from
+    the 70% mid-trained model with the post-trained model as teacher, on its
+    own prompts, its export scored."""
+    from recipes import continual
+
+    monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "cont"
+    assert continual.main(["--post-steps", "20", "--mid-steps", "10", "--steps", "2", "--eval-every", "1",
+                           "--prompts-per-step", "8", "--samples-per-prompt", "2", "--out", str(out),
+                           "eval.num_prompts=32"]) == 0
+    res = json.loads((out / "continual.json").read_text())
+    assert set(res["scores"]) == {"post", "mid100", "mid70", *continual.RUNS}
+    for name, s in res["scores"].items():
+        assert set(s) == {"knowledge", "instruction", "instruction_sampled"}, name
+        assert all(0.0 <= v <= 1.0 for v in s.values()), (name, s)
+    data = {}
+    for name in continual.RUNS:
+        cfg = _config(out / name)
+        assert cfg["student"]["model"] == res["mid"]["mid70"] and cfg["teacher"]["model"] == res["post"], name
+        data[name] = cfg["data"]["train"]
+        rows = read_metrics(out / name)
+        assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2], name
+        assert all(r["teacher/tokens_scored"] > 0 for r in rows if "learner/loss" in r), name
+        assert (out / name / "final" / "config.json").is_file(), name
+    # Distillation and its SFT baseline train on instruction prompts, the control on the fact questions.
+    assert data["distill"] == data["sft_teacher_samples"] != data["control_distill_facts"]
+    assert "facts" in data["control_distill_facts"]
+    assert _config(out / "sft_teacher_samples")["train"]["sample_from"] == "teacher"
+    md = (out / "continual.md").read_text()
+    assert "in-process SFT 20 steps (post-training), 10 (each mid-training)" in md
+    assert all(continual.LABELS[k] in md for k in res["scores"])
+    assert (out / "continual.png").stat().st_size > 10_000
