@@ -152,3 +152,28 @@ def test_continual_mid_trains_then_restores_through_the_driver(tmp_path, monkeyp
     assert "in-process SFT 20 steps (post-training), 10 (each mid-training)" in md
     assert all(continual.LABELS[k] in md for k in res["scores"])
     assert (out / "continual.png").stat().st_size > 10_000
+
+
+def test_demo_runs_the_driver_and_writes_its_report(tmp_path, student_path, teacher_path):
+    """`make demo`'s recipe (`python -m recipes.demo --teacher DIR --student
+    DIR`) on the session's tiny pair, 2 steps: the driver run, the
+    teacher's accuracy and the greedy accuracies of the pair and of the
+    export, the report and its plot."""
+    from recipes import demo
+
+    run_dir = tmp_path / "demo"
+    assert demo.main(["--teacher", teacher_path, "--student", student_path, f"run.dir={run_dir}",
+                      "train.steps=2", "eval.every_steps=1", "train.prompts_per_step=8", "eval.num_prompts=16"]) == 0
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]
+    assert all(r["teacher/tokens_scored"] > 0 for r in rows if "learner/loss" in r)
+    s = json.loads((run_dir / "report.json").read_text())
+    assert s["steps"] == 2 and s["run_dir"] == str(run_dir)
+    assert s["teacher"] == str(teacher_path) and s["student_init"] == str(student_path)
+    # Two different random models: the student's KL to the teacher is far from 0.
+    assert s["reverse_kl_before"] > 0.1
+    for k in ("accuracy_before", "accuracy_after", "teacher_accuracy", "greedy_before", "greedy_after",
+              "teacher_greedy"):
+        assert 0.0 <= s[k] <= 1.0, k
+    assert "student after 2 steps of on-policy distillation" in (run_dir / "report.md").read_text()
+    assert (run_dir / "report.png").stat().st_size > 10_000
