@@ -35,6 +35,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -162,6 +163,12 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     from rollout.teacher_client import TeacherClient, check_tokenizers
     from teacher_server.protocol import load_tokenizer_info, tokenizer_info
 
+    t_build = time.monotonic()
+    ready_s: dict[str, float] = {}  # role -> seconds from the start of build() until it was ready
+
+    def note_ready(role: str):
+        return lambda _fut=None: ready_s.setdefault(role, time.monotonic() - t_build)
+
     # Models first (tiny: builds, local directories, hub ids through the HF
     # cache), once: everything after gets the resolved local directories.
     # With teacher.routes the top-level teacher is served only when used (cluster/teachers.py).
@@ -254,6 +261,7 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
                                  model_ref=teacher_model, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib,
                                  kv_seqs=batch_sequences(cfg),
                                  threads=threads["teacher"])
+        teacher_fut.add_done_callback(note_ready("teacher"))
         tex.shutdown(wait=False)
     (run_dir / "placement.json").write_text(json.dumps(layout, indent=1))
     # Every other node the samplers and learners landed on must see the
@@ -269,13 +277,17 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
                               num_gpus_per_sampler=plan.gpus_per_sampler(cfg.rollout), cpu_cfg=cfg.cpu,
                               lora_rank=cfg.learner.lora.rank, thread_shares=threads["samplers"])
     teardown.append(pool.shutdown)
+    note_ready("samplers")()
     teacher_failed_fast()
     learners = LearnerGroup.create(student_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
                                    scheduling_strategies=plan.learner_strategies,
                                    num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps,
                                    cpu_threads=threads["learners"])
     teardown.append(learners.shutdown)
+    note_ready("learners")()
     teacher_proc = teacher_fut.result() if teacher_fut is not None else None
+    if teacher_proc is not None and not cfg.teacher.url:
+        note_ready("teacher")()  # its callback's time, if that ran first (setdefault)
     teacher = None
     if teacher_proc is not None:
         # A driver-started server's key (teacher.api_key_file, or one made for the run).
@@ -291,6 +303,10 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     chosen = learners.init_weight_sync(pool, **sync_kwargs)
     print(f"[opd] weight sync over {chosen} (rollout.weight_sync_backend={cfg.rollout.weight_sync_backend})",
           flush=True)
+    # Where start-up goes (the teacher starts on its side thread while the
+    # samplers, then the learners, start here).
+    print(f"[opd] started in {time.monotonic() - t_build:.1f}s; ready after: "
+          + ", ".join(f"{role} {t:.1f}s" for role, t in sorted(ready_s.items(), key=lambda kv: kv[1])), flush=True)
     return dict(pool=pool, learners=learners, teacher=teacher, stream=stream, eval_records=eval_records,
                 tokenizer=tokenizer, sync_kwargs=sync_kwargs)
 
