@@ -3,7 +3,7 @@ Machines Lab, 2025): its continual-learning experiment in miniature.
 
     python -m recipes.continual
     python -m recipes.continual --steps 40 --lr 1e-3
-    python -m recipes.continual --post-steps 300 --mid-steps 200 --steps 10   # smaller in-process SFT (~5 min)
+    python -m recipes.continual --post-steps 300 --mid-steps 200 --steps 10   # a quick look: smaller in-process SFT
 
 The publication mid-trains a post-trained model (Qwen3-8B) on internal
 documents: its knowledge of them rises, its instruction following (IF-eval)

@@ -15,7 +15,12 @@ learning rate:
   on_policy_self    on-policy distillation with the init as teacher
                     (loss.kind=reverse_kl): the advantage lp_teacher - lp_student
                     is zero while the student equals the init and pulls it back
-                    if it moves, so the policy stays put (KL stays near zero).
+                    if it moves, so the policy stays put. Where the sampler and
+                    the teacher compute the same logprob bits (float32 vLLM CPU
+                    forwards of the same weights) every advantage, the loss and
+                    the update are exactly 0: the KL stays 0 and the run's export
+                    equals the init bit for bit (reported; with AdamW's
+                    weight_decay 0, the default).
   recovery          on-policy distillation with the init as teacher, starting
                     from the drifted student (the export of sft_own_samples'
                     last step, <out>/sft_own_samples/final): the same advantage
@@ -43,7 +48,9 @@ from recipes.report import format_table, read_metrics, save_figure, series, subp
 
 RUNS: dict[str, list[str]] = {
     "sft_own_samples": ["loss.kind=sft", "train.sample_from=student", "run.export_final=true"],
-    "on_policy_self": ["loss.kind=reverse_kl", "run.export_final=false"],
+    # Exported: with the init as teacher every advantage is 0, so is the
+    # update, and the export must equal the init bit for bit (checked in main).
+    "on_policy_self": ["loss.kind=reverse_kl", "run.export_final=true"],
     # student.model is the drifted export of sft_own_samples (set in main).
     "recovery": ["loss.kind=reverse_kl", "run.export_final=false"],
 }
@@ -73,6 +80,23 @@ def self_distill_table(results: dict[str, list[dict]], offsets: dict[str, int] |
             row += [kl[name].get(s), acc[name].get(s)]
         out_rows.append(row)
     return format_table(head, out_rows)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoint directories hold the same tensors, bit for bit
+    (names, dtypes, shapes, values; every *.safetensors file of each)."""
+    import torch
+    from safetensors.torch import load_file
+
+    def load(d: Path) -> dict:
+        out: dict = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    wa, wb = load(a), load(b)
+    return bool(wa) and wa.keys() == wb.keys() and all(
+        wa[n].dtype == wb[n].dtype and torch.equal(wa[n], wb[n]) for n in wa)
 
 
 def plot_self_distill(results: dict[str, list[dict]], out_png: Path, offsets: dict[str, int] | None = None) -> Path:
@@ -123,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
             ov = ov + [f"student.model={out / 'sft_own_samples' / 'final'}"]
         results[name] = read_metrics(run_driver(driver_config(common + ov + [f"run.dir={out / name}"])))
     offsets = {"recovery": results["sft_own_samples"][-1]["step"]}
-    table = self_distill_table(results, offsets)
+    still = same_weights(student, out / "on_policy_self" / "final")
+    table = self_distill_table(results, offsets) + (
+        f"\n\nOPD, teacher = init: its step-{args.steps} export "
+        + ("equals the init bit for bit" if still else "DIFFERS from the init (expected: equal bit for bit)"))
     header = (f"# recipes.self_distill: {args.steps} steps x {args.prompts_per_step} prompts x "
               f"{args.samples_per_prompt} samples, lr {args.lr}; teacher = the student init; the recovery run "
               f"starts from the SFT run's step-{offsets['recovery']} export\n\n")
     (out / "self_distill.md").write_text(header + table + "\n")
-    write_json(out / "self_distill.json", {"args": vars(args), "runs": results})
+    write_json(out / "self_distill.json", {"args": vars(args), "runs": results,
+                                           "on_policy_self_export_equals_init": still})
     png = plot_self_distill(results, out / "self_distill.png", offsets)
     print("\n" + header + table)
     print(f"\n{out / 'self_distill.md'}, plot {png}; total {(time.monotonic() - t_start) / 60:.1f} min")

@@ -7,27 +7,22 @@ on CPU:
 - a sync driver run at rollout.top_p=0.8 with rollout.top_k stays on-policy:
   learner/logprob_abs_diff < 1e-3 at every step (~5e-7 measured; with the
   learner scoring the untruncated distribution the same run logs 1.5-1.7);
-- self-distillation through the driver (the teacher_server serves the
-  student's own checkpoint, which asks for dropout): every advantage is 0,
-  the learner runs without dropout, and the exported weights after the run
-  equal the initial ones bit for bit.
+- self-distillation through the driver is exact too (every advantage 0, the
+  export equal to the init bit for bit): checked by the recipe's own test,
+  tests/e2e/test_recipes.py::test_self_distill_runs_its_three_runs_through_the_driver.
 
     flock /tmp/opd-heavy.lock .venv/bin/python -m pytest tests/e2e/test_on_policy_exactness.py -q
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import types
-from pathlib import Path
 
 import pytest
 import ray
 import torch
 
-from tests.e2e.test_cluster import base_overrides, read_metrics, run_demo, run_in_process
+from tests.e2e.test_cluster import run_demo
 
 PROMPTS = ["12+7=", [{"role": "user", "content": "What is 3*4?"}], [5, 40, 41, 42, 43]]
 
@@ -131,48 +126,3 @@ def test_top_p_run_stays_on_policy(ray_session, teacher_server, tmp_path):
     assert max(diffs) < 1e-3, diffs
     assert all(abs(r["learner/ratio_mean"] - 1.0) < 1e-3 for r in rows), rows
     assert all(r["learner/grad_norm"] > 0 for r in rows)  # it trains (the policy moves between steps)
-
-
-def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-@pytest.mark.slow
-def test_self_distillation_stays_exactly_still(ray_session, student_path, tmp_path):
-    """The teacher is the student's own initial checkpoint, served by the
-    driver's teacher_server (vLLM prefill) while the sampler scores its own
-    tokens while decoding: both are float32 vLLM CPU forwards of the same
-    weights and give the same logprob bits, so every advantage is exactly 0,
-    the loss and its gradient are exactly 0, and AdamW (weight_decay 0, the
-    default) takes a zero step: the exported weights equal the initial ones
-    bit for bit. The checkpoint asks for attention dropout 0.5, which vLLM
-    ignores; the learner turns it off (learner/worker.py disable_dropout), so
-    its log-probs are the sampler's."""
-    model = tmp_path / "student_dropout"
-    shutil.copytree(student_path, model)
-    cfg = json.loads((model / "config.json").read_text())
-    cfg["attention_dropout"] = 0.5
-    (model / "config.json").write_text(json.dumps(cfg))
-    run_dir = tmp_path / "self"
-    no_server = types.SimpleNamespace(url=None, api_key_file=None)  # the driver starts its own teacher
-    overrides = [o for o in base_overrides(run_dir, no_server, steps=3) if not o.startswith("teacher.")]
-    rc = run_in_process(overrides + [f"student.model={model}", f"teacher.model={model}", "teacher.url=null",
-                                     "eval.every_steps=0", "learner.lr=1e-2", "learner.weight_decay=0.0"])
-    assert rc == 0
-    rows = [r for r in read_metrics(run_dir) if "learner/loss" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for r in rows:
-        assert r["teacher/reverse_kl"] == 0.0 and r["learner/reverse_kl"] == 0.0, r
-        assert r["learner/loss"] == 0.0 and r["learner/grad_norm"] == 0.0, r
-        assert r["learner/logprob_abs_diff"] < 1e-3, r  # with dropout 0.5 in the learner: ~0.5
-    before, after = _weights(model), _weights(run_dir / "final")
-    assert before.keys() == after.keys()
-    changed = [n for n in before if not torch.equal(before[n], after[n])]
-    assert not changed, f"weights moved: {changed[:5]}"
-    # The export keeps the checkpoint's own config, dropout included.
-    assert json.loads((run_dir / "final" / "config.json").read_text())["attention_dropout"] == 0.5

@@ -13,6 +13,7 @@ rerun into the same --out reuses the finished runs.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -85,36 +86,61 @@ def _config(run_dir):
 
 
 def test_self_distill_runs_its_three_runs_through_the_driver(tmp_path, student_path):
-    """`python -m recipes.self_distill --student DIR` on the session's tiny
-    student: SFT on its own samples, on-policy distillation with itself as
-    teacher, and the recovery from the SFT run's export, each a real driver
-    run. The lr is large so that two SFT steps move an untrained model far
-    enough for a 64-sample estimate of the KL to show it."""
+    """`python -m recipes.self_distill --student DIR` on a copy of the
+    session's tiny student: SFT on its own samples, on-policy distillation
+    with itself as teacher, and the recovery from the SFT run's export, each
+    a real driver run. The lr is large so that two SFT steps move an
+    untrained model far enough for a 64-sample estimate of the KL to show it.
+
+    The init as its own teacher, served by the driver's teacher_server (vLLM
+    prefill) while the sampler scores its own tokens while decoding: both
+    are float32 vLLM CPU forwards of the same weights and give the same
+    logprob bits, so every advantage is exactly 0, so are the loss and its
+    gradient, and AdamW (weight_decay 0) takes a zero step: the export equals
+    the init bit for bit. The checkpoint asks for attention dropout 0.5,
+    which vLLM ignores; the learner turns it off (learner/worker.py
+    disable_dropout), so its log-probs are the sampler's."""
     from recipes import self_distill
 
+    init = tmp_path / "student_dropout"
+    shutil.copytree(student_path, init)
+    cfg = json.loads((init / "config.json").read_text())
+    cfg["attention_dropout"] = 0.5
+    (init / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "sd"
-    assert self_distill.main(["--student", student_path, "--steps", "2", "--eval-every", "1",
+    assert self_distill.main(["--student", str(init), "--steps", "2", "--eval-every", "1",
                               "--prompts-per-step", "8", "--samples-per-prompt", "2", "--lr", "1e-2",
-                              "--out", str(out), "eval.num_prompts=32"]) == 0
+                              "--out", str(out), "eval.num_prompts=32", "learner.weight_decay=0.0"]) == 0
     runs = {name: read_metrics(out / name) for name in self_distill.RUNS}
     for name, rows in runs.items():
         assert [r["step"] for r in rows if "eval/reverse_kl" in r] == [0, 1, 2], name
         assert [r["step"] for r in rows if "learner/loss" in r] == [1, 2], name
-        assert _config(out / name)["teacher"]["model"] == str(student_path), name
-    # The init as its own teacher: every advantage is exactly 0, so is the
-    # loss, and the held-out KL to the init stays exactly 0.
-    assert all(r["learner/loss"] == 0.0 for r in runs["on_policy_self"] if "learner/loss" in r)
+        assert _config(out / name)["teacher"]["model"] == str(init), name
+    # The init as its own teacher: nothing moves, exactly.
+    for r in runs["on_policy_self"]:
+        if "learner/loss" in r:
+            assert r["teacher/reverse_kl"] == 0.0 and r["learner/reverse_kl"] == 0.0, r
+            assert r["learner/loss"] == 0.0 and r["learner/grad_norm"] == 0.0, r
+            assert r["learner/logprob_abs_diff"] < 1e-3, r  # with dropout 0.5 in the learner: ~0.5
     assert all(r["eval/reverse_kl"] == 0.0 for r in runs["on_policy_self"] if "eval/reverse_kl" in r)
-    # SFT on its own samples starts at the init (KL exactly 0) and drifts.
+    final = out / "on_policy_self" / "final"
+    assert self_distill.same_weights(init, final)
+    assert json.loads((out / "self_distill.json").read_text())["on_policy_self_export_equals_init"] is True
+    # The export keeps the checkpoint's own config, dropout included.
+    assert json.loads((final / "config.json").read_text())["attention_dropout"] == 0.5
+    # SFT on its own samples starts at the init (KL exactly 0) and drifts: its export is another model.
     sft_kl = dict((r["step"], r["eval/reverse_kl"]) for r in runs["sft_own_samples"] if "eval/reverse_kl" in r)
     assert sft_kl[0] == 0.0 and sft_kl[2] > 0.0, sft_kl
+    assert not self_distill.same_weights(init, out / "sft_own_samples" / "final")
     # The recovery run starts from the SFT run's export, away from the init.
     assert _config(out / "recovery")["student"]["model"] == str(out / "sft_own_samples" / "final")
     assert runs["recovery"][0]["eval/reverse_kl"] > 0.0
     md = (out / "self_distill.md").read_text()
     assert "recovery: OPD from the drifted SFT export: KL to init" in md
+    assert "OPD, teacher = init: its step-2 export equals the init bit for bit" in md
     # The table has one row per evaluated step, the recovery run shifted after the SFT run's last one.
-    assert [line.split("|")[1].strip() for line in md.splitlines()[4:]] == ["0", "1", "2", "3", "4"]
+    assert [line.split("|")[1].strip() for line in md.splitlines()[4:] if line.startswith("|")] == \
+        ["0", "1", "2", "3", "4"]
     assert (out / "self_distill.png").stat().st_size > 10_000
 
 
