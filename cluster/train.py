@@ -166,8 +166,8 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
     t_build = time.monotonic()
     ready_s: dict[str, float] = {}  # role -> seconds from the start of build() until it was ready
 
-    def note_ready(role: str):
-        return lambda _fut=None: ready_s.setdefault(role, time.monotonic() - t_build)
+    def note_ready(role: str) -> None:
+        ready_s[role] = time.monotonic() - t_build
 
     # Models first (tiny: builds, local directories, hub ids through the HF
     # cache), once: everything after gets the resolved local directories.
@@ -256,12 +256,16 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
         # After the groups are reserved: the teacher takes GPUs they left.
         print(f"[opd] starting teacher ({teacher_path})", flush=True)
         tex = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher-start")
-        teacher_fut = tex.submit(start_teacher, cfg.teacher, teacher_path, run_dir,
-                                 num_gpus=cfg.teacher.tensor_parallel_size if plan.uses_gpus else 0,
-                                 model_ref=teacher_model, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib,
-                                 kv_seqs=batch_sequences(cfg),
-                                 threads=threads["teacher"])
-        teacher_fut.add_done_callback(note_ready("teacher"))
+
+        def start_and_note():
+            handle = start_teacher(cfg.teacher, teacher_path, run_dir,
+                                   num_gpus=cfg.teacher.tensor_parallel_size if plan.uses_gpus else 0,
+                                   model_ref=teacher_model, kv_cache_gib=cfg.cpu.teacher_kv_cache_gib,
+                                   kv_seqs=batch_sequences(cfg), threads=threads["teacher"])
+            note_ready("teacher")
+            return handle
+
+        teacher_fut = tex.submit(start_and_note)
         tex.shutdown(wait=False)
     (run_dir / "placement.json").write_text(json.dumps(layout, indent=1))
     # Every other node the samplers and learners landed on must see the
@@ -277,17 +281,15 @@ def build(cfg: Config, run_dir: Path, resume_state: dict | None, teardown: list)
                               num_gpus_per_sampler=plan.gpus_per_sampler(cfg.rollout), cpu_cfg=cfg.cpu,
                               lora_rank=cfg.learner.lora.rank, thread_shares=threads["samplers"])
     teardown.append(pool.shutdown)
-    note_ready("samplers")()
+    note_ready("samplers")
     teacher_failed_fast()
     learners = LearnerGroup.create(student_path, cfg.learner, cfg.loss, seed=cfg.run.seed,
                                    scheduling_strategies=plan.learner_strategies,
                                    num_gpus_per_worker=plan.gpus_per_bundle, total_steps=cfg.train.steps,
                                    cpu_threads=threads["learners"])
     teardown.append(learners.shutdown)
-    note_ready("learners")()
+    note_ready("learners")
     teacher_proc = teacher_fut.result() if teacher_fut is not None else None
-    if teacher_proc is not None and not cfg.teacher.url:
-        note_ready("teacher")()  # its callback's time, if that ran first (setdefault)
     teacher = None
     if teacher_proc is not None:
         # A driver-started server's key (teacher.api_key_file, or one made for the run).
