@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,11 @@ class MetricsLogger:
         self._f = open(self.path, "a")
         self.mode = resolve_wandb_mode(wcfg.mode)
         self.run = None
+        # wandb.init replaces sys.excepthook and sys.exit with its run's hooks
+        # and finish() leaves them there: in a process that runs the driver
+        # more than once (the recipes) they would stack, and an error would
+        # print its traceback once per earlier run. close() puts these back.
+        self._sys_hooks = (sys.excepthook, sys.exit)
         if self.mode != "disabled":
             import wandb
 
@@ -96,3 +102,4 @@ class MetricsLogger:
         if self.run is not None:
             self.run.finish()
             self.run = None
+            sys.excepthook, sys.exit = self._sys_hooks
