@@ -480,6 +480,19 @@ def _convert(value: Any, t: Any, key: str, problems: list[str]) -> Any:
                 return out
         problems.append(f"{key}: {_show(value)} is not {_type_name(t)}")
         return _BAD
+    if origin is dict:   # free-form arguments passed on as given (rollout.engine_args)
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping of names to values, got {_show(value)}")
+            return _BAD
+        for k, v in value.items():
+            if not isinstance(k, str) or not k.isidentifier():
+                problems.append(f"{key}: {_show(k, 40)} is not a valid name (letters, digits and '_')")
+                return _BAD
+            if not _plain(v):
+                problems.append(f"{key}.{k}: {_show(v)} is not plain data (a number, string, boolean, null, "
+                                "or a list or mapping of those)")
+                return _BAD
+        return dict(value)
     if origin is tuple:
         args = typing.get_args(t)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool) and args and args[-1] is Ellipsis:
@@ -537,6 +550,19 @@ def _convert(value: Any, t: Any, key: str, problems: list[str]) -> Any:
         problems.append(f"{key}: {_show(value)} is not a string")
         return _BAD
     raise TypeError(f"config field {key} has an unsupported type {t!r}")
+
+
+def _plain(v: Any, depth: int = 0) -> bool:
+    """JSON-like data (what YAML's plain scalars, lists and mappings load as)."""
+    if depth > 20:
+        return False
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, list):
+        return all(_plain(x, depth + 1) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x, depth + 1) for k, x in v.items())
+    return False
 
 
 def _show(value: Any, limit: int = 200) -> str:

@@ -43,6 +43,7 @@ in Ray 2.60), the server with them.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -231,8 +232,16 @@ class TeacherHandle:
 
 def server_args(tcfg: TeacherConfig, model_path: str) -> list[str]:
     """teacher_server's arguments for `tcfg` (without host, port and key)."""
-    return ["--model", model_path, "--dtype", tcfg.dtype, "--max-model-len", str(tcfg.max_model_len),
+    args = ["--model", model_path, "--dtype", tcfg.dtype, "--max-model-len", str(tcfg.max_model_len),
             "--tensor-parallel-size", str(tcfg.tensor_parallel_size)]
+    engine_args = dict(tcfg.engine_args)
+    # The engine arguments the server takes as its own flags.
+    for name, flag in (("max_num_seqs", "--max-num-seqs"), ("max_num_batched_tokens", "--max-batch-tokens")):
+        if name in engine_args:
+            args += [flag, str(engine_args.pop(name))]
+    if engine_args:
+        args += ["--engine-args", json.dumps(engine_args)]
+    return args
 
 
 def _run_key(tcfg: TeacherConfig) -> tuple[str, str, bool]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Literal
+from typing import Any, Literal
 
 # --------------------------------------------------------------------------
 # Field checks (shared by every section of the tree)
@@ -141,6 +141,17 @@ class TeacherRoute:
     system_prompt: str | None = None
 
 
+# vLLM engine arguments of a teacher server the driver starts that opd sets
+# itself: the key that sets each (None: opd's own). The other names the
+# server takes as flags (teacher_server.engine.SERVER_ENGINE_ARGS) pass through.
+TEACHER_ENGINE_ARGS: dict[str, str | None] = {
+    "model": "teacher.model", "served_model_name": None, "dtype": "teacher.dtype",
+    "tensor_parallel_size": "teacher.tensor_parallel_size", "max_model_len": "teacher.max_model_len",
+    "kv_cache_memory_bytes": "cpu.teacher_kv_cache_gib on CPU", "seed": None, "max_logprobs": None,
+    "logprobs_mode": None, "tokenizer": "teacher.model",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
     # URL of a running teacher_server (e.g. http://teacher-node:8000), or a
@@ -196,6 +207,13 @@ class TeacherConfig:
     unavailable_timeout_s: float = 600.0
     # How long a self-started server may take to report healthy (seconds).
     startup_timeout_s: float = 600.0
+    # More vLLM engine arguments of the teacher server(s) the driver starts
+    # (not of a server at teacher.url), as rollout.engine_args: fields of
+    # vLLM's EngineArgs, e.g. {enable_prefix_caching: false, quantization:
+    # fp8}; max_num_seqs and max_num_batched_tokens go to teacher_server's
+    # --max-num-seqs and --max-batch-tokens. Not the ones opd sets from its
+    # own keys (TEACHER_ENGINE_ARGS names them).
+    engine_args: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Several teachers: the record field (e.g. data_source) whose value picks
     # the teacher of a record among `routes` (rollout/teacher_routes.py).
     # null = one teacher (this section) scores every record.
@@ -229,6 +247,19 @@ class TeacherConfig:
             out.append(f"teacher.top_k: {self.top_k} is negative; use 0 (sampled token only) or K > 0")
         out += url_problems(f"{section_name(self)}.url", self.url)
         out += backend_problems(section_name(self), self.backend, self.url, self.temperature)
+        if self.engine_args:
+            from teacher_server.engine import engine_args_problems
+
+            key = f"{section_name(self)}.engine_args"
+            if self.url is not None and not self.routes:
+                out.append(f"{key}: set, but teacher.url is a running server, which has its own engine "
+                           "arguments; set them where it is served (`python -m teacher_server --engine-args`), "
+                           "or drop teacher.url to have the driver start the teacher")
+            out += engine_args_problems(key, self.engine_args, TEACHER_ENGINE_ARGS)
+            for name in ("max_num_seqs", "max_num_batched_tokens"):   # teacher_server flags: checked here
+                v = self.engine_args.get(name)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                    out.append(f"{key}.{name}: {v!r} must be a positive integer")
         return out + self._route_problems()
 
     def _route_problems(self) -> list[str]:
@@ -312,6 +343,19 @@ class DataConfig:
         return positive(self, "max_prompt_tokens") + non_negative(self, "eval_size")
 
 
+# vLLM engine arguments a sampler sets itself: the key that sets each (None:
+# opd's own, not settable); rollout.engine_args may not name them.
+SAMPLER_ENGINE_ARGS: dict[str, str | None] = {
+    "model": "student.model", "tokenizer": "student.model (the learner trains with its tokenizer)",
+    "dtype": "student.dtype", "max_model_len": "student.max_model_len",
+    "tensor_parallel_size": "rollout.tensor_parallel_size", "enforce_eager": "rollout.enforce_eager",
+    "seed": "rollout.seed", "gpu_memory_utilization": "rollout.gpu_memory_utilization",
+    "enable_lora": "learner.lora.rank", "max_lora_rank": "learner.lora.rank", "max_loras": None,
+    "logprobs_mode": None, "worker_extension_cls": None, "weight_transfer_config": None,
+    "distributed_executor_backend": None,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     # Number of sampler actors (each a vLLM engine).
@@ -367,6 +411,13 @@ class RolloutConfig:
     # Timeout of one generate call (seconds); a sampler that exceeds it is
     # treated as dead and restarted.
     generate_timeout_s: float = 1800.0
+    # More vLLM engine arguments for every sampler, passed to vLLM as given:
+    # fields of vllm.engine.arg_utils.EngineArgs (`vllm serve`'s flags with
+    # '_' for '-'), e.g. {max_num_seqs: 512, enable_prefix_caching: true,
+    # quantization: fp8, kv_cache_dtype: fp8}; override one with
+    # rollout.engine_args.max_num_seqs=512. Not the ones opd sets from its
+    # own keys (SAMPLER_ENGINE_ARGS names them).
+    engine_args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def problems(self) -> list[str]:
         out = positive(self, "num_samplers", "samples_per_prompt", "max_new_tokens", "tensor_parallel_size",
@@ -376,6 +427,10 @@ class RolloutConfig:
             out.append(f"rollout.top_p: {self.top_p} is outside (0, 1]; use 1.0 to disable nucleus sampling")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             out.append(f"rollout.gpu_memory_utilization: {self.gpu_memory_utilization} is outside (0, 1]")
+        if self.engine_args:
+            from teacher_server.engine import engine_args_problems
+
+            out += engine_args_problems("rollout.engine_args", self.engine_args, SAMPLER_ENGINE_ARGS)
         if self.engine_process == "inprocess" and self.tensor_parallel_size != 1:
             out.append(f"rollout.engine_process=inprocess runs one engine worker, but tensor_parallel_size is "
                        f"{self.tensor_parallel_size}: use engine_process=multiprocess (or auto)")

@@ -215,6 +215,10 @@ class SamplerPool:
             self._workers = self._fanout("num_workers", [(s.num_workers, ()) for s in self.samplers])
         return self._workers
 
+    def engine_configs(self) -> list[dict]:
+        """Each sampler's vLLM engine settings (SamplerActor.engine_config)."""
+        return self._fanout("engine_config", [(s.engine_config, ()) for s in self.samplers])
+
     def total_workers(self) -> int:
         return sum(self.num_workers())
 

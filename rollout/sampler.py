@@ -54,7 +54,7 @@ from rollout.config import CpuConfig, ThreadShare, parse_cpu_list
 from rollout.host import KV_MAX_SEQS, kv_cache_size
 from rollout.types import Completion
 from rollout.weight_sync import WeightSyncError, concrete_dtype, engine_backend
-from teacher_server.engine import cpu_engine_setup
+from teacher_server.engine import cpu_engine_setup, engine_settings, merge_engine_args
 
 log = logging.getLogger(__name__)
 
@@ -242,24 +242,23 @@ class SamplerActor:
         if self._serves_lora:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
             self._lora_dir = tempfile.mkdtemp(prefix=f"opd-lora-sampler{sampler_index}-")
+        kwargs.update(model=model, dtype=concrete_dtype(student_cfg.dtype, has_gpu),
+                      max_model_len=student_cfg.max_model_len,
+                      tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+                      enforce_eager=rollout_cfg.enforce_eager or not has_gpu,
+                      logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
+                      weight_transfer_config=WeightTransferConfig(backend=self.backend),
+                      seed=rollout_cfg.seed + sampler_index)
+        # The user's rollout.engine_args; one that opd sets here is an error.
+        kwargs = merge_engine_args("rollout.engine_args", kwargs, rollout_cfg.engine_args)
         try:
-            self.llm = LLM(
-                model=model,
-                dtype=concrete_dtype(student_cfg.dtype, has_gpu),
-                max_model_len=student_cfg.max_model_len,
-                tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-                enforce_eager=rollout_cfg.enforce_eager or not has_gpu,
-                logprobs_mode="processed_logprobs",
-                worker_extension_cls=WORKER_EXTENSION,
-                weight_transfer_config=WeightTransferConfig(backend=self.backend),
-                seed=rollout_cfg.seed + sampler_index,
-                **kwargs,
-            )
+            self.llm = LLM(**kwargs)
         except Exception as e:
             # vLLM's config errors (pydantic) do not pickle across Ray: re-raise as text.
             raise RuntimeError(f"sampler {sampler_index}: vLLM engine for {model!r} failed to start: "
                                f"{type(e).__name__}: {e}") from None
         self.tokenizer = self.llm.get_tokenizer()
+        log.info("sampler %d: vLLM engine %s", sampler_index, self.engine_config())
         self._version = initial_version
         self._cond = threading.Condition()
         self._busy = False  # the engine is generating/scoring
@@ -286,6 +285,11 @@ class SamplerActor:
         per engine left in /dev/shm, which is RAM); the pool removes them after
         shutting the sampler down or killing it."""
         return sorted(_mapped_shm_files())
+
+    def engine_config(self) -> dict:
+        """Settings of this sampler's vLLM engine as vLLM resolved them (its
+        defaults, opd's choices and rollout.engine_args together)."""
+        return engine_settings(self.llm.llm_engine.vllm_config)
 
     def num_workers(self) -> int:
         """Worker processes of this engine (its ranks in the weight-sync group)."""

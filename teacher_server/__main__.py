@@ -4,7 +4,7 @@
         [--api-key-file FILE] [--max-batch-tokens N] [--max-queue N]
         [--max-request-bytes N] [--tensor-parallel-size K] [--dtype auto|float32|bfloat16]
         [--max-model-len N] [--max-top-k K] [--served-model-name NAME]
-        [--kv-cache-memory-bytes N]
+        [--kv-cache-memory-bytes N] [--engine-args JSON]
 
 (also installed as `opd-teacher-server`). Binds to 127.0.0.1 unless --host says
 otherwise; set an API key (--api-key-file) before exposing it on a network.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -28,6 +29,21 @@ def _positive(v: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
     return n
+
+
+def _engine_args(v: str) -> dict:
+    try:
+        args = json.loads(v)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): give an object such as "
+                                         "'{\"enable_prefix_caching\": false}'") from None
+    if not isinstance(args, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of engine arguments, got {type(args).__name__}")
+    from teacher_server.engine import SERVER_ENGINE_ARGS, engine_args_problems
+
+    if problems := engine_args_problems("--engine-args", args, SERVER_ENGINE_ARGS):
+        raise argparse.ArgumentTypeError("; ".join(problems))
+    return args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-bytes", type=_positive, default=None,
                    help="vLLM's KV cache size in bytes (default: VLLM_CPU_KVCACHE_SPACE on CPU, "
                         "the free GPU memory on GPU); on CPU it is allocated in full at start")
+    p.add_argument("--engine-args", type=_engine_args, default={}, metavar="JSON",
+                   help="more vLLM engine arguments, a JSON object of EngineArgs fields (`vllm serve`'s flags with "
+                        "'_' for '-'), e.g. '{\"enable_prefix_caching\": false, \"quantization\": \"fp8\"}'; "
+                        "not the ones the flags above set")
     p.add_argument("--shutdown-timeout-s", type=float, default=120.0,
                    help="how long SIGTERM waits for admitted requests")
     return p.parse_args(argv)
@@ -80,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     eopts = EngineOptions(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
                           tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
                           max_batch_tokens=args.max_batch_tokens, max_num_seqs=args.max_num_seqs,
-                          max_top_k=args.max_top_k, kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+                          max_top_k=args.max_top_k, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                          engine_args=args.engine_args)
     sopts = ServerOptions(host=args.host, port=args.port, api_key=_read_api_key(args.api_key_file),
                           max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
                           shutdown_timeout_s=args.shutdown_timeout_s)

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
+import json
 import logging
 import os
 import time
@@ -54,6 +56,74 @@ class EngineOptions:
     max_top_k: int = DEFAULT_MAX_TOP_K
     seed: int = 0
     kv_cache_memory_bytes: int | None = None  # vLLM's; None: its own choice
+    # More vLLM engine arguments (--engine-args), none of SERVER_ENGINE_ARGS.
+    engine_args: dict = dataclasses.field(default_factory=dict)
+
+
+# vLLM engine arguments teacher_server sets from its own flags (the flag to
+# use instead), or itself (None): `--engine-args` may not name them.
+SERVER_ENGINE_ARGS: dict[str, str | None] = {
+    "model": "--model", "served_model_name": "--served-model-name", "dtype": "--dtype",
+    "tensor_parallel_size": "--tensor-parallel-size", "max_model_len": "--max-model-len",
+    "max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-batch-tokens",
+    "kv_cache_memory_bytes": "--kv-cache-memory-bytes", "seed": None, "max_logprobs": None, "logprobs_mode": None,
+}
+
+
+@functools.cache
+def vllm_engine_arg_names() -> frozenset[str] | None:
+    """The installed vLLM's engine argument names (the fields of its
+    AsyncEngineArgs, what `vllm serve` takes as flags); None without vLLM."""
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+    except ImportError:
+        return None
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+def engine_args_problems(key: str, args: dict, reserved: dict[str, str | None]) -> list[str]:
+    """What is wrong with user-given vLLM engine arguments `args` (named
+    `key` in the messages): a name opd sets itself (`reserved`: the setting
+    to use instead, or None), or one the installed vLLM does not have. Their
+    values are vLLM's to check when the engine starts."""
+    import difflib
+
+    out: list[str] = []
+    for k in args:
+        if k in reserved:
+            where = reserved[k]
+            out.append(f"{key}.{k}: opd sets this engine argument itself"
+                       + (f"; set {where} instead" if where else ""))
+            continue
+        names = vllm_engine_arg_names()
+        if names is not None and k not in names:
+            near = difflib.get_close_matches(k, sorted(names - set(reserved)), n=3)
+            out.append(f"{key}.{k}: not an engine argument of the installed vLLM"
+                       + (f" (did you mean {', '.join(near)}?)" if near else "")
+                       + "; they are the fields of vllm.engine.arg_utils.EngineArgs, `vllm serve`'s flags "
+                         "with '_' for '-' (e.g. enable_prefix_caching, max_num_seqs, quantization)")
+    return out
+
+
+def engine_settings(vllm_config) -> dict:
+    """Settings of a started vLLM engine as vLLM resolved them (its defaults,
+    opd's choices and the user's engine arguments together), for the logs."""
+    sc, cc, mc = vllm_config.scheduler_config, vllm_config.cache_config, vllm_config.model_config
+    return {"max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
+            "enable_prefix_caching": cc.enable_prefix_caching, "kv_cache_dtype": cc.cache_dtype,
+            "quantization": mc.quantization, "max_model_len": mc.max_model_len,
+            "dtype": str(mc.dtype).removeprefix("torch.")}
+
+
+def merge_engine_args(key: str, own: dict, user: dict) -> dict:
+    """`own` (what opd passes to vLLM) with the user's `user` added; a name in
+    both is an error naming `key` (a setting opd needs on this machine, e.g.
+    enable_chunked_prefill=False on CPU: `cpu_engine_setup`)."""
+    clash = sorted(set(own) & set(user))
+    if clash:
+        raise ValueError(f"{key}: {', '.join(f'{k}={user[k]!r}' for k in clash)}: opd runs this engine with "
+                         f"{', '.join(f'{k}={own[k]!r}' for k in clash)}; remove it from {key}")
+    return {**own, **user}
 
 
 def sampling_params_for_scoring(top_k: int, temperature: float):
@@ -163,7 +233,9 @@ class TeacherEngine:
             kwargs.update(cpu_engine_setup())
             if opts.tensor_parallel_size == 1:
                 run_model_in_engine_core_on_cpu()
+        kwargs = merge_engine_args("--engine-args", kwargs, opts.engine_args)
         engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        log.info("teacher_server engine: %s", json.dumps(engine_settings(engine.vllm_config)))
         mc = engine.model_config
         # The tokenizer vLLM itself loaded: what the teacher's ids mean.
         tok = tokenizer_info(engine.get_tokenizer())

@@ -100,7 +100,8 @@ def test_tensor_parallel_sampler_in_a_placement_group(ray_session, student_path,
     refuses bundles of more than one GPU and any CPU platform ("current
     platform cpu does not support ray"); the sampler names vLLM's local "mp"
     executor, whose 2 workers then serve, take a weight push (one transfer
-    rank each) and score like transformers."""
+    rank each) and score like transformers. It also runs with engine
+    arguments of the user's (rollout.engine_args)."""
     import copy
 
     import torch
@@ -114,7 +115,10 @@ def test_tensor_parallel_sampler_in_a_placement_group(ray_session, student_path,
     from tests.fixtures.sampler import sampler_configs
 
     # One engine worker per core: vLLM's CPU worker binds each rank's threads.
-    rollout_cfg, student_cfg = sampler_configs(tensor_parallel_size=2, cpus_per_sampler=2.0)
+    # rollout.engine_args reach vLLM as given (and a max_num_seqs below the
+    # batch only queues sequences: the samples still match transformers).
+    rollout_cfg, student_cfg = sampler_configs(tensor_parallel_size=2, cpus_per_sampler=2.0,
+                                               engine_args={"max_num_seqs": 3, "enable_prefix_caching": False})
     pg = placement_group([{"CPU": 2.0}], strategy="PACK")
     ray.get(pg.ready(), timeout=60)
     bundle = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
@@ -124,6 +128,8 @@ def test_tensor_parallel_sampler_in_a_placement_group(ray_session, student_path,
         pool = SamplerPool.create(student_path, rollout_cfg, student_cfg, scheduling_strategies=[bundle],
                                   num_gpus_per_sampler=0, cpu_cfg=CpuConfig(sampler_threads="0|1"))
         assert pool.num_workers() == [2]
+        [engine] = pool.engine_configs()
+        assert (engine["max_num_seqs"], engine["enable_prefix_caching"], engine["dtype"]) == (3, False, "float32")
         _check_against_hf(pool.generate(PROMPTS, n=2, temperature=1.0, seed=7), student_hf, 1.0, 1.0)
 
         new = copy.deepcopy(student_hf)

@@ -10,6 +10,7 @@ start-up fails the start at once with the tail of its log.
 
 import json
 import os
+import re
 import stat
 import time
 import urllib.error
@@ -33,7 +34,10 @@ def _get(url: str, key: str | None = None) -> tuple[int, dict]:
 
 
 def test_driver_started_teacher_runs_in_a_ray_actor_that_books_it(ray_session, teacher_path, tmp_path):
-    tcfg = TeacherConfig(model=teacher_path, dtype="float32", max_model_len=256, cpus=2.0)
+    # teacher.engine_args: max_num_seqs goes to the server's --max-num-seqs,
+    # the rest to its --engine-args; both reach vLLM.
+    tcfg = TeacherConfig(model=teacher_path, dtype="float32", max_model_len=256, cpus=2.0,
+                         engine_args={"max_num_seqs": 7, "enable_prefix_caching": False})
     handle = start_teacher(tcfg, teacher_path, tmp_path)
     try:
         assert handle.self_started
@@ -52,6 +56,8 @@ def test_driver_started_teacher_runs_in_a_ray_actor_that_books_it(ray_session, t
         assert status == 200 and body["model"] == teacher_path and body["dtype"] == "float32", body
         log = (tmp_path / LOG_NAME).read_text()
         assert "teacher_server ready" in log and key not in log
+        settings = json.loads(re.search(r"teacher_server engine: (\{.*\})", log).group(1))
+        assert (settings["max_num_seqs"], settings["enable_prefix_caching"]) == (7, False), settings
         server = psutil.Process(ray.get(handle.actor.pid.remote()))
         assert "TeacherServerActor" in " ".join(psutil.Process(server.ppid()).cmdline())  # a child of the actor
     finally:

@@ -203,3 +203,37 @@ def test_auto_dtypes_are_made_concrete_for_the_hardware():
     gpu, cpu = with_concrete_dtypes(cfg, True), with_concrete_dtypes(cfg, False)
     assert (gpu.student.dtype, gpu.teacher.dtype, gpu.learner.dtype) == ("bfloat16", "bfloat16", "float32")
     assert (cpu.student.dtype, cpu.teacher.dtype, cpu.learner.dtype) == ("float32", "float32", "float32")
+
+
+def test_engine_args_pass_through_and_round_trip(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("rollout:\n  engine_args:\n    enable_prefix_caching: true\n    compilation_config: {level: 3}\n"
+                 "teacher:\n  engine_args: {quantization: fp8, max_num_seqs: 64}\n")
+    cfg = load_config(p, [*(f"{s}.{k}={v}" for s, d in REQUIRED.items() for k, v in d.items()),
+                          "rollout.engine_args.max_num_seqs=512"])
+    assert cfg.rollout.engine_args == {"enable_prefix_caching": True, "compilation_config": {"level": 3},
+                                       "max_num_seqs": 512}
+    assert cfg.teacher.engine_args == {"quantization": "fp8", "max_num_seqs": 64}
+    assert config_from_dict(to_dict(cfg)) == cfg
+    assert Config().rollout.engine_args == {} and Config().teacher.engine_args == {}
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["rollout.engine_args.seed=3"], "rollout.engine_args.seed: opd sets this engine argument itself; set "
+                                     "rollout.seed instead"),
+    (["rollout.engine_args.dtype=half"], "set student.dtype instead"),
+    (["rollout.engine_args.weight_transfer_config=x"], "rollout.engine_args.weight_transfer_config: opd sets this "
+                                                       "engine argument itself"),
+    (["rollout.engine_args.max_num_seq=8"], "rollout.engine_args.max_num_seq: not an engine argument of the "
+                                            "installed vLLM (did you mean max_num_seqs"),
+    (["rollout.engine_args=8"], "rollout.engine_args: expected a mapping of names to values, got 8"),
+    (["rollout.engine_args.max_num_seqs=2001-12-14"], "rollout.engine_args.max_num_seqs: datetime.date(2001, 12, "
+                                                      "14) is not plain data"),
+    (["teacher.engine_args.max_model_len=9"], "set teacher.max_model_len instead"),
+    (["teacher.engine_args.max_num_seqs=0"], "teacher.engine_args.max_num_seqs: 0 must be a positive integer"),
+    (["teacher.url=http://h:8000", "teacher.engine_args.quantization=fp8"],
+     "teacher.engine_args: set, but teacher.url is a running server"),
+])
+def test_bad_engine_args_are_named(overrides, expected):
+    problems = problems_of(req(), overrides)
+    assert any(expected in p for p in problems), problems

@@ -59,3 +59,37 @@ def test_the_gpu_check_counts_the_teacher_the_driver_starts():
                                              r"\(teacher.tensor_parallel_size\)\) but the Ray cluster has 5.*"
                                              r"serve the teacher elsewhere \(teacher.url\)"):
         make_placement(PlacementConfig(), rollout, learner, info, teacher_tensor_parallel_size=2)
+
+
+def test_teacher_engine_args_reach_the_server_as_its_flags_and_engine_args():
+    import json
+
+    from teacher_server.__main__ import parse_args
+
+    tcfg = TeacherConfig(engine_args={"max_num_seqs": 64, "max_num_batched_tokens": 8192,
+                                      "enable_prefix_caching": False, "quantization": "fp8"})
+    args = server_args(tcfg, "/m")
+    assert args[args.index("--max-num-seqs") + 1] == "64"
+    assert args[args.index("--max-batch-tokens") + 1] == "8192"
+    assert json.loads(args[args.index("--engine-args") + 1]) == {"enable_prefix_caching": False, "quantization": "fp8"}
+    parsed = parse_args(args)
+    assert (parsed.max_num_seqs, parsed.max_batch_tokens) == (64, 8192)
+    assert parsed.engine_args == {"enable_prefix_caching": False, "quantization": "fp8"}
+    assert "--engine-args" not in server_args(TeacherConfig(), "/m")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "expected a JSON object of engine arguments, got list"),
+    ('{"max_num_seqs": 3}', "--engine-args.max_num_seqs: opd sets this engine argument itself; set --max-num-seqs"),
+    ('{"seed": 3}', "--engine-args.seed: opd sets this engine argument itself"),
+    ('{"enable_prefix_cachin": true}', "not an engine argument of the installed vLLM (did you mean "
+                                       "enable_prefix_caching"),
+])
+def test_teacher_server_refuses_bad_engine_args(value, message, capsys):
+    from teacher_server.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as ei:
+        parse_args(["--model", "/m", "--engine-args", value])
+    assert ei.value.code == 2
+    assert message in capsys.readouterr().err
