@@ -170,13 +170,18 @@ class BusyMonitor(_Poller):
 
 class RssMonitor(_Poller):
     """Samples the process tree under `root_pid` every `period_s`; keeps the
-    peak summed RSS per role and the peak of the whole tree's RSS at one instant."""
+    peak summed RSS per role and the peak of the whole tree's RSS at one
+    instant, and (every `pss_every`-th sample: /proc/<pid>/smaps_rollup costs
+    more than RSS) the peak of the tree's summed PSS, which divides each
+    shared page among the processes that map it."""
 
-    def __init__(self, root_pid: int, period_s: float = 0.25):
+    def __init__(self, root_pid: int, period_s: float = 0.25, pss_every: int = 4):
         self.root_pid = root_pid
         self.period_s = period_s
+        self.pss_every = pss_every
         self.peak_bytes: dict[str, int] = {}
         self.peak_total_bytes = 0
+        self.peak_pss_total_bytes = 0
         super().__init__()
         self._cmd_cache: dict[int, tuple[str, int]] = {}  # pid -> (cmdline, ppid)
         self.seen: dict[int, float] = {}  # pid -> create_time of every process of the tree
@@ -226,6 +231,7 @@ class RssMonitor(_Poller):
             root = psutil.Process(self.root_pid)
         except psutil.NoSuchProcess:
             return
+        tick = 0
         while not self._stop.is_set():
             try:
                 procs = [root] + root.children(recursive=True)
@@ -233,13 +239,19 @@ class RssMonitor(_Poller):
                 break
             cmds: dict[int, tuple[str, int]] = {}
             rss: dict[int, int] = {}
+            pss = 0
+            with_pss = tick % self.pss_every == 0
+            tick += 1
             for p in procs:
                 try:
                     cmds[p.pid] = self._cmd(p)
                     rss[p.pid] = p.memory_info().rss
                     self.seen.setdefault(p.pid, p.create_time())
+                    if with_pss:
+                        pss += p.memory_full_info().pss
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
+            self.peak_pss_total_bytes = max(self.peak_pss_total_bytes, pss)
             totals: dict[str, int] = {}
             for pid, (cmd, ppid) in cmds.items():
                 anc, q = [], ppid
@@ -325,7 +337,8 @@ def run_opd(w: Workload, mode: str, out: Path, extra: list[str], env_extra: dict
     res.update(system="opd", pair=w.pair, mode=mode, wall_s=wall, overhead_s=first_step_at,
                busy_cores=busy.busy_cores(),
                peak_rss_mib={k: v / 2**20 for k, v in mon.peak_bytes.items()},
-               peak_rss_total_mib=mon.peak_total_bytes / 2**20, run_dir=str(run_dir))
+               peak_rss_total_mib=mon.peak_total_bytes / 2**20,
+               peak_pss_total_mib=mon.peak_pss_total_bytes / 2**20, run_dir=str(run_dir))
     return res
 
 
@@ -481,6 +494,7 @@ def run_trl(w: Workload, out: Path, threads: int | None) -> dict:
             "tokens_per_s": sum(tokens) / sum(step_s), "tokens_per_step": sum(tokens) / len(tokens),
             "wall_s": wall, "torch_threads": r["torch_threads"],
             "peak_rss_mib": {"trl": sum(peak.values())}, "peak_rss_total_mib": mon.peak_total_bytes / 2**20,
+            "peak_pss_total_mib": mon.peak_pss_total_bytes / 2**20,
             "run_dir": str(run_dir)}
 
 
@@ -507,7 +521,7 @@ def print_table(results: list[dict]) -> None:
 
     head = ["system", "pair", "mode", "step_s", "sample", "teacher", "rollout", "train", "sync", "other", "other%",
             "step/slowest", "step/cpu_bound", "tok/s", "trl_tok/s", "opd/trl", "startup_s", "busy_cores",
-            *[f"rss_{r}" for r in ROLES], "rss_total", "mem/trl"]
+            *[f"rss_{r}" for r in ROLES], "rss_total", "mem/trl", "pss_total", "pss/trl"]
     lines = [head]
     for r in results:
         t = trl.get(r["pair"]) if r["system"] == "opd" else None
@@ -525,6 +539,9 @@ def print_table(results: list[dict]) -> None:
             *[fmt(rss.get(k), ".0f") for k in ROLES], fmt(r.get("peak_rss_total_mib"), ".0f"),
             fmt(r["peak_rss_total_mib"] / t["peak_rss_total_mib"])
             if t and r.get("peak_rss_total_mib") and t.get("peak_rss_total_mib") else "-",
+            fmt(r.get("peak_pss_total_mib"), ".0f"),
+            fmt(r["peak_pss_total_mib"] / t["peak_pss_total_mib"])
+            if t and r.get("peak_pss_total_mib") and t.get("peak_pss_total_mib") else "-",
         ])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     for row in lines:
@@ -533,7 +550,8 @@ def print_table(results: list[dict]) -> None:
           "step - (wait_rollout+train+wait_before_sync+sync) in async; step/cpu_bound (async): step / max(slowest "
           f"phase, the sync run's sample+teacher+train+sync / {cores} cores); rss_*: peak summed RSS (MiB) "
           "per role; rss_total: peak RSS of all the run's processes at one instant (MiB); mem/trl: opd's "
-          "rss_total / TRL's; startup_s: wall - measured steps (Ray/teacher/vLLM/DeepSpeed start, warmup, teardown); "
+          "rss_total / TRL's; pss_total: peak PSS of all the run's processes at one instant (MiB; a shared page "
+          "counted once, split among the processes that map it), pss/trl its ratio to TRL's; startup_s: wall - measured steps (Ray/teacher/vLLM/DeepSpeed start, warmup, teardown); "
           f"busy_cores: the machine's busy cores (of {cores}) during the measured steps, every process counted; "
           "trl: sample = transformers generate, train = the rest of its step (teacher + student forward, "
           "full-vocab KL, backward, AdamW)")
