@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import statistics
@@ -601,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print_table(json.loads(Path(args.table).read_text())["results"])
         return 0
+    if args.trl and importlib.util.find_spec("trl") is None:
+        # Before any run: the opd runs come first and take minutes.
+        ap.error("TRL is not installed: pip install -e '.[bench]' (trl==1.16.0, accelerate, datasets), "
+                 "or pass --no-trl")
     env_extra = dict(e.split("=", 1) for e in args.env)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
