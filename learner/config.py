@@ -15,7 +15,7 @@ config front end stays fast (`python -m cluster.config configs/demo.yaml`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from rollout.config import non_negative, positive
 
@@ -101,6 +101,20 @@ class LoraConfig:
         return out
 
 
+# DeepSpeed config keys opd sets itself, and what sets them instead:
+# learner.deepspeed may not name them.
+DEEPSPEED_KEYS: dict[str, str] = {
+    "train_batch_size": "opd accumulates gradients over micro-batches itself (learner.micro_batch_tokens)",
+    "train_micro_batch_size_per_gpu": "set learner.micro_batch_tokens instead",
+    "gradient_accumulation_steps": "set learner.micro_batch_tokens instead",
+    "gradient_clipping": "set learner.grad_clip instead",
+    "bf16": "set learner.dtype instead", "fp16": "set learner.dtype instead",
+    "optimizer": "the optimizer is torch AdamW (learner.lr, learner.betas, learner.weight_decay)",
+    "scheduler": "set learner.lr_schedule, learner.warmup_steps, learner.min_lr_ratio instead",
+    "zero_optimization.stage": "set learner.zero_stage instead",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
     # Learner ranks (one Ray actor each: one GPU each on GPU, one process on CPU).
@@ -138,10 +152,25 @@ class LearnerConfig:
     collective_timeout_s: float = 600.0
     # LoRA adapters instead of full fine-tuning (rank > 0).
     lora: LoraConfig = LoraConfig()
+    # More DeepSpeed config, deep-merged into the one opd builds
+    # (learner/worker.py build_ds_config), e.g. {zero_optimization:
+    # {offload_optimizer: {device: cpu}, reduce_bucket_size: 5.0e+8}}; or
+    # learner.deepspeed.zero_optimization.overlap_comm=true. Not the keys opd
+    # sets from its own (DEEPSPEED_KEYS names them).
+    deepspeed: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def problems(self) -> list[str]:
         out = positive(self, "world_size", "lr", "micro_batch_tokens", "collective_timeout_s")
         out += non_negative(self, "warmup_steps", "weight_decay", "grad_clip", "cpus_per_worker")
+        for path, where in DEEPSPEED_KEYS.items():
+            node = self.deepspeed
+            for part in path.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                out.append(f"learner.deepspeed.{path}: opd sets this DeepSpeed key itself; {where}")
+        zero = self.deepspeed.get("zero_optimization")
+        if zero is not None and not isinstance(zero, dict):
+            out.append(f"learner.deepspeed.zero_optimization: {zero!r:.80} must be a mapping of ZeRO settings")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             out.append(f"learner.min_lr_ratio: {self.min_lr_ratio} is outside [0, 1]")
         if not all(0.0 <= b < 1.0 for b in self.betas):

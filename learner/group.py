@@ -71,6 +71,7 @@ class LearnerGroup:
         self.timeout_s = learner_cfg.collective_timeout_s
         self._sync_backend: str | None = None
         self._sync_wait_s = self.timeout_s  # how long a weight-sync call may take (init_weight_sync)
+        self.ranks: list[dict] = []  # each rank's ready() once started
 
     @classmethod
     def create(cls, model_path: str, learner_cfg: LearnerConfig, loss_cfg: LossConfig, seed: int,
@@ -122,7 +123,8 @@ class LearnerGroup:
                 for r in range(n)]
             group = cls(workers, learner_cfg, loss_cfg)
             try:
-                group._all(lambda w: w.ready.remote())
+                # Each rank's ready(): device, ZeRO stage, DeepSpeed settings as the engine took them.
+                group.ranks = group._all(lambda w: w.ready.remote())
                 return group
             except BaseException as e:
                 group.kill()

@@ -82,7 +82,8 @@ def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int | No
 def build_ds_config(learner_cfg: LearnerConfig, world_size: int, overrides: dict | None = None) -> dict:
     """The DeepSpeed config of a learner rank. Gradient accumulation is driven
     by the worker (set_gradient_accumulation_boundary per micro-batch), so the
-    config says 1 micro-batch of 1 row per step."""
+    config says 1 micro-batch of 1 row per step. The user's
+    `learner.deepspeed`, then `overrides`, are deep-merged into it."""
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -101,7 +102,7 @@ def build_ds_config(learner_cfg: LearnerConfig, world_size: int, overrides: dict
             a[k] = merge(dict(a.get(k, {})), v) if isinstance(v, dict) else v
         return a
 
-    return merge(cfg, overrides or {})
+    return merge(merge(cfg, learner_cfg.deepspeed), overrides or {})
 
 
 def undo_init_optimizer_step(ds_optimizer) -> bool:
@@ -262,7 +263,11 @@ class LearnerWorker:
 
     def ready(self) -> dict:
         return {"rank": self.rank, "world_size": self.world_size, "device": str(self.device),
-                "zero_stage": self.ds_config["zero_optimization"]["stage"], "steps_done": self.steps_done}
+                "zero_stage": self.ds_config["zero_optimization"]["stage"], "steps_done": self.steps_done,
+                # As the DeepSpeed engine took them (defaults, opd's and learner.deepspeed).
+                "deepspeed": {"zero_stage": self.engine.zero_optimization_stage(),
+                              "reduce_bucket_size": self.engine.zero_reduce_bucket_size(),
+                              "overlap_comm": self.engine.zero_overlap_comm()}}
 
     def set_loss_config(self, loss_cfg: LossConfig) -> None:
         self.loss_cfg = loss_cfg

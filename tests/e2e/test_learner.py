@@ -100,12 +100,18 @@ def zero_runs(ray_session, student_path, scored_batch, tmp_path_factory):
     logprobs (at temperature 0.7) before it shuts down."""
     runs = {}
     export_dir = tmp_path_factory.mktemp("export") / "hf"
-    for name, kw in [("z0", dict(zero_stage=0)), ("z2", dict(zero_stage=2, gradient_checkpointing=True)),
+    # learner.deepspeed reaches the engine (one bucket holds the 0.4M-parameter student either way).
+    user_ds = {"zero_optimization": {"reduce_bucket_size": 3_000_000}}
+    for name, kw in [("z0", dict(zero_stage=0)),
+                     ("z2", dict(zero_stage=2, gradient_checkpointing=True, deepspeed=user_ds)),
                      ("z3", dict(zero_stage=3)),
                      ("z0_ws1", dict(zero_stage=0, world_size=1)),
                      ("z0_bf16", dict(zero_stage=0, dtype="bfloat16")),
                      ("z2_bf16", dict(zero_stage=2, dtype="bfloat16"))]:
         group = LearnerGroup.create(student_path, _cfg(**kw), LossConfig(), seed=0, ds_config_overrides=DS_OVERRIDES)
+        assert [r["deepspeed"]["zero_stage"] for r in group.ranks] == [kw["zero_stage"]] * group.cfg.world_size
+        assert all(r["deepspeed"]["reduce_bucket_size"] == (3_000_000 if name == "z2" else 500_000_000)
+                   for r in group.ranks), (name, group.ranks)
         try:
             if name in FIRST_UPDATE_RUNS:
                 # The weights before and after the first optimizer step.

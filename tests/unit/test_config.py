@@ -237,3 +237,29 @@ def test_engine_args_pass_through_and_round_trip(tmp_path):
 def test_bad_engine_args_are_named(overrides, expected):
     problems = problems_of(req(), overrides)
     assert any(expected in p for p in problems), problems
+
+
+def test_learner_deepspeed_is_merged_into_the_deepspeed_config():
+    from learner.worker import build_ds_config
+
+    cfg = config_from_dict(req(learner={"zero_stage": 3, "deepspeed": {"zero_optimization": {
+        "offload_optimizer": {"device": "cpu"}}}}), ["learner.deepspeed.zero_optimization.overlap_comm=true"])
+    ds = build_ds_config(cfg.learner, world_size=2, overrides={"zero_optimization": {"reduce_bucket_size": 7}})
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}, "overlap_comm": True,
+                                       "reduce_bucket_size": 7}
+    assert ds["train_batch_size"] == 2 and ds["gradient_clipping"] == 1.0
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("learner.deepspeed.zero_optimization.stage=2", "learner.deepspeed.zero_optimization.stage: opd sets this "
+                                                    "DeepSpeed key itself; set learner.zero_stage instead"),
+    ("learner.deepspeed.bf16={enabled: true}", "learner.deepspeed.bf16: opd sets this DeepSpeed key itself; set "
+                                               "learner.dtype instead"),
+    ("learner.deepspeed.gradient_accumulation_steps=4", "set learner.micro_batch_tokens instead"),
+    ("learner.deepspeed.optimizer={type: Adam}", "the optimizer is torch AdamW"),
+    ("learner.deepspeed.zero_optimization=3", "learner.deepspeed.zero_optimization: 3 must be a mapping"),
+])
+def test_deepspeed_keys_opd_sets_are_refused(override, expected):
+    problems = problems_of(req(), [override])
+    assert any(expected in p for p in problems), problems
