@@ -218,7 +218,7 @@ class RunConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PlacementConfig:
-    # Ray address to join; null = RAY_ADDRESS, or a new local cluster.
+    # Ray address to join; null = RAY_ADDRESS, or a new local cluster ("local" too).
     ray_address: str | None = None
     # CPUs of a local cluster started by the driver (null = all of them).
     local_num_cpus: int | None = None

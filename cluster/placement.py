@@ -56,14 +56,15 @@ def local_ray_system_config(environ=os.environ) -> dict:
 
 def connect(pcfg: PlacementConfig, env_vars: dict[str, str] | None = None) -> RayInfo:
     """Join `placement.ray_address` / RAY_ADDRESS (e.g. under `ray job submit`),
-    or start a local cluster. `env_vars` reach every actor (runtime_env)."""
+    or start a local cluster (none set, or the address "local").
+    `env_vars` reach every actor (runtime_env)."""
     import ray
 
     address = pcfg.ray_address or os.environ.get("RAY_ADDRESS")
     runtime_env = {"env_vars": dict(env_vars or {})}
     if ray.is_initialized():
         started = False
-    elif address:
+    elif address and address != "local":
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         started = False
     else:
@@ -71,7 +72,10 @@ def connect(pcfg: PlacementConfig, env_vars: dict[str, str] | None = None) -> Ra
         if pcfg.local_num_cpus is not None:
             kwargs["num_cpus"] = pcfg.local_num_cpus
         # address="local": always a new cluster, never silently joining another
-        # Ray cluster that happens to run on this machine.
+        # Ray cluster that happens to run on this machine. RAY_ADDRESS=local
+        # (Ray's own spelling of the same) comes here too, so that it gets
+        # placement.local_num_cpus and the settings below rather than Ray's
+        # defaults (one CPU per core, which a one-node run cannot place).
         ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
                  _system_config=local_ray_system_config(), **kwargs)
         started = True

@@ -115,3 +115,34 @@ def test_local_ray_keeps_no_idle_workers_unless_the_environment_says_so():
     assert LOCAL_RAY_SYSTEM_CONFIG["num_workers_soft_limit"] == 0
     left = local_ray_system_config({"RAY_num_workers_soft_limit": "-1"})
     assert "num_workers_soft_limit" not in left and left["enable_worker_prestart"] is False
+
+
+@pytest.mark.parametrize("where", ["env", "config"])
+def test_address_local_starts_a_local_cluster_with_the_drivers_settings(monkeypatch, where):
+    """RAY_ADDRESS=local is Ray's spelling of "start a new local cluster": it
+    must get placement.local_num_cpus and the settings above, not Ray's
+    defaults (one CPU per core, where a one-node run's roles cannot all be
+    placed). Any other address is joined as given."""
+    import ray
+
+    from cluster.config import PlacementConfig
+    from cluster.placement import connect
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if where == "env":
+        monkeypatch.setenv("RAY_ADDRESS", "local")
+    info = connect(PlacementConfig(local_num_cpus=8, ray_address="local" if where == "config" else None))
+    (kw,) = calls
+    assert info.started_local
+    assert kw["address"] == "local" and kw["num_cpus"] == 8 and kw["include_dashboard"] is False
+    assert kw["_system_config"] == local_ray_system_config()
+
+    calls.clear()
+    info = connect(PlacementConfig(local_num_cpus=8, ray_address="10.0.0.1:6379"))
+    (kw,) = calls
+    assert not info.started_local
+    assert kw["address"] == "10.0.0.1:6379" and "num_cpus" not in kw and "_system_config" not in kw
