@@ -14,8 +14,8 @@ CPU thread binding).
 Next to them, (c) a plain transformers forward of the same model on the same
 chunks (float32, `log_softmax` gathered at the given tokens, converted to
 lists as the server must): the model's own cost, at the thread count every
-vLLM CPU engine here runs with (vLLM's default: every core but one) and at
-every core.
+vLLM CPU engine here runs with (vLLM's default, every core but one, or
+`--threads N`) and at every core.
 For teacher_server's JSON route the table "where the time goes" splits the
 mean request, as its client sees it, into the server's phases (its /metrics
 `teacher_phase_seconds`: body read, decode, validate, vLLM engine, output
@@ -140,8 +140,9 @@ def bench_transformers(model: str, seqs, configs, repeats: int, threads: int) ->
 
 # ----------------------------------------------------------------------------- servers
 
-def launch(args: list[str], ready_path: str, log_path: str, timeout_s: float = 300.0) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def launch(args: list[str], ready_path: str, log_path: str, timeout_s: float = 300.0,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env,
                                 start_new_session=True)
@@ -296,8 +297,21 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs per cell; the best is reported")
     p.add_argument("--client-only", action="store_true",
                    help="only TeacherClient through opd's server vs through vLLM's server")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads of every vLLM engine (0: vLLM's CPU default, every core but one): "
+                        "VLLM_CPU_OMP_THREADS_BIND on the first N cores for the offline engine and vLLM's "
+                        "server, OMP_NUM_THREADS for teacher_server (whose engine runs in its engine-core "
+                        "process without vLLM's binding, as a run's teacher does)")
     args = p.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    cores = len(os.sched_getaffinity(0))
+    engine_threads = args.threads or max(1, cores - 1)
+    if args.threads:
+        if args.threads > cores:
+            p.error(f"--threads {args.threads}: this process may use {cores} cores")
+        first = sorted(os.sched_getaffinity(0))[:args.threads]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, first))  # offline + vLLM's server inherit it
+    server_env = {"OMP_NUM_THREADS": str(engine_threads)}
     model = resolve_model(args.model)
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
     import json
@@ -305,12 +319,12 @@ def main() -> None:
     seqs = make_sequences(args.num_seqs, args.seq_len, vocab)
     logdir = tempfile.mkdtemp(prefix="bench_teacher_")
     print(f"model {model}: {args.num_seqs} sequences x {args.seq_len} tokens, "
-          f"{scored_tokens(seqs)} scored per run; logs in {logdir}", flush=True)
+          f"{scored_tokens(seqs)} scored per run; every vLLM engine at {engine_threads} thread(s); "
+          f"logs in {logdir}", flush=True)
 
     offline = {} if args.client_only else bench_offline(model, args.max_model_len, seqs, configs, args.repeats)
     print("offline done", flush=True)
-    cores = len(os.sched_getaffinity(0))
-    hf_threads = sorted({max(1, cores - 1), cores})  # vLLM's CPU default (every core but one), every core
+    hf_threads = sorted({engine_threads, cores})  # the engines' threads, every core
     hf, hf_ref = {}, None
     if not args.client_only:
         for t in hf_threads:
@@ -321,7 +335,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     proc = launch([sys.executable, "-m", "teacher_server", "--model", model, "--port", str(port), "--dtype",
                    "float32", "--max-model-len", str(args.max_model_len), "--max-queue", "1024"],
-                  url + "/health", os.path.join(logdir, "teacher_server.log"))
+                  url + "/health", os.path.join(logdir, "teacher_server.log"), env=server_env)
     try:
         client_opd = bench_client(url, "opd", seqs, configs, args.repeats)
         if not args.client_only:
