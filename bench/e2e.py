@@ -7,7 +7,8 @@
 For every model pair (`small` = tiny:student / tiny:teacher, the demo pair;
 `large` = tiny:student-25m / tiny:teacher-100m) and mode (sync, async) it runs
 `python -m cluster.train --config configs/demo.yaml` as a subprocess (its own
-local Ray cluster, its own teacher_server) for `--warmup + --steps` steps with
+local Ray cluster, its own teacher_server) for `--warmup + --steps` steps (async:
+one more, its drain step, unmeasured) with
 eval, checkpoints and export off (and a private RAY_TMPDIR, so that it never
 joins another job's Ray cluster on a shared machine), and reads `<run.dir>/metrics.jsonl`:
 
@@ -141,11 +142,12 @@ class _Poller:
 
 class BusyMonitor(_Poller):
     """Busy cores of the whole machine during a run's measured steps: from
-    the moment metrics.jsonl holds `warmup` step rows to its last step row,
-    (busy jiffies / all jiffies) x cores, polled every `period_s`."""
+    the moment metrics.jsonl holds `warmup` step rows to the last of the
+    `steps` measured rows, (busy jiffies / all jiffies) x cores, polled every
+    `period_s`."""
 
-    def __init__(self, metrics_path: Path, warmup: int, period_s: float = 0.2):
-        self.path, self.warmup, self.period_s = metrics_path, warmup, period_s
+    def __init__(self, metrics_path: Path, warmup: int, steps: int, period_s: float = 0.2):
+        self.path, self.warmup, self.steps, self.period_s = metrics_path, warmup, steps, period_s
         self.marks: dict[int, tuple[int, int]] = {}  # step rows seen -> jiffies when first seen
         super().__init__()
 
@@ -162,7 +164,7 @@ class BusyMonitor(_Poller):
                 self.marks[n] = cpu_jiffies()
 
     def busy_cores(self) -> float | None:
-        seen = sorted(n for n in self.marks if n >= self.warmup)
+        seen = sorted(n for n in self.marks if self.warmup <= n <= self.warmup + self.steps)
         if len(seen) < 2 or seen[0] != self.warmup:
             return None
         (b0, t0), (b1, t1) = self.marks[seen[0]], self.marks[seen[-1]]
@@ -278,11 +280,20 @@ def parse_mode(mode: str) -> tuple[str, int]:
     return base, int(chunks[1:]) if chunks else 1
 
 
+def drain_steps(base_mode: str) -> int:
+    """Steps an opd run takes after the measured ones, unmeasured. An async
+    run's last step drains: no next batch is sampled during it, so it runs
+    alone (about 60% of a steady step on the large pair) and would flatter the
+    mean of a short run."""
+    return 1 if base_mode == "async" else 0
+
+
 def opd_overrides(w: Workload, mode: str, run_dir: Path, extra: list[str]) -> list[str]:
     base, chunks = parse_mode(mode)
     return [
         f"student.model={w.student}", f"teacher.model={w.teacher}",
-        f"train.steps={w.warmup + w.steps}", f"train.mode={base}", f"train.rollout_chunks={chunks}",
+        f"train.steps={w.warmup + w.steps + drain_steps(base)}", f"train.mode={base}",
+        f"train.rollout_chunks={chunks}",
         f"train.prompts_per_step={w.prompts_per_step}",
         f"rollout.samples_per_prompt={w.samples_per_prompt}", f"rollout.max_new_tokens={w.max_new_tokens}",
         "rollout.temperature=1.0", f"learner.lr={w.lr}", "learner.warmup_steps=0",
@@ -316,7 +327,7 @@ def run_opd(w: Workload, mode: str, out: Path, extra: list[str], env_extra: dict
     t0 = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
-        with RssMonitor(proc.pid) as mon, BusyMonitor(run_dir / "metrics.jsonl", w.warmup) as busy:
+        with RssMonitor(proc.pid) as mon, BusyMonitor(run_dir / "metrics.jsonl", w.warmup, w.steps) as busy:
             rc = proc.wait()
     wall = time.monotonic() - t0
     time.sleep(2)  # the driver's teardown has just stopped its teacher; let it exit
@@ -330,11 +341,11 @@ def run_opd(w: Workload, mode: str, out: Path, extra: list[str], env_extra: dict
         tail = log.read_text().splitlines()[-30:]
         raise RuntimeError(f"opd run {w.pair}/{mode} exited {rc}; last lines of {log}:\n" + "\n".join(tail))
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if r.get("step", 0) > w.warmup and "time/step_s" in r]
+    rows = [r for r in rows if w.warmup < r.get("step", 0) <= w.warmup + w.steps and "time/step_s" in r]
     if not rows:
         raise RuntimeError(f"{run_dir}/metrics.jsonl holds no step past the {w.warmup} warmup step(s)")
     res = summarize_opd(rows, parse_mode(mode)[0])
-    first_step_at = wall - sum(r["time/step_s"] for r in rows)  # startup + warmup steps + teardown
+    first_step_at = wall - sum(r["time/step_s"] for r in rows)  # startup + warmup and drain steps + teardown
     res.update(system="opd", pair=w.pair, mode=mode, wall_s=wall, overhead_s=first_step_at,
                busy_cores=busy.busy_cores(),
                peak_rss_mib={k: v / 2**20 for k, v in mon.peak_bytes.items()},
@@ -374,6 +385,76 @@ def summarize_opd(rows: list[dict], mode: str) -> dict:
                                  + res["wait_before_sync_s"] + phases["sync"])
         res["other_frac"] = res["other_s"] / step
     return res
+
+
+# ------------------------------------------------------------------ compute floor
+
+def matmul_params(model_ref: str) -> int:
+    """Weights of the model's Linear layers: 2 FLOPs each per token of a
+    forward pass (embeddings are a lookup; attention scores, norms and
+    activations are left out, about 1% at these sequence lengths)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cluster.tiny_models import resolve_model
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model_ref)))
+    return sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+
+
+def mean_prompt_tokens(student_ref: str, n: int = 256) -> float:
+    """Mean prompt length in tokens of the workload's prompts, rendered with
+    the student tokenizer's chat template as both systems do."""
+    from transformers import AutoTokenizer
+
+    from cluster.tiny_data import build_task
+    from cluster.tiny_models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(student_ref))
+    train_path, _ = build_task("arithmetic")
+    recs = [json.loads(x) for x in Path(train_path).read_text().splitlines()[:n]]
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                     tokenize=False) for r in recs]
+    return statistics.fmean(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+
+def matmul_gflops(m: int = 2048, k: int = 768, n: int = 2816, repeats: int = 10) -> float:
+    """This machine's fp32 matmul rate at torch's default threads (every
+    core), best of `repeats`: the most any forward or backward here can do."""
+    import torch
+
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(3):
+        a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2.0 * m * k * n / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def step_flops(n_student: int, n_teacher: int, sequences: int, prompt_tokens: float,
+               completion_tokens: float) -> float:
+    """Matmul FLOPs of one on-policy distillation step, the same work for opd
+    and TRL: sampling (2 N_s per prompt and completion token, with a KV
+    cache), the teacher's forward (2 N_t per token) and the student's
+    forward and backward (6 N_s per token)."""
+    tokens = sequences * prompt_tokens + completion_tokens
+    return (2.0 * n_student + 2.0 * n_teacher + 6.0 * n_student) * tokens
+
+
+def add_floor(results: list[dict], w: "Workload", gflops: float) -> None:
+    """Each result's `floor_s`: its step's FLOPs (step_flops, with its own
+    completion tokens) at this machine's matmul rate."""
+    n_s, n_t = matmul_params(w.student), matmul_params(w.teacher)
+    prompt = mean_prompt_tokens(w.student)
+    for r in results:
+        flops = step_flops(n_s, n_t, w.prompts_per_step * w.samples_per_prompt, prompt, r["tokens_per_step"])
+        r.update(floor_s=flops / (gflops * 1e9), step_gflop=flops / 1e9, matmul_gflops=gflops)
 
 
 # ------------------------------------------------------------------ TRL
@@ -520,7 +601,8 @@ def print_table(results: list[dict]) -> None:
         work = sum(s[f"{p}_s"] for p in PHASES)
         return fmt(r["step_s"] / max(r[f"{r['slowest_phase']}_s"], work / cores))
 
-    head = ["system", "pair", "mode", "step_s", "sample", "teacher", "rollout", "train", "sync", "other", "other%",
+    head = ["system", "pair", "mode", "step_s", "floor_s", "step/floor", "sample", "teacher", "rollout", "train",
+            "sync", "other", "other%",
             "step/slowest", "step/cpu_bound", "tok/s", "trl_tok/s", "opd/trl", "startup_s", "busy_cores",
             *[f"rss_{r}" for r in ROLES], "rss_total", "mem/trl", "pss_total", "pss/trl"]
     lines = [head]
@@ -528,7 +610,8 @@ def print_table(results: list[dict]) -> None:
         t = trl.get(r["pair"]) if r["system"] == "opd" else None
         rss = r.get("peak_rss_mib", {})
         lines.append([
-            r["system"], r["pair"], r["mode"], fmt(r["step_s"]),
+            r["system"], r["pair"], r["mode"], fmt(r["step_s"]), fmt(r.get("floor_s")),
+            fmt(r["step_s"] / r["floor_s"]) if r.get("floor_s") else "-",
             *[fmt(r.get(f"{p}_s")) for p in PHASES[:2]], fmt(r.get("rollout_s")),
             *[fmt(r.get(f"{p}_s")) for p in PHASES[2:]],
             fmt(r.get("other_s")), fmt(100 * r["other_frac"], ".1f") if "other_frac" in r else "-",
@@ -547,6 +630,10 @@ def print_table(results: list[dict]) -> None:
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     for row in lines:
         print("  ".join(str(c).rjust(wd) for c, wd in zip(row, widths, strict=True)))
+    rate = next((r["matmul_gflops"] for r in results if r.get("matmul_gflops")), None)
+    print(f"floor_s: the step's matmul FLOPs (sampling 2 N_s, teacher forward 2 N_t, student forward and backward "
+          f"6 N_s per token) at this machine's fp32 matmul rate ({fmt(rate, '.0f')} GFLOP/s, every core): no "
+          "system on these cores can take less; step/floor: how far from it; ", end="")
     print("times: mean seconds per step after warmup; other = step - (sample+teacher+train+sync) in sync, "
           "step - (wait_rollout+train+wait_before_sync+sync) in async; step/cpu_bound (async): step / max(slowest "
           f"phase, the sync run's sample+teacher+train+sync / {cores} cores); rss_*: peak summed RSS (MiB) "
@@ -562,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5, help="measured steps per configuration")
-    ap.add_argument("--warmup", type=int, default=1, help="steps run first and not measured")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="steps run first and not measured (opd's large-pair step settles after about three: "
+                         "6.9, 5.9, 4.4, then 4.0-4.4 s in sync; TRL's after one)")
     ap.add_argument("--pairs", default="small,large", help=f"comma list of {sorted(PAIRS)}")
     ap.add_argument("--modes", default="sync,async,async:c2",
                     help="comma list of sync, async, each optionally :cN = train.rollout_chunks=N (score chunk i "
@@ -610,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
+    gflops = matmul_gflops()  # before any run, on the idle machine
+    print(f"[bench] fp32 matmul: {gflops:.0f} GFLOP/s on {os.cpu_count()} cores", flush=True)
     for pair in pairs:
         student, teacher, pps = PAIRS[pair]
         w = Workload(pair=pair, student=student, teacher=teacher, prompts_per_step=args.prompts_per_step or pps,
@@ -620,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_opd(w, mode, out, args.opd_override, env_extra))
         if args.trl:
             results.append(run_trl(w, out, args.trl_threads))
+        add_floor([r for r in results if r["pair"] == pair], w, gflops)
         (out / "results.json").write_text(json.dumps(
             {"argv": sys.argv[1:], "workloads": "see run dirs", "results": results}, indent=1))
     print_table(results)
