@@ -389,18 +389,17 @@ def summarize_opd(rows: list[dict], mode: str) -> dict:
 
 # ------------------------------------------------------------------ compute floor
 
-def matmul_params(model_ref: str) -> int:
-    """Weights of the model's Linear layers: 2 FLOPs each per token of a
-    forward pass (embeddings are a lookup; attention scores, norms and
-    activations are left out, about 1% at these sequence lengths)."""
+def flop_params_of(model_ref: str) -> int:
+    """recipes.sft.flop_params (every parameter but the input embedding: 2
+    FLOPs each per token of a forward) of a model, built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from cluster.tiny_models import resolve_model
+    from recipes.sft import flop_params
 
     with torch.device("meta"):
-        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model_ref)))
-    return sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+        return flop_params(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model_ref))))
 
 
 def mean_prompt_tokens(student_ref: str, n: int = 256) -> float:
@@ -437,23 +436,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def step_flops(n_student: int, n_teacher: int, sequences: int, prompt_tokens: float,
-               completion_tokens: float) -> float:
-    """Matmul FLOPs of one on-policy distillation step, the same work for opd
-    and TRL: sampling (2 N_s per prompt and completion token, with a KV
-    cache), the teacher's forward (2 N_t per token) and the student's
-    forward and backward (6 N_s per token)."""
-    tokens = sequences * prompt_tokens + completion_tokens
-    return (2.0 * n_student + 2.0 * n_teacher + 6.0 * n_student) * tokens
-
-
 def add_floor(results: list[dict], w: "Workload", gflops: float) -> None:
-    """Each result's `floor_s`: its step's FLOPs (step_flops, with its own
-    completion tokens) at this machine's matmul rate."""
-    n_s, n_t = matmul_params(w.student), matmul_params(w.teacher)
-    prompt = mean_prompt_tokens(w.student)
+    """Each result's `floor_s`: its step's FLOPs at this machine's matmul
+    rate. The FLOPs are the recipes' on-policy step (recipes/report.py
+    step_flops: sampling 2 N_s, teacher scoring 2 N_t, training 6 N_s per
+    prompt and completion token), the same work for opd and TRL, with the
+    result's own completion tokens."""
+    from recipes.report import step_flops
+
+    n_s, n_t = flop_params_of(w.student), flop_params_of(w.teacher)
+    prompt = mean_prompt_tokens(w.student) * w.prompts_per_step * w.samples_per_prompt
     for r in results:
-        flops = step_flops(n_s, n_t, w.prompts_per_step * w.samples_per_prompt, prompt, r["tokens_per_step"])
+        c = step_flops(method="on_policy", n_student=n_s, n_teacher=n_t, prompt_tokens=prompt,
+                       completion_tokens=r["tokens_per_step"])
+        flops = c.total
         r.update(floor_s=flops / (gflops * 1e9), step_gflop=flops / 1e9, matmul_gflops=gflops)
 
 
@@ -631,8 +627,8 @@ def print_table(results: list[dict]) -> None:
     for row in lines:
         print("  ".join(str(c).rjust(wd) for c, wd in zip(row, widths, strict=True)))
     rate = next((r["matmul_gflops"] for r in results if r.get("matmul_gflops")), None)
-    print(f"floor_s: the step's matmul FLOPs (sampling 2 N_s, teacher forward 2 N_t, student forward and backward "
-          f"6 N_s per token) at this machine's fp32 matmul rate ({fmt(rate, '.0f')} GFLOP/s, every core): no "
+    print(f"floor_s: the step's matmul FLOPs (recipes/report.py step_flops: sampling 2 N_s, teacher forward 2 N_t, "
+          f"student forward and backward 6 N_s per token) at this machine's fp32 matmul rate ({fmt(rate, '.0f')} GFLOP/s, every core): no "
           "system on these cores can take less; step/floor: how far from it; ", end="")
     print("times: mean seconds per step after warmup; other = step - (sample+teacher+train+sync) in sync, "
           "step - (wait_rollout+train+wait_before_sync+sync) in async; step/cpu_bound (async): step / max(slowest "
