@@ -26,7 +26,11 @@ What it does:
    Retry-After, and the client backs off briefly (not the full Retry-After, so the
    queue stays full) before its next request.
 3. A thread samples the RSS of the server process (and, separately, of its
-   children: vLLM's engine core) every 0.25 s with psutil.
+   children: vLLM's engine core) every 0.25 s with psutil. On CPU the engine
+   core's RSS grows with oneDNN's primitive cache (ragged batches are new matmul
+   shapes; up to 1024 are cached with their buffers, +0.5 GiB in a first 15 s on
+   the tiny teacher); start the server with ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 to
+   see the growth that is not that cache.
 4. Prints a table: requests by kind and status, error types, valid answers
    correct/wrong, latency p50/p99 of valid 200s, baseline and peak RSS.
 
