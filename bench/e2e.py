@@ -447,9 +447,8 @@ def add_floor(results: list[dict], w: "Workload", gflops: float) -> None:
     n_s, n_t = flop_params_of(w.student), flop_params_of(w.teacher)
     prompt = mean_prompt_tokens(w.student) * w.prompts_per_step * w.samples_per_prompt
     for r in results:
-        c = step_flops(method="on_policy", n_student=n_s, n_teacher=n_t, prompt_tokens=prompt,
-                       completion_tokens=r["tokens_per_step"])
-        flops = c.total
+        flops = step_flops(method="on_policy", n_student=n_s, n_teacher=n_t, prompt_tokens=prompt,
+                           completion_tokens=r["tokens_per_step"]).total
         r.update(floor_s=flops / (gflops * 1e9), step_gflop=flops / 1e9, matmul_gflops=gflops)
 
 

@@ -8,7 +8,7 @@ The server is this module's own (`launch_teacher_server` from
 tests/fixtures/teacher.py) because the session server's --max-queue 256 never
 pushes back at 64 clients: here --max-queue 8 makes 429 + Retry-After actually
 happen, --max-request-bytes 64 KiB makes oversized bodies cheap to send, and an
-API key makes bad-auth requests meaningful. The load runs twice LOAD_S seconds in CI;
+API key makes bad-auth requests meaningful. The load runs LOAD_S seconds, twice, in CI;
 the 60 s soak is `python -m bench.teacher_load` (see its docstring). The last
 test fills the queue on purpose and then stops the server with SIGTERM.
 """
