@@ -377,17 +377,30 @@ def test_hub_ids_from_offline_cache_and_bf16_exports(student_path, teacher_path,
     assert any(not torch.equal(weights["step_00000001"][n], init[n].bfloat16().float()) for n in init)
     assert any(not torch.equal(weights["step_00000001"][n], weights["final"][n]) for n in init)
 
-    # vLLM loads final/ and scores like transformers. Both compute in float32
-    # on the same (bf16-valued) weights, so they differ only by float32
-    # rounding of short dot products (~1e-6); a wrong or missing weight moves
-    # logprobs by far more than 1e-4.
+    # vLLM loads final/ and scores like transformers, in float32 on the same
+    # (bf16-valued) weights. Not bit for bit: vLLM runs its own CPU kernels
+    # (attention, RMSNorm, rotary, SiLU in vllm/_C), whose rounding is not
+    # torch's. Usually the two agree to ~1e-6 (float32 rounding of these
+    # short sums), but one CI run of this exact model saw vLLM off by 2e-5
+    # to 1.6e-4 at most positions (a cause inside vLLM not found; the same
+    # files scored 1e-6 apart on rerun). So the bound is set by what the test
+    # must tell apart: a stale or wrong weight. One training step moves every
+    # position's logprob by far more than 1e-3 (checked below on the step-1
+    # export, the nearest wrong model there is), so 1e-3 separates them with
+    # room on both sides.
     ids = base("12+34=46 and 7+8=15")["input_ids"]
     got = vllm_logprobs(final, ids, tmp_path)
-    hf = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
-    with torch.no_grad():
-        logits = hf(torch.tensor([ids])).logits[0, :-1]
-    ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
-    assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < 1e-4, (got, ref)
+
+    def hf_logprobs(model_dir) -> list[float]:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, :-1]
+        return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+    ref, stale = hf_logprobs(final), hf_logprobs(step1)
+    tol = 1e-3
+    assert min(abs(a - b) for a, b in zip(ref, stale, strict=True)) > 3 * tol, (ref, stale)
+    assert max(abs(a - b) for a, b in zip(got, ref, strict=True)) < tol, (got, ref)
 
 
 @pytest.mark.slow
