@@ -28,6 +28,15 @@ value must equal a + b. The intermediate carries are scratch: a wrong carry
 from which the next step recovers still scores 1. `trace_errors` breaks a
 completion down (wrong carries, wrong digits, recoveries) for the report.
 
+The long-tail variant (`operators=K`): a prompt starts with an operator name
+("ab:14 95 21="), and operator k maps every digit of b through its own fixed
+permutation of 0-9 before the addition, so a model must learn K digit tables
+besides the carry. Operators drawn Zipf(1) (`operator_weights`) make the
+frequent tables cheap and the rare ones expensive: the long tail behind a
+log-linear SFT curve in data, the premise of the compute comparison of
+"On-Policy Distillation" (Thinking Machines Lab, 2025). A teacher is trained
+with operators drawn uniformly, so it knows the tail.
+
 Everything here is pure Python (no torch); the data files are written under
 `$OPD_CACHE_DIR/data/` like cluster/tiny_data.py's.
 """
@@ -62,26 +71,91 @@ def operand_digits(x: int, n: int) -> list[int]:
     return [(x // 10 ** i) % 10 for i in range(n)]
 
 
+# Operator names: two lower-case letters ("aa", "ab", ...), one token each
+# character in the tiny tokenizer; at most 26 * 26 operators.
+MAX_OPERATORS = 26 * 26
+OPERATOR_DISTS = ("zipf", "uniform")
+_OP_PREFIX = re.compile(r"^([a-z]{2}):")
+
+
+def operator_name(k: int) -> str:
+    if not 0 <= k < MAX_OPERATORS:
+        raise ValueError(f"operator {k} is out of range: operators are numbered 0..{MAX_OPERATORS - 1}")
+    return chr(97 + k // 26) + chr(97 + k % 26)
+
+
+def operator_index(name: str) -> int:
+    if not re.fullmatch(r"[a-z]{2}", name):
+        raise ValueError(f"operator name {name!r} is not two lower-case letters")
+    return (ord(name[0]) - 97) * 26 + ord(name[1]) - 97
+
+
+def operator_table(k: int) -> list[int]:
+    """Operator k's digit map: a fixed permutation of 0-9 (the same in every
+    process: seeded by k alone)."""
+    operator_name(k)  # range check
+    return random.Random(f"carry-operator-{k}").sample(range(10), 10)
+
+
+def mapped_operand(b: int, n: int, op: int | None) -> int:
+    """b with every digit mapped through operator `op`'s table (b itself
+    when `op` is None): the number the addition actually adds."""
+    if op is None:
+        return b
+    table = operator_table(op)
+    return sum(table[d] * 10 ** i for i, d in enumerate(operand_digits(b, n)))
+
+
+def operator_weights(count: int, dist: str = "zipf") -> list[float]:
+    """Sampling weights of operators 0..count-1: "zipf" (1 / (k + 1): operator 0
+    the most frequent) or "uniform"."""
+    if not 1 <= count <= MAX_OPERATORS:
+        raise ValueError(f"operators={count}: must be in [1, {MAX_OPERATORS}]")
+    if dist not in OPERATOR_DISTS:
+        raise ValueError(f"operator distribution {dist!r} is not valid; use one of {', '.join(OPERATOR_DISTS)}")
+    return [1.0 / (k + 1) if dist == "zipf" else 1.0 for k in range(count)]
+
+
 LAYOUTS = ("plain", "columns")
 
 
-def format_prompt(a: int, b: int, n: int, layout: str = "plain") -> str:
+def format_prompt(a: int, b: int, n: int, layout: str = "plain", op: int | None = None) -> str:
     """The prompt of a + b with n-digit operands. "plain": zero-padded,
     most significant first, as written ("47291+83154="). "columns": the digit
     pairs (a_i b_i) least significant first, in the completion's own layout
     ("14 95 21 73 48="): step i of the completion sits at a constant distance
     (3n tokens) after its column, which a tiny transformer learns far sooner
-    than the position-dependent offsets of "plain"."""
+    than the position-dependent offsets of "plain". With `op`, the operator's
+    name and a colon come first ("ab:14 95 21=")."""
     da, db = operand_digits(a, n), operand_digits(b, n)
+    head = "" if op is None else operator_name(op) + ":"
     if layout == "plain":
-        return f"{a:0{n}d}+{b:0{n}d}="
+        return f"{head}{a:0{n}d}+{b:0{n}d}="
     if layout == "columns":
-        return " ".join(f"{x}{y}" for x, y in zip(da, db, strict=True)) + "="
+        return head + " ".join(f"{x}{y}" for x, y in zip(da, db, strict=True)) + "="
     raise ValueError(f"layout={layout!r} is not valid; use one of {', '.join(LAYOUTS)}")
 
 
 def parse_prompt(prompt: str) -> tuple[int, int, int]:
-    """(a, b, n) of a prompt made by `format_prompt` (either layout)."""
+    """(a, b, n) of a prompt made by `format_prompt` (either layout); with an
+    operator prefix, b is the mapped operand (`mapped_operand`), the number
+    the trace adds. `parse_operator` gives the operator and the raw b."""
+    op, a, b, n = parse_operator(prompt)
+    return a, mapped_operand(b, n, op), n
+
+
+def parse_operator(prompt: str) -> tuple[int | None, int, int, int]:
+    """(op, a, b, n) of a prompt made by `format_prompt`: op is None without
+    an operator prefix; b is the operand as written."""
+    op = None
+    m = _OP_PREFIX.match(prompt)
+    if m is not None:
+        op, prompt = operator_index(m.group(1)), prompt[m.end():]
+    a, b, n = _parse_operands(prompt)
+    return op, a, b, n
+
+
+def _parse_operands(prompt: str) -> tuple[int, int, int]:
     m = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
     if m is not None and len(m.group(1)) == len(m.group(2)):
         return int(m.group(1)), int(m.group(2)), len(m.group(1))
@@ -91,7 +165,7 @@ def parse_prompt(prompt: str) -> tuple[int, int, int]:
         return (sum(int(c[0]) * 10 ** i for i, c in enumerate(cols)),
                 sum(int(c[1]) * 10 ** i for i, c in enumerate(cols)), len(cols))
     raise ValueError(f"prompt {prompt!r} is not 'A+B=' with two operands of equal width, nor the columns "
-                     "layout 'a0b0 a1b1 ...='")
+                     "layout 'a0b0 a1b1 ...=' (either may start with a two-letter operator and a colon, 'ab:')")
 
 
 def carry_trace(a: int, b: int, n: int, wrong_carry_at: int | None = None) -> tuple[str, list[int]]:
@@ -183,12 +257,14 @@ def trace_errors(completion: str, prompt: str) -> TraceErrors:
                        wrong_digits=wrong_d, recovered=rec, compounded=comp)
 
 
-def make_record(a: int, b: int, n: int, wrong_carry_at: int | None = None, layout: str = "plain") -> dict:
+def make_record(a: int, b: int, n: int, wrong_carry_at: int | None = None, layout: str = "plain",
+                op: int | None = None) -> dict:
     """{"prompt", "answer"} (the canonical trace: what the driver's data files
     and the SFT targets hold); recovery traces add "no_loss" (character
-    positions of the answer trained with no loss)."""
-    answer, no_loss = carry_trace(a, b, n, wrong_carry_at)
-    rec = {"prompt": format_prompt(a, b, n, layout), "answer": answer}
+    positions of the answer trained with no loss). With `op`, the trace adds
+    a and operator op's mapping of b."""
+    answer, no_loss = carry_trace(a, mapped_operand(b, n, op), n, wrong_carry_at)
+    rec = {"prompt": format_prompt(a, b, n, layout, op), "answer": answer}
     if no_loss:
         rec["no_loss"] = no_loss
     return rec
@@ -219,25 +295,53 @@ def _held_out(n: int) -> set[tuple[int, int]]:
     return set(eval_problems(n, min(HELD_OUT, 10 ** (2 * n) // 4)))
 
 
+def operator_eval_problems(n: int, operators: int, count: int = DEFAULT_EVAL,
+                           dist: str = "zipf") -> list[tuple[int, int, int]]:
+    """`count` (a, b, op) problems of the operator variant, operators drawn
+    by `dist`, the (a, b) pairs distinct: the held-out set (its first
+    DEFAULT_EVAL the test set, the next the validation set, as
+    `eval_problems` and `validation_problems`)."""
+    weights = operator_weights(operators, dist)
+    if count > 10 ** (2 * n) // 2:
+        raise ValueError(f"count={count} is too many distinct {n}-digit problems to draw")
+    rng, seen, out = random.Random(f"carry-op-eval-{n}-{operators}-{dist}-{EVAL_SEED}"), set(), []
+    while len(out) < count:
+        a, b = rng.randrange(10 ** n), rng.randrange(10 ** n)
+        op = rng.choices(range(operators), weights)[0]
+        if (a, b) not in seen:
+            seen.add((a, b))
+            out.append((a, b, op))
+    return out
+
+
 def train_records(count: int, n: int = DEFAULT_DIGITS, *, seed: int, recovery_frac: float = 0.0,
-                  exclude: set[tuple[int, int]] | None = None, layout: str = "plain") -> list[dict]:
+                  exclude: set[tuple[int, int]] | None = None, layout: str = "plain", operators: int = 0,
+                  op_dist: str = "zipf") -> list[dict]:
     """`count` training records of fresh random problems (none of `exclude`), a `recovery_frac` share of them recovery traces
     with the wrong carry at a uniform step in [0, n - 2]. `exclude` defaults
-    to the test and validation sets (HELD_OUT). Distinct seeds give
+    to the test and validation sets (HELD_OUT; with operators, the (a, b) of
+    `operator_eval_problems`). Distinct seeds give
     independent streams (e.g. the student's N0 and the fresh traces of
-    continued SFT); problems may repeat within a stream (there are 10^(2n))."""
+    continued SFT); problems may repeat within a stream (there are 10^(2n)).
+    `operators` = K > 0: the long-tail variant, operators drawn by `op_dist`
+    ("zipf" for a student's data, "uniform" for a teacher's)."""
     if not 0.0 <= recovery_frac <= 1.0:
         raise ValueError(f"recovery_frac={recovery_frac} must be in [0, 1]")
     if recovery_frac and n < 2:
         raise ValueError("recovery traces need n >= 2 (the last carry is not scratch)")
-    exclude = _held_out(n) if exclude is None else exclude
-    rng, out = random.Random(f"carry-train-{n}-{seed}"), []
+    weights = operator_weights(operators, op_dist) if operators else None
+    if exclude is None:
+        exclude = _held_out(n) if not operators else {
+            (a, b) for a, b, _ in operator_eval_problems(n, operators, min(HELD_OUT, 10 ** (2 * n) // 4))}
+    rng = random.Random(f"carry-train-{n}-{seed}" + (f"-op{operators}-{op_dist}" if operators else ""))
+    out = []
     while len(out) < count:
         a, b = rng.randrange(10 ** n), rng.randrange(10 ** n)
         if (a, b) in exclude:
             continue
+        op = rng.choices(range(operators), weights)[0] if operators else None
         wrong = rng.randrange(n - 1) if rng.random() < recovery_frac else None
-        out.append(make_record(a, b, n, wrong, layout))
+        out.append(make_record(a, b, n, wrong, layout, op))
     return out
 
 

@@ -223,3 +223,78 @@ def test_sft_on_recovery_traces_never_learns_the_masked_wrong_carry():
             out = masked.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,
                                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         assert tok.decode(out[0, len(ids):], skip_special_tokens=True) == wrong[3:]
+
+
+# The long-tail variant: operators that map b's digits before the addition.
+
+def test_operator_names_and_tables():
+    from recipes.carry_task import MAX_OPERATORS, operator_index, operator_name, operator_table
+
+    assert [operator_name(k) for k in (0, 1, 26, MAX_OPERATORS - 1)] == ["aa", "ab", "ba", "zz"]
+    assert all(operator_index(operator_name(k)) == k for k in range(MAX_OPERATORS))
+    tables = [operator_table(k) for k in range(64)]
+    assert all(sorted(t) == list(range(10)) for t in tables)        # permutations of 0-9
+    assert len({tuple(t) for t in tables}) == 64                     # one table per operator
+    assert operator_table(5) == operator_table(5)                    # fixed: seeded by k alone
+    with pytest.raises(ValueError, match="out of range"):
+        operator_name(MAX_OPERATORS)
+    with pytest.raises(ValueError, match="two lower-case letters"):
+        operator_index("a1")
+
+
+@pytest.mark.parametrize("layout", ["plain", "columns"])
+def test_operator_records_add_the_mapped_operand(layout):
+    from recipes.carry_task import mapped_operand, operator_table, parse_operator
+
+    rng = random.Random(7)
+    n, differs = 3, 0
+    for _ in range(300):
+        a, b, op = rng.randrange(1000), rng.randrange(1000), rng.randrange(64)
+        rec = make_record(a, b, n, layout=layout, op=op)
+        assert rec["prompt"].startswith(f"{chr(97 + op // 26)}{chr(97 + op % 26)}:")
+        assert parse_operator(rec["prompt"]) == (op, a, b, n)
+        bm = mapped_operand(b, n, op)
+        assert bm == sum(operator_table(op)[(b // 10 ** i) % 10] * 10 ** i for i in range(n))
+        assert parse_prompt(rec["prompt"]) == (a, bm, n)
+        assert trace_value(rec["answer"], n) == a + bm
+        assert grade_record(rec["answer"], rec) == 1.0
+        plain = carry_trace(a, b, n)[0]                              # ignoring the operator
+        differs += bm != b
+        assert grade_record(plain, rec) == float(a + b == a + bm)
+        assert trace_errors(rec["answer"], rec["prompt"]) == TraceErrors(well_formed=True, correct=True)
+    assert differs > 250
+
+
+def test_operator_recovery_traces_recover_to_the_mapped_sum():
+    from recipes.carry_task import mapped_operand
+
+    rec = make_record(472, 831, 3, wrong_carry_at=0, op=9)
+    assert rec["no_loss"] == [1]
+    assert trace_value(rec["answer"], 3) == 472 + mapped_operand(831, 3, 9)
+    assert grade_record(rec["answer"], rec) == 1.0
+
+
+def test_operator_streams_follow_their_distribution_and_avoid_the_held_out_set():
+    from recipes.carry_task import HELD_OUT, operator_eval_problems, parse_operator
+
+    count, ops = 20000, 64
+    h = sum(1 / (k + 1) for k in range(ops))
+    zipf = [parse_operator(r["prompt"])[0] for r in train_records(count, 3, seed=1, operators=ops)]
+    unif = [parse_operator(r["prompt"])[0] for r in train_records(count, 3, seed=1, operators=ops,
+                                                                 op_dist="uniform")]
+    # Shares within 5 binomial standard deviations of 1/h (Zipf, operator 0)
+    # and 1/64 (uniform).
+    for got, p in ((zipf.count(0) / count, 1 / h), (zipf.count(63) / count, 1 / (64 * h)),
+                   (unif.count(0) / count, 1 / 64)):
+        assert abs(got - p) < 5 * (p * (1 - p) / count) ** 0.5, (got, p)
+    assert set(unif) == set(range(ops))
+    held = operator_eval_problems(3, ops, HELD_OUT)
+    assert len({(a, b) for a, b, _ in held}) == HELD_OUT
+    assert held[:10] == operator_eval_problems(3, ops, 10)           # test set = the stream's head
+    pairs = {(a, b) for a, b, _ in held}
+    for r in train_records(5000, 3, seed=2, operators=ops):
+        assert parse_operator(r["prompt"])[1:3] not in pairs
+    # The plain task's stream is unchanged by the variant's existence.
+    assert train_records(50, 3, seed=1) == train_records(50, 3, seed=1, operators=0)
+    with pytest.raises(ValueError, match="operator distribution"):
+        train_records(1, 3, seed=1, operators=4, op_dist="pareto")
