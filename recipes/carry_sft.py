@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from cluster.tiny_models import build_model, cache_dir, publish_dir, save_tokenizer
-from recipes.carry_task import (DEFAULT_DIGITS, carry_trace, encode_trace, eval_problems, format_prompt, make_record,
-                                trace_errors, train_records, validation_problems)
+from recipes.carry_task import (DEFAULT_DIGITS, carry_trace, encode_trace, format_prompt, held_out_problems,
+                                held_out_records, mapped_operand, parse_operator, trace_errors, train_records)
 from recipes.sft import flop_params, recipe_key, set_threads, sft_loop
 
 
@@ -77,19 +77,31 @@ def generate(model, tok, prompts: list[str], *, n: int, temperature: float, seed
     return out_text
 
 
+# The long-tail variant's "head": its 8 most frequent operators (Zipf(1)
+# over 64: 57% of the problems); the other operators are the "tail".
+HEAD_OPERATORS = 8
+
+
 def evaluate(model, tok, records: list[dict], *, n: int, temperature: float = 1.0, seed: int = 0) -> dict:
     """Accuracy and the error breakdown over `records` (one sample each)."""
     comps = generate(model, tok, [r["prompt"] for r in records], n=n, temperature=temperature, seed=seed)
     errs = [trace_errors(c, r["prompt"]) for c, r in zip(comps, records, strict=True)]
     wc = sum(e.wrong_carries for e in errs)
-    return {"accuracy": sum(e.correct for e in errs) / len(errs),
+    out = {}
+    ops = [parse_operator(r["prompt"])[0] for r in records]
+    if ops and ops[0] is not None:   # the long-tail variant: the 8 most frequent operators vs the rest
+        for name, keep in (("head", lambda k: k < HEAD_OPERATORS), ("tail", lambda k: k >= HEAD_OPERATORS)):
+            sel = [e.correct for e, k in zip(errs, ops, strict=True) if keep(k)]
+            out[f"{name}_accuracy"] = sum(sel) / len(sel) if sel else None
+    return {**out, "accuracy": sum(e.correct for e in errs) / len(errs),
             "well_formed": sum(e.well_formed for e in errs) / len(errs),
             "wrong_carries_per_completion": wc / len(errs),
             "recovered_share": (sum(e.recovered for e in errs) / wc) if wc else None,
             "compounded_share": (sum(e.compounded for e in errs) / wc) if wc else None}
 
 
-def recovery_probe(model, tok, n: int, count: int = 500, seed: int = 0, layout: str = "plain") -> dict:
+def recovery_probe(model, tok, n: int, count: int = 500, seed: int = 0, layout: str = "plain",
+                   operators: int = 0) -> dict:
     """Teacher-forced: the clean trace with step j's carry flipped (j uniform in
     [0, n-2]), up to the next step's digit. Returns the share of problems whose
     greedy next digit is the true one (recovers) or the one the wrong carry
@@ -98,18 +110,19 @@ def recovery_probe(model, tok, n: int, count: int = 500, seed: int = 0, layout: 
 
     model.eval()
     rng = random.Random(seed)
-    probs = eval_problems(n, count)
+    probs = held_out_problems(n, "test", count, operators)
     rec = comp = 0
     lp_sum = 0.0
     by_j: dict[int, list[tuple[list[int], int, int]]] = {}
-    for a, b in probs:
+    for a, b, op in probs:
         j = rng.randrange(n - 1)
-        wrong, _ = carry_trace(a, b, n, wrong_carry_at=j)
-        clean, _ = carry_trace(a, b, n)
-        prefix = format_prompt(a, b, n, layout) + wrong[: 3 * (j + 1)]   # up to and including the space after step j
+        bm = mapped_operand(b, n, op)   # what the trace adds
+        wrong, _ = carry_trace(a, bm, n, wrong_carry_at=j)
+        clean, _ = carry_trace(a, bm, n)
+        prefix = format_prompt(a, b, n, layout, op) + wrong[: 3 * (j + 1)]   # up to and including the space after step j
         true_d = int(clean[3 * (j + 1)])
         wc = int(wrong[3 * j + 1])
-        comp_d = ((a // 10 ** (j + 1)) % 10 + (b // 10 ** (j + 1)) % 10 + wc) % 10
+        comp_d = ((a // 10 ** (j + 1)) % 10 + (bm // 10 ** (j + 1)) % 10 + wc) % 10
         by_j.setdefault(j, []).append((tok.encode(prefix, add_special_tokens=False), true_d, comp_d))
     digit_ids = [tok.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
     with torch.no_grad():
@@ -153,6 +166,8 @@ def _key(obj, **extra) -> str:
     recipe = dataclasses.asdict(obj)
     if recipe.get("schedule") == "constant":   # keys of recipes from before `schedule` existed
         del recipe["schedule"]
+    if recipe.get("operators") == 0:           # ... and before `operators`
+        del recipe["operators"]
     return recipe_key(recipe, obj.spec, CARRY_RECIPE_VERSION, **extra)
 
 
@@ -170,6 +185,9 @@ class TeacherRecipe:
     warmup_steps: int = 20
     recovery_frac: float = 0.25
     seed: int = 0
+    # The long-tail variant (recipes.carry_task): K operators, drawn uniformly
+    # in the teacher's data (so it learns the tail); 0 = the plain task.
+    operators: int = 0
 
     def key(self) -> str:
         return _key(self)
@@ -207,10 +225,12 @@ def _save(model, tok, out: Path, summary: dict) -> None:
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def _eval_row(model, tok, held, n, layout, count, step) -> dict:
-    return {"greedy": evaluate(model, tok, held, n=n, temperature=0)["accuracy"],
+def _eval_row(model, tok, held, n, layout, count, step, operators: int = 0) -> dict:
+    greedy = evaluate(model, tok, held, n=n, temperature=0)
+    return {"greedy": greedy["accuracy"],
+            **{f"greedy_{k}": greedy[k] for k in ("head_accuracy", "tail_accuracy") if k in greedy},
             **evaluate(model, tok, held, n=n, temperature=1.0, seed=step),
-            "probe": recovery_probe(model, tok, n, count=count, layout=layout)}
+            "probe": recovery_probe(model, tok, n, count=count, layout=layout, operators=operators)}
 
 
 def train_teacher(r: TeacherRecipe, out: Path, *, eval_every: int = 250, eval_count: int = 500, log=print) -> dict:
@@ -220,9 +240,9 @@ def train_teacher(r: TeacherRecipe, out: Path, *, eval_every: int = 250, eval_co
     set_threads()
     n = r.n_digits
     model, tok = fresh_model(r.spec, r.seed)
-    held = [make_record(a, b, n, layout=r.layout) for a, b in eval_problems(n, eval_count)]
+    held = held_out_records(n, "test", eval_count, layout=r.layout, operators=r.operators)
     recs = train_records(r.steps * r.batch_size, n, seed=r.seed + 100, recovery_frac=r.recovery_frac,
-                         layout=r.layout)
+                         layout=r.layout, operators=r.operators, op_dist="uniform")
     curve, t0, eval_s = [], time.monotonic(), 0.0
 
     def cb(step, tokens):
@@ -230,7 +250,7 @@ def train_teacher(r: TeacherRecipe, out: Path, *, eval_every: int = 250, eval_co
         if (eval_every and step % eval_every == 0) or step == r.steps:
             te = time.monotonic()
             row = {"step": step, "tokens": tokens, "train_s": te - t0 - eval_s,
-                   **_eval_row(model, tok, held, n, r.layout, eval_count, step)}
+                   **_eval_row(model, tok, held, n, r.layout, eval_count, step, r.operators)}
             eval_s += time.monotonic() - te
             curve.append(row)
             log(json.dumps(row))
@@ -258,9 +278,10 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
     set_threads()
     t_sum = json.loads((Path(teacher_dir) / "sft_summary.json").read_text())
     n, layout = t_sum["recipe"]["n_digits"], t_sum["recipe"]["layout"]
+    ops = t_sum["recipe"].get("operators", 0)   # the student's data: Zipf over the teacher's operators
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     ttok = AutoTokenizer.from_pretrained(teacher_dir)
-    prompts = [x["prompt"] for x in train_records(r.n0, n, seed=r.seed + 1000, layout=layout)]
+    prompts = [x["prompt"] for x in train_records(r.n0, n, seed=r.seed + 1000, layout=layout, operators=ops)]
     t0 = time.monotonic()
     log(f"[carry student] sampling {len(prompts):,} teacher traces")
     data = teacher_traces(teacher, ttok, prompts, n=n, temperature=r.temperature, seed=r.seed, log=log)
@@ -269,7 +290,7 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
     log(f"[carry student] {len(data)} teacher traces in {gen_s:.0f}s, {trace_acc:.3f} of them correct")
     if r.schedule not in ("constant", "cosine"):
         raise ValueError(f"StudentRecipe.schedule={r.schedule!r}: use 'constant' or 'cosine'")
-    held = [make_record(a, b, n, layout=layout) for a, b in eval_problems(n, eval_count)]
+    held = held_out_records(n, "test", eval_count, layout=layout, operators=ops)
     steps = r.n0 // r.batch_size
     marks = {r.n0 // 2 ** k // r.batch_size for k in range(r.points)}
     curve, t1, eval_s = [], time.monotonic(), 0.0
@@ -279,7 +300,7 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
         if step in marks:
             te = time.monotonic()
             row = {"step": step, "traces": step * r.batch_size, "tokens": tokens, "train_s": te - t1 - eval_s,
-                   **_eval_row(model, tok, held, n, layout, eval_count, step)}
+                   **_eval_row(model, tok, held, n, layout, eval_count, step, ops)}
             eval_s += time.monotonic() - te
             curve.append(row)
             log(json.dumps(row))
@@ -303,7 +324,7 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
     fp, fp_t = flop_params(model), t_sum["flop_params"]
     gen_tokens = sum(len(encode_record(tok, x)[0]) for x in data)   # prompt + completion + EOS
     summary = {"recipe": dataclasses.asdict(r), "key": r.key(t_sum["key"]), "teacher": str(teacher_dir),
-               "teacher_key": t_sum["key"], "n_digits": n, "layout": layout, "curve": curve, "final": curve[-1],
+               "teacher_key": t_sum["key"], "n_digits": n, "layout": layout, "operators": ops, "curve": curve, "final": curve[-1],
                "trace_accuracy": trace_acc, "gen_s": gen_s, "flop_params": fp, "trained_tokens": tokens,
                "train_flops": 6 * fp * tokens, "teacher_gen_flops": 2 * fp_t * gen_tokens,
                "train_s": time.monotonic() - t1 - eval_s}
@@ -319,53 +340,54 @@ def _load(model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), AutoTokenizer.from_pretrained(model_dir)
 
 
-def sampled_accuracy(model, tok, problems: list[tuple[int, int]], n: int, *, layout: str = "columns",
-                     samples: int = 1, seed: int = 0) -> float:
-    """Accuracy of `samples` T = 1 samples per problem (the driver's eval
+def sampled_accuracy(model, tok, records: list[dict], n: int, *, samples: int = 1, seed: int = 0) -> float:
+    """Accuracy of `samples` T = 1 samples per record (the driver's eval
     draws the same way: raw distribution, no top-k/top-p)."""
-    recs = [make_record(a, b, n, layout=layout) for a, b in problems]
-    return sum(evaluate(model, tok, recs, n=n, temperature=1.0, seed=seed + i)["accuracy"]
+    return sum(evaluate(model, tok, records, n=n, temperature=1.0, seed=seed + i)["accuracy"]
                for i in range(samples)) / samples
 
 
-def held_out_accuracy(model_dir, n: int, split: str, *, seed: int = 0, layout: str = "columns") -> float:
+def held_out_accuracy(model_dir, n: int, split: str, *, seed: int = 0, layout: str = "columns",
+                      operators: int = 0) -> float:
     """Sampled accuracy of a checkpoint, 2 samples per problem (as the
     recipes' driver evaluation), on the "test" problems or the "validation"
     ones (disjoint from test, for choosing learning rates)."""
-    problems = {"test": eval_problems, "validation": validation_problems}[split](n)
+    records = held_out_records(n, split, layout=layout, operators=operators)
     model, tok = _load(model_dir)
-    return sampled_accuracy(model, tok, problems, n, layout=layout, samples=2, seed=seed)
+    return sampled_accuracy(model, tok, records, n, samples=2, seed=seed)
 
 
-def diagnose(model_dir, n: int, *, count: int = 500, layout: str = "columns") -> dict:
+def diagnose(model_dir, n: int, *, count: int = 500, layout: str = "columns", operators: int = 0) -> dict:
     """Where a checkpoint's errors come from, on the test problems: greedy and
-    sampled (T = 1) accuracy, wrong carries per sampled completion, the share
-    of them that compound into a wrong digit, and the teacher-forced
-    recovery probe (see `recovery_probe`)."""
+    sampled (T = 1) accuracy (on the long-tail variant also per head and tail
+    operators), wrong carries per sampled completion, the share of them that
+    compound into a wrong digit, and the teacher-forced recovery probe (see
+    `recovery_probe`)."""
     model, tok = _load(model_dir)
-    held = [make_record(a, b, n, layout=layout) for a, b in eval_problems(n, count)]
-    return _eval_row(model, tok, held, n, layout, count, 0)
+    held = held_out_records(n, "test", count, layout=layout, operators=operators)
+    return _eval_row(model, tok, held, n, layout, count, 0, operators)
 
 
 def truth_sft_run(init_dir, n: int, *, steps: int, batch_size: int, lr: float, eval_every: int, seed: int,
-                  layout: str = "columns", log=print) -> list[dict]:
+                  layout: str = "columns", operators: int = 0, log=print) -> list[dict]:
     """Ground-truth SFT from a checkpoint, in-process (the comparison's
     reference row): `steps` x `batch_size` fresh clean traces at constant
-    `lr`; [{step, accuracy}] on the test set every `eval_every` steps."""
+    `lr` (on the long-tail variant, Zipf-drawn operators as the student's
+    data); [{step, accuracy}] on the test set every `eval_every` steps."""
     import torch
 
     model, tok = _load(init_dir)
-    probs = eval_problems(n)
-    curve = [{"step": 0, "accuracy": sampled_accuracy(model, tok, probs, n, layout=layout, samples=2, seed=seed)}]
+    held = held_out_records(n, "test", layout=layout, operators=operators)
+    curve = [{"step": 0, "accuracy": sampled_accuracy(model, tok, held, n, samples=2, seed=seed)}]
 
     def cb(step, tokens):
         if step % eval_every == 0 or step == steps:
-            curve.append({"step": step, "accuracy": sampled_accuracy(model, tok, probs, n, layout=layout, samples=2,
+            curve.append({"step": step, "accuracy": sampled_accuracy(model, tok, held, n, samples=2,
                                                                      seed=seed + step)})
             log(f"[truth sft] step {step}: test accuracy {curve[-1]['accuracy']:.3f}")
         return False
 
-    recs = train_records(steps * batch_size, n, seed=seed + 5000, layout=layout)
+    recs = train_records(steps * batch_size, n, seed=seed + 5000, layout=layout, operators=operators)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sft_loop(model, tok, recs, steps=steps, batch_size=batch_size, lr_fn=lr_fn_constant(lr, 2), seed=seed,
@@ -403,6 +425,8 @@ def main(argv=None) -> int:
         p.add_argument("--recovery-frac", type=float, default=TeacherRecipe.recovery_frac)
         p.add_argument("--digits", type=int, default=DEFAULT_DIGITS)
         p.add_argument("--layout", default=TeacherRecipe.layout, choices=["plain", "columns"])
+        p.add_argument("--operators", type=int, default=0,
+                       help="the long-tail variant: K operators (uniform in the teacher's data, Zipf in the student's)")
         p.add_argument("--eval-every", type=int, default=250)
         p.add_argument("--eval-count", type=int, default=500)
         p.add_argument("--no-cache", action="store_true")
@@ -414,7 +438,7 @@ def main(argv=None) -> int:
     c.add_argument("--schedule", default=StudentRecipe.schedule, choices=["constant", "cosine"])
     args = ap.parse_args(argv)
     tr = TeacherRecipe(spec=args.teacher_spec, steps=args.teacher_steps, recovery_frac=args.recovery_frac,
-                       n_digits=args.digits, layout=args.layout)
+                       n_digits=args.digits, layout=args.layout, operators=args.operators)
     tdir = build_teacher(tr, use_cache=not args.no_cache, eval_every=args.eval_every, eval_count=args.eval_count)
     ts = json.loads((tdir / "sft_summary.json").read_text())
     print(f"teacher {tdir}: {json.dumps(ts['final'])}")

@@ -291,6 +291,28 @@ def validation_problems(n: int = DEFAULT_DIGITS, count: int = DEFAULT_EVAL) -> l
     return eval_problems(n, DEFAULT_EVAL + count)[DEFAULT_EVAL:]
 
 
+def held_out_problems(n: int, split: str = "test", count: int = DEFAULT_EVAL,
+                      operators: int = 0) -> list[tuple[int, int, int | None]]:
+    """(a, b, op) of the "test" or "validation" problems (op None on the
+    plain task; Zipf-drawn operators with `operators` = K > 0)."""
+    if split not in ("test", "validation"):
+        raise ValueError(f"split={split!r}: use 'test' or 'validation'")
+    if not operators:
+        pairs = eval_problems(n, count) if split == "test" else validation_problems(n, count)
+        return [(a, b, None) for a, b in pairs]
+    if split == "test":
+        return operator_eval_problems(n, operators, count)
+    if DEFAULT_EVAL + count > HELD_OUT:
+        raise ValueError(f"count={count}: at most {HELD_OUT - DEFAULT_EVAL} validation problems are held out")
+    return operator_eval_problems(n, operators, DEFAULT_EVAL + count)[DEFAULT_EVAL:]
+
+
+def held_out_records(n: int, split: str = "test", count: int = DEFAULT_EVAL, *, layout: str = "plain",
+                     operators: int = 0) -> list[dict]:
+    """The held-out problems (`held_out_problems`) as records (`make_record`)."""
+    return [make_record(a, b, n, layout=layout, op=op) for a, b, op in held_out_problems(n, split, count, operators)]
+
+
 def _held_out(n: int) -> set[tuple[int, int]]:
     return set(eval_problems(n, min(HELD_OUT, 10 ** (2 * n) // 4)))
 
@@ -360,16 +382,18 @@ def encode_trace(tokenizer, prompt: str, answer: str, no_loss: list[int] = ()) -
 
 
 def build_task_files(n: int = DEFAULT_DIGITS, n_train: int = 20000, n_eval: int = DEFAULT_EVAL,
-                     seed: int = 0, layout: str = "plain") -> tuple[Path, Path]:
+                     seed: int = 0, layout: str = "plain", operators: int = 0) -> tuple[Path, Path]:
     """Write (or reuse) the driver's data files: train.jsonl (prompts for
     on-policy training, clean traces as answers) and eval.jsonl (the held-out
     set). Use with `data.train=<train> data.eval=<eval>
-    eval.grader=recipes.carry_task:grade_record data.apply_chat_template=false`."""
-    d = cache_dir() / "data" / f"carry-v2-{layout}-{n}-{n_train}-{n_eval}-{seed}"
+    eval.grader=recipes.carry_task:grade_record data.apply_chat_template=false`.
+    With `operators` = K > 0 (the long-tail variant) both are drawn Zipf(1)
+    over the K operators, the student's distribution."""
+    tag = f"-op{operators}" if operators else ""
+    d = cache_dir() / "data" / f"carry-v2-{layout}-{n}-{n_train}-{n_eval}-{seed}{tag}"
     train, evalp = d / "train.jsonl", d / "eval.jsonl"
     if not (train.exists() and evalp.exists()):
-        held = eval_problems(n, n_eval)
-        _write_jsonl_atomic(evalp, [make_record(a, b, n, layout=layout) for a, b in held])
+        _write_jsonl_atomic(evalp, held_out_records(n, "test", n_eval, layout=layout, operators=operators))
         # Training prompts skip the test and the validation problems.
-        _write_jsonl_atomic(train, train_records(n_train, n, seed=seed, layout=layout))
+        _write_jsonl_atomic(train, train_records(n_train, n, seed=seed, layout=layout, operators=operators))
     return train, evalp

@@ -40,15 +40,17 @@ BASE_OVERRIDES = [
 ]
 
 
-def carry_overrides(n_digits: int, layout: str = "columns", n_train: int = 20000, n_eval: int = 500) -> list[str]:
+def carry_overrides(n_digits: int, layout: str = "columns", n_train: int = 20000, n_eval: int = 500,
+                    operators: int = 0) -> list[str]:
     """Overrides that put the driver on the carry-trace addition task
-    (recipes/carry_task.py), after BASE_OVERRIDES: its data files (written
-    on first use), its grader, raw prompts, completions of 3n tokens + 1 spare,
-    evaluation on the whole held-out set."""
+    (recipes/carry_task.py; with `operators`, its long-tail variant), after
+    BASE_OVERRIDES: its data files (written on first use), its grader, raw
+    prompts, completions of 3n tokens + 1 spare, evaluation on the whole
+    held-out set."""
     from recipes.carry_task import build_task_files
 
-    train, ev = build_task_files(n_digits, n_train=n_train, n_eval=n_eval, layout=layout)
-    prompt_tokens = 3 * n_digits if layout == "columns" else 2 * n_digits + 2
+    train, ev = build_task_files(n_digits, n_train=n_train, n_eval=n_eval, layout=layout, operators=operators)
+    prompt_tokens = (3 * n_digits if layout == "columns" else 2 * n_digits + 2) + (3 if operators else 0)
     return [f"data.train={train}", f"data.eval={ev}", "eval.grader=recipes.carry_task:grade_record",
             "data.apply_chat_template=false", f"data.max_prompt_tokens={prompt_tokens}",
             f"rollout.max_new_tokens={3 * n_digits + 1}", f"eval.num_prompts={n_eval}",

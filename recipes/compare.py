@@ -118,7 +118,8 @@ def run_name(method: str, lr: float, seed: int) -> str:
 
 
 def driver_run(method: str, lr: float, seed: int, *, init: Path, teacher: Path, n_digits: int, grid: Grid,
-               prompts: int, samples: int, top_k: int, out: Path, extra: list[str], log=print) -> dict:
+               prompts: int, samples: int, top_k: int, out: Path, extra: list[str], operators: int = 0,
+               log=print) -> dict:
     """One driver run from the init; returns (and stores in result.json) its
     metrics rows, its validation accuracy and its wall time. A finished run
     in `out` is read back instead of rerun."""
@@ -135,7 +136,7 @@ def driver_run(method: str, lr: float, seed: int, *, init: Path, teacher: Path, 
     ov, _ = DRIVER_METHODS[method]
     if method == "reverse_kl_topk":
         ov = ov + [f"teacher.top_k={top_k}"]
-    cfg = driver_config(carry_overrides(n_digits) + [
+    cfg = driver_config(carry_overrides(n_digits, operators=operators) + [
         f"student.model={init}", f"teacher.model={teacher}", f"train.steps={grid.steps}",
         f"train.prompts_per_step={prompts}", f"rollout.samples_per_prompt={samples}", f"learner.lr={lr}",
         "learner.warmup_steps=2", f"eval.every_steps={grid.eval_every}", f"run.seed={seed}",
@@ -143,9 +144,9 @@ def driver_run(method: str, lr: float, seed: int, *, init: Path, teacher: Path, 
     t0 = time.monotonic()
     run_driver(cfg, log=log)
     rows = read_metrics(run_dir)
-    val = held_out_accuracy(run_dir / "final", n_digits, "validation", seed=seed)
+    val = held_out_accuracy(run_dir / "final", n_digits, "validation", seed=seed, operators=operators)
     res = {"method": method, "lr": lr, "seed": seed, "rows": rows, "validation_accuracy": val,
-           "diagnosis": diagnose(run_dir / "final", n_digits), "wall_s": time.monotonic() - t0}
+           "diagnosis": diagnose(run_dir / "final", n_digits, operators=operators), "wall_s": time.monotonic() - t0}
     write_json(done, res)
     log(f"[compare] {run_name(method, lr, seed)}: test {series(rows, 'eval/accuracy')[-1][1]:.3f}, "
         f"validation {val:.3f}, {res['wall_s']:.0f}s")
@@ -238,7 +239,8 @@ def analyse(seeds: dict[str, dict], all_runs: list[dict], methods: list[str], se
     completions = sum(r.get("rollout/completions", 0) for r in kd_rows)
     ctoks = sum(r.get("rollout/completion_tokens", 0) for r in kd_rows)
     completion_tokens = ctoks / completions if completions else 3 * n
-    prompt_tokens = 3 * n   # columns layout, one token per character
+    # columns layout, one token per character; the long-tail variant's operator adds "ab:"
+    prompt_tokens = 3 * n + (3 if settings.get("operators") else 0)
     out_seeds = {}
     for k, d in seeds.items():
         runs = {m: d["runs_by_lr"][m][chosen[m]] for m in methods}
@@ -297,7 +299,9 @@ def _fmt_ratio(x) -> str:
 def report(res: dict) -> str:
     """The markdown tables of a finished comparison (`res` = compare.json)."""
     s = res["settings"]
-    lines = [f"# recipes.compare: carry addition, n = {s['n_digits']}, {s['steps']} steps x {s['prompts']} prompts "
+    task = f"carry addition, n = {s['n_digits']}" + (
+        f", {s['operators']} operators (Zipf)" if s.get("operators") else "")
+    lines = [f"# recipes.compare: {task}, {s['steps']} steps x {s['prompts']} prompts "
              f"x {s['samples']} samples, seeds {s['seeds']}",
              "",
              f"student `{s['student_spec']}` ({res['n_student']:,} matmul params), teacher `{s['teacher_spec']}` "
@@ -472,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="learning rates of one method (repeatable)")
     ap.add_argument("--methods", default=",".join(DRIVER_METHODS))
     ap.add_argument("--digits", type=int, default=TeacherRecipe.n_digits, help="n: chain length of the task")
+    ap.add_argument("--operators", type=int, default=0, metavar="K",
+                    help="the long-tail variant of the task (recipes/carry_task.py): K operators, uniform in the "
+                         "teacher's data, Zipf(1) in the student's, the driver's and the evaluation's")
     ap.add_argument("--teacher-spec", default="student-4l")
     ap.add_argument("--teacher-steps", type=int, default=1000)
     ap.add_argument("--recovery-frac", type=float, default=TeacherRecipe.recovery_frac,
@@ -509,13 +516,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     n = args.digits
+    ops = args.operators
     teacher = build_teacher(TeacherRecipe(spec=args.teacher_spec, n_digits=n, steps=args.teacher_steps,
-                                          recovery_frac=args.recovery_frac))
+                                          recovery_frac=args.recovery_frac, operators=ops))
     run_teacher = Path(args.run_teacher).resolve() if args.run_teacher else teacher
     t_sum = json.loads((run_teacher / "sft_summary.json").read_text())
     traces_per_step = args.prompts_per_step * args.samples_per_prompt
 
-    with one_ray_for_runs(driver_config(carry_overrides(n))):
+    with one_ray_for_runs(driver_config(carry_overrides(n, operators=ops))):
         seeds: dict[str, dict] = {}
         all_runs: list[dict] = []
         for seed in grid.seeds:
@@ -527,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
                 for lr in grid.lrs[m]:
                     r = driver_run(m, lr, seed, init=init, teacher=run_teacher, n_digits=n, grid=grid,
                                    prompts=args.prompts_per_step, samples=args.samples_per_prompt, top_k=args.top_k,
-                                   out=out, extra=args.overrides)
+                                   out=out, extra=args.overrides, operators=ops)
                     all_runs.append(r)
                     runs.setdefault(m, {})[lr] = r
             seeds[str(seed)] = {"init": str(init), "n0": args.n0, "init_curve": s_sum["curve"],
@@ -535,21 +543,22 @@ def main(argv: list[str] | None = None) -> int:
                                 "runs_by_lr": runs,
                                 "flop_params": s_sum["flop_params"]}
 
-    settings = {"n_digits": n, "steps": grid.steps, "prompts": args.prompts_per_step,
+    settings = {"n_digits": n, "operators": ops, "steps": grid.steps, "prompts": args.prompts_per_step,
                 "samples": args.samples_per_prompt, "seeds": list(grid.seeds), "lrs": grid.lrs,
                 "teacher_spec": args.teacher_spec, "student_spec": args.student_spec, "n0": args.n0,
                 "init_schedule": args.init_schedule, "recovery_frac": args.recovery_frac, "top_k": args.top_k,
                 "run_teacher": str(run_teacher) if args.run_teacher else None,
                 "quick": args.quick}
     res = analyse(seeds, all_runs, methods, settings, n_teacher=t_sum["flop_params"],
-                  teacher_accuracy=held_out_accuracy(run_teacher, n, "test", seed=0), traces_per_step=traces_per_step)
+                  teacher_accuracy=held_out_accuracy(run_teacher, n, "test", seed=0, operators=ops),
+                  traces_per_step=traces_per_step)
     res["teacher"] = str(run_teacher)
-    res["teacher_diagnosis"] = diagnose(run_teacher, n)
+    res["teacher_diagnosis"] = diagnose(run_teacher, n, operators=ops)
     chosen = {m: info["lr"] for m, info in res["methods"].items()}
     n_s, prompt_tokens, completion_tokens = res["n_student"], res["prompt_tokens"], res["completion_tokens"]
     if not args.no_truth_ref:
         curves = [truth_sft_run(Path(d["init"]), n, steps=grid.steps, batch_size=traces_per_step,
-                                lr=chosen["seq_kd"], eval_every=grid.eval_every, seed=int(k))
+                                lr=chosen["seq_kd"], eval_every=grid.eval_every, seed=int(k), operators=ops)
                   for k, d in res["seeds"].items()]
         res["truth_sft"] = {"lr": chosen["seq_kd"], "curves": curves,
                             "final_accuracy": [statistics.fmean(r["accuracy"] for r in c[-2:]) for c in curves],

@@ -85,6 +85,38 @@ def _config(run_dir):
     return yaml.safe_load((run_dir / "config.yaml").read_text())
 
 
+def test_compare_on_the_long_tail_variant(tmp_path):
+    """`--operators K`: the teacher trains on uniformly drawn operators, the
+    init on Zipf-drawn ones, the driver's prompts and every evaluation carry
+    operator prefixes, and the diagnosis splits head and tail operators."""
+    from pathlib import Path
+
+    from cluster.tiny_data import read_jsonl
+    from recipes.carry_task import parse_operator
+    from recipes.common import carry_overrides
+
+    out = tmp_path / "ops"
+    args = [a for a in ARGS if a not in ("--methods", ",".join(METHODS))]
+    assert compare.main(args + ["--methods", "seq_kd", "--operators", "16", "--steps", "1", "--no-truth-ref",
+                                "--out", str(out)]) == 0
+    res = json.loads((out / "compare.json").read_text())
+    assert res["settings"]["operators"] == 16
+    assert json.loads((Path(res["teacher"]) / "sft_summary.json").read_text())["recipe"]["operators"] == 16
+    assert json.loads((Path(res["seeds"]["0"]["init"]) / "sft_summary.json").read_text())["operators"] == 16
+    # The driver's data: every prompt has an operator, head and tail both present.
+    files = dict(o.split("=", 1) for o in carry_overrides(3, operators=16) if o.startswith("data."))
+    for key in ("data.train", "data.eval"):
+        ops = [parse_operator(r["prompt"])[0] for r in read_jsonl(files[key])]
+        assert None not in ops and min(ops) == 0 and max(ops) >= 8, key
+    run_dir = out / compare.run_name("seq_kd", 1e-3, 0)
+    assert {k: str(v) for k, v in _config(run_dir)["data"].items() if k in ("train", "eval")} == \
+        {"train": files["data.train"], "eval": files["data.eval"]}
+    assert [r["step"] for r in read_metrics(run_dir) if "learner/loss" in r] == [1]
+    diag = json.loads((run_dir / "result.json").read_text())["diagnosis"]
+    assert {"greedy_head_accuracy", "greedy_tail_accuracy", "head_accuracy", "tail_accuracy"} <= set(diag)
+    assert "16 operators (Zipf)" in (out / "compare.md").read_text()
+
+
 def test_self_distill_runs_its_three_runs_through_the_driver(tmp_path, student_path):
     """`python -m recipes.self_distill --student DIR` on a copy of the
     session's tiny student: SFT on its own samples, on-policy distillation
