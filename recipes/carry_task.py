@@ -293,18 +293,13 @@ def validation_problems(n: int = DEFAULT_DIGITS, count: int = DEFAULT_EVAL) -> l
 
 def held_out_problems(n: int, split: str = "test", count: int = DEFAULT_EVAL,
                       operators: int = 0) -> list[tuple[int, int, int | None]]:
-    """(a, b, op) of the "test" or "validation" problems (op None on the
-    plain task; Zipf-drawn operators with `operators` = K > 0)."""
+    """(a, b, op) of the "test" or "validation" problems: the plain task's
+    (a, b) pairs (`eval_problems`, `validation_problems`), op None, or with
+    `operators` = K > 0 each pair's Zipf-drawn operator (`operator_of`)."""
     if split not in ("test", "validation"):
         raise ValueError(f"split={split!r}: use 'test' or 'validation'")
-    if not operators:
-        pairs = eval_problems(n, count) if split == "test" else validation_problems(n, count)
-        return [(a, b, None) for a, b in pairs]
-    if split == "test":
-        return operator_eval_problems(n, operators, count)
-    if DEFAULT_EVAL + count > HELD_OUT:
-        raise ValueError(f"count={count}: at most {HELD_OUT - DEFAULT_EVAL} validation problems are held out")
-    return operator_eval_problems(n, operators, DEFAULT_EVAL + count)[DEFAULT_EVAL:]
+    pairs = eval_problems(n, count) if split == "test" else validation_problems(n, count)
+    return [(a, b, operator_of(a, b, n, operators) if operators else None) for a, b in pairs]
 
 
 def held_out_records(n: int, split: str = "test", count: int = DEFAULT_EVAL, *, layout: str = "plain",
@@ -317,23 +312,19 @@ def _held_out(n: int) -> set[tuple[int, int]]:
     return set(eval_problems(n, min(HELD_OUT, 10 ** (2 * n) // 4)))
 
 
+def operator_of(a: int, b: int, n: int, operators: int, dist: str = "zipf") -> int:
+    """The operator of held-out problem (a, b): drawn by `dist`, a fixed
+    function of the problem."""
+    return random.Random(f"carry-op-eval-{n}-{operators}-{dist}-{a}-{b}").choices(
+        range(operators), operator_weights(operators, dist))[0]
+
+
 def operator_eval_problems(n: int, operators: int, count: int = DEFAULT_EVAL,
                            dist: str = "zipf") -> list[tuple[int, int, int]]:
-    """`count` (a, b, op) problems of the operator variant, operators drawn
-    by `dist`, the (a, b) pairs distinct: the held-out set (its first
-    DEFAULT_EVAL the test set, the next the validation set, as
-    `eval_problems` and `validation_problems`)."""
-    weights = operator_weights(operators, dist)
-    if count > 10 ** (2 * n) // 2:
-        raise ValueError(f"count={count} is too many distinct {n}-digit problems to draw")
-    rng, seen, out = random.Random(f"carry-op-eval-{n}-{operators}-{dist}-{EVAL_SEED}"), set(), []
-    while len(out) < count:
-        a, b = rng.randrange(10 ** n), rng.randrange(10 ** n)
-        op = rng.choices(range(operators), weights)[0]
-        if (a, b) not in seen:
-            seen.add((a, b))
-            out.append((a, b, op))
-    return out
+    """`count` (a, b, op) problems of the operator variant: the plain task's
+    held-out pairs (`eval_problems`; its first DEFAULT_EVAL the test set, the
+    next the validation set), each with its operator (`operator_of`)."""
+    return [(a, b, operator_of(a, b, n, operators, dist)) for a, b in eval_problems(n, count)]
 
 
 def train_records(count: int, n: int = DEFAULT_DIGITS, *, seed: int, recovery_frac: float = 0.0,
@@ -341,8 +332,7 @@ def train_records(count: int, n: int = DEFAULT_DIGITS, *, seed: int, recovery_fr
                   op_dist: str = "zipf") -> list[dict]:
     """`count` training records of fresh random problems (none of `exclude`), a `recovery_frac` share of them recovery traces
     with the wrong carry at a uniform step in [0, n - 2]. `exclude` defaults
-    to the test and validation sets (HELD_OUT; with operators, the (a, b) of
-    `operator_eval_problems`). Distinct seeds give
+    to the test and validation sets (HELD_OUT). Distinct seeds give
     independent streams (e.g. the student's N0 and the fresh traces of
     continued SFT); problems may repeat within a stream (there are 10^(2n)).
     `operators` = K > 0: the long-tail variant, operators drawn by `op_dist`
@@ -352,9 +342,7 @@ def train_records(count: int, n: int = DEFAULT_DIGITS, *, seed: int, recovery_fr
     if recovery_frac and n < 2:
         raise ValueError("recovery traces need n >= 2 (the last carry is not scratch)")
     weights = operator_weights(operators, op_dist) if operators else None
-    if exclude is None:
-        exclude = _held_out(n) if not operators else {
-            (a, b) for a, b, _ in operator_eval_problems(n, operators, min(HELD_OUT, 10 ** (2 * n) // 4))}
+    exclude = _held_out(n) if exclude is None else exclude
     rng = random.Random(f"carry-train-{n}-{seed}" + (f"-op{operators}-{op_dist}" if operators else ""))
     out = []
     while len(out) < count:
