@@ -422,6 +422,8 @@ def main(argv=None) -> int:
     for p in (t, c):
         p.add_argument("--teacher-spec", default=TeacherRecipe.spec)
         p.add_argument("--teacher-steps", type=int, default=TeacherRecipe.steps)
+        p.add_argument("--teacher-batch-size", type=int, default=TeacherRecipe.batch_size)
+        p.add_argument("--teacher-lr", type=float, default=TeacherRecipe.lr, help="peak lr (cosine decay to 0.1x)")
         p.add_argument("--recovery-frac", type=float, default=TeacherRecipe.recovery_frac)
         p.add_argument("--digits", type=int, default=DEFAULT_DIGITS)
         p.add_argument("--layout", default=TeacherRecipe.layout, choices=["plain", "columns"])
@@ -437,7 +439,8 @@ def main(argv=None) -> int:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--schedule", default=StudentRecipe.schedule, choices=["constant", "cosine"])
     args = ap.parse_args(argv)
-    tr = TeacherRecipe(spec=args.teacher_spec, steps=args.teacher_steps, recovery_frac=args.recovery_frac,
+    tr = TeacherRecipe(spec=args.teacher_spec, steps=args.teacher_steps, batch_size=args.teacher_batch_size,
+                       lr=args.teacher_lr, recovery_frac=args.recovery_frac,
                        n_digits=args.digits, layout=args.layout, operators=args.operators)
     tdir = build_teacher(tr, use_cache=not args.no_cache, eval_every=args.eval_every, eval_count=args.eval_count)
     ts = json.loads((tdir / "sft_summary.json").read_text())

@@ -481,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                          "teacher's data, Zipf(1) in the student's, the driver's and the evaluation's")
     ap.add_argument("--teacher-spec", default="student-4l")
     ap.add_argument("--teacher-steps", type=int, default=1000)
+    ap.add_argument("--teacher-batch-size", type=int, default=TeacherRecipe.batch_size)
+    ap.add_argument("--teacher-lr", type=float, default=TeacherRecipe.lr,
+                    help="the teacher's peak SFT lr (cosine decay to 0.1x)")
     ap.add_argument("--recovery-frac", type=float, default=TeacherRecipe.recovery_frac,
                     help="share of the teacher's SFT traces that recover from a flipped carry (0: a teacher that "
                          "does not correct)")
@@ -518,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.digits
     ops = args.operators
     teacher = build_teacher(TeacherRecipe(spec=args.teacher_spec, n_digits=n, steps=args.teacher_steps,
+                                          batch_size=args.teacher_batch_size, lr=args.teacher_lr,
                                           recovery_frac=args.recovery_frac, operators=ops))
     run_teacher = Path(args.run_teacher).resolve() if args.run_teacher else teacher
     t_sum = json.loads((run_teacher / "sft_summary.json").read_text())
