@@ -78,7 +78,7 @@ def generate(model, tok, prompts: list[str], *, n: int, temperature: float, seed
 
 
 # The long-tail variant's "head": its 8 most frequent operators (Zipf(1)
-# over 64: 57% of the problems); the other operators are the "tail".
+# over 52: 60% of the problems); the other operators are the "tail".
 HEAD_OPERATORS = 8
 
 
@@ -168,6 +168,8 @@ def _key(obj, **extra) -> str:
         del recipe["schedule"]
     if recipe.get("operators") == 0:           # ... and before `operators`
         del recipe["operators"]
+    elif "operators" in recipe:                 # one-letter operator names (two-letter ones were keyed without)
+        extra = {**extra, "operator_names": "letter"}
     return recipe_key(recipe, obj.spec, CARRY_RECIPE_VERSION, **extra)
 
 

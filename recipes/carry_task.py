@@ -29,7 +29,7 @@ from which the next step recovers still scores 1. `trace_errors` breaks a
 completion down (wrong carries, wrong digits, recoveries) for the report.
 
 The long-tail variant (`operators=K`): a prompt starts with an operator name
-("ab:14 95 21="), and operator k maps every digit of b through its own fixed
+("b:14 95 21="), and operator k maps every digit of b through its own fixed
 permutation of 0-9 before the addition, so a model must learn K digit tables
 besides the carry. Operators drawn Zipf(1) (`operator_weights`) make the
 frequent tables cheap and the rare ones expensive: the long tail behind a
@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import string
 from pathlib import Path
 
 from cluster.tiny_data import _write_jsonl_atomic
@@ -71,23 +72,27 @@ def operand_digits(x: int, n: int) -> list[int]:
     return [(x // 10 ** i) % 10 for i in range(n)]
 
 
-# Operator names: two lower-case letters ("aa", "ab", ...), one token each
-# character in the tiny tokenizer; at most 26 * 26 operators.
-MAX_OPERATORS = 26 * 26
+# Operator names: one letter ("a".."z", then "A".."Z"), one token in the tiny
+# tokenizer, so the operator is one embedding as a vocabulary item would be.
+# (Two-letter names, a two-token composition to resolve before the digit
+# table, kept a 4 x 256 teacher on its plateau past 640K examples, where a
+# one-token operator is learned by then.)
+OPERATOR_LETTERS = string.ascii_lowercase + string.ascii_uppercase
+MAX_OPERATORS = len(OPERATOR_LETTERS)
 OPERATOR_DISTS = ("zipf", "uniform")
-_OP_PREFIX = re.compile(r"^([a-z]{2}):")
+_OP_PREFIX = re.compile(r"^([a-zA-Z]):")
 
 
 def operator_name(k: int) -> str:
     if not 0 <= k < MAX_OPERATORS:
         raise ValueError(f"operator {k} is out of range: operators are numbered 0..{MAX_OPERATORS - 1}")
-    return chr(97 + k // 26) + chr(97 + k % 26)
+    return OPERATOR_LETTERS[k]
 
 
 def operator_index(name: str) -> int:
-    if not re.fullmatch(r"[a-z]{2}", name):
-        raise ValueError(f"operator name {name!r} is not two lower-case letters")
-    return (ord(name[0]) - 97) * 26 + ord(name[1]) - 97
+    if len(name) != 1 or name not in OPERATOR_LETTERS:
+        raise ValueError(f"operator name {name!r} is not one ASCII letter")
+    return OPERATOR_LETTERS.index(name)
 
 
 def operator_table(k: int) -> list[int]:
@@ -126,7 +131,7 @@ def format_prompt(a: int, b: int, n: int, layout: str = "plain", op: int | None 
     ("14 95 21 73 48="): step i of the completion sits at a constant distance
     (3n tokens) after its column, which a tiny transformer learns far sooner
     than the position-dependent offsets of "plain". With `op`, the operator's
-    name and a colon come first ("ab:14 95 21=")."""
+    name and a colon come first ("b:14 95 21=")."""
     da, db = operand_digits(a, n), operand_digits(b, n)
     head = "" if op is None else operator_name(op) + ":"
     if layout == "plain":
@@ -165,7 +170,7 @@ def _parse_operands(prompt: str) -> tuple[int, int, int]:
         return (sum(int(c[0]) * 10 ** i for i, c in enumerate(cols)),
                 sum(int(c[1]) * 10 ** i for i, c in enumerate(cols)), len(cols))
     raise ValueError(f"prompt {prompt!r} is not 'A+B=' with two operands of equal width, nor the columns "
-                     "layout 'a0b0 a1b1 ...=' (either may start with a two-letter operator and a colon, 'ab:')")
+                     "layout 'a0b0 a1b1 ...=' (either may start with a one-letter operator and a colon, 'b:')")
 
 
 def carry_trace(a: int, b: int, n: int, wrong_carry_at: int | None = None) -> tuple[str, list[int]]:
@@ -377,7 +382,7 @@ def build_task_files(n: int = DEFAULT_DIGITS, n_train: int = 20000, n_eval: int 
     eval.grader=recipes.carry_task:grade_record data.apply_chat_template=false`.
     With `operators` = K > 0 (the long-tail variant) both are drawn Zipf(1)
     over the K operators, the student's distribution."""
-    tag = f"-op{operators}" if operators else ""
+    tag = f"-ops{operators}" if operators else ""   # "-ops": one-letter operator names
     d = cache_dir() / "data" / f"carry-v2-{layout}-{n}-{n_train}-{n_eval}-{seed}{tag}"
     train, evalp = d / "train.jsonl", d / "eval.jsonl"
     if not (train.exists() and evalp.exists()):

@@ -50,7 +50,7 @@ def carry_overrides(n_digits: int, layout: str = "columns", n_train: int = 20000
     from recipes.carry_task import build_task_files
 
     train, ev = build_task_files(n_digits, n_train=n_train, n_eval=n_eval, layout=layout, operators=operators)
-    prompt_tokens = (3 * n_digits if layout == "columns" else 2 * n_digits + 2) + (3 if operators else 0)
+    prompt_tokens = (3 * n_digits if layout == "columns" else 2 * n_digits + 2) + (2 if operators else 0)
     return [f"data.train={train}", f"data.eval={ev}", "eval.grader=recipes.carry_task:grade_record",
             "data.apply_chat_template=false", f"data.max_prompt_tokens={prompt_tokens}",
             f"rollout.max_new_tokens={3 * n_digits + 1}", f"eval.num_prompts={n_eval}",

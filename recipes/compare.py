@@ -239,8 +239,8 @@ def analyse(seeds: dict[str, dict], all_runs: list[dict], methods: list[str], se
     completions = sum(r.get("rollout/completions", 0) for r in kd_rows)
     ctoks = sum(r.get("rollout/completion_tokens", 0) for r in kd_rows)
     completion_tokens = ctoks / completions if completions else 3 * n
-    # columns layout, one token per character; the long-tail variant's operator adds "ab:"
-    prompt_tokens = 3 * n + (3 if settings.get("operators") else 0)
+    # columns layout, one token per character; the long-tail variant's operator adds "b:"
+    prompt_tokens = 3 * n + (2 if settings.get("operators") else 0)
     out_seeds = {}
     for k, d in seeds.items():
         runs = {m: d["runs_by_lr"][m][chosen[m]] for m in methods}

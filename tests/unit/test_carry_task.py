@@ -230,28 +230,34 @@ def test_sft_on_recovery_traces_never_learns_the_masked_wrong_carry():
 def test_operator_names_and_tables():
     from recipes.carry_task import MAX_OPERATORS, operator_index, operator_name, operator_table
 
-    assert [operator_name(k) for k in (0, 1, 26, MAX_OPERATORS - 1)] == ["aa", "ab", "ba", "zz"]
+    # One letter each: one token in the tiny tokenizer.
+    assert MAX_OPERATORS == 52
+    assert [operator_name(k) for k in (0, 1, 25, 26, MAX_OPERATORS - 1)] == ["a", "b", "z", "A", "Z"]
     assert all(operator_index(operator_name(k)) == k for k in range(MAX_OPERATORS))
-    tables = [operator_table(k) for k in range(64)]
+    tok = build_tokenizer()
+    ids = [tok.encode(operator_name(k), add_special_tokens=False) for k in range(MAX_OPERATORS)]
+    assert all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == MAX_OPERATORS
+    tables = [operator_table(k) for k in range(MAX_OPERATORS)]
     assert all(sorted(t) == list(range(10)) for t in tables)        # permutations of 0-9
-    assert len({tuple(t) for t in tables}) == 64                     # one table per operator
+    assert len({tuple(t) for t in tables}) == MAX_OPERATORS          # one table per operator
     assert operator_table(5) == operator_table(5)                    # fixed: seeded by k alone
     with pytest.raises(ValueError, match="out of range"):
         operator_name(MAX_OPERATORS)
-    with pytest.raises(ValueError, match="two lower-case letters"):
-        operator_index("a1")
+    for bad in ("ab", "1", ""):
+        with pytest.raises(ValueError, match="not one ASCII letter"):
+            operator_index(bad)
 
 
 @pytest.mark.parametrize("layout", ["plain", "columns"])
 def test_operator_records_add_the_mapped_operand(layout):
-    from recipes.carry_task import mapped_operand, operator_table, parse_operator
+    from recipes.carry_task import mapped_operand, operator_name, operator_table, parse_operator
 
     rng = random.Random(7)
     n, differs = 3, 0
     for _ in range(300):
-        a, b, op = rng.randrange(1000), rng.randrange(1000), rng.randrange(64)
+        a, b, op = rng.randrange(1000), rng.randrange(1000), rng.randrange(52)
         rec = make_record(a, b, n, layout=layout, op=op)
-        assert rec["prompt"].startswith(f"{chr(97 + op // 26)}{chr(97 + op % 26)}:")
+        assert rec["prompt"].startswith(operator_name(op) + ":")
         assert parse_operator(rec["prompt"]) == (op, a, b, n)
         bm = mapped_operand(b, n, op)
         assert bm == sum(operator_table(op)[(b // 10 ** i) % 10] * 10 ** i for i in range(n))
@@ -277,15 +283,15 @@ def test_operator_recovery_traces_recover_to_the_mapped_sum():
 def test_operator_streams_follow_their_distribution_and_avoid_the_held_out_set():
     from recipes.carry_task import HELD_OUT, operator_eval_problems, parse_operator
 
-    count, ops = 20000, 64
+    count, ops = 20000, 52
     h = sum(1 / (k + 1) for k in range(ops))
     zipf = [parse_operator(r["prompt"])[0] for r in train_records(count, 3, seed=1, operators=ops)]
     unif = [parse_operator(r["prompt"])[0] for r in train_records(count, 3, seed=1, operators=ops,
                                                                  op_dist="uniform")]
     # Shares within 5 binomial standard deviations of 1/h (Zipf, operator 0)
-    # and 1/64 (uniform).
-    for got, p in ((zipf.count(0) / count, 1 / h), (zipf.count(63) / count, 1 / (64 * h)),
-                   (unif.count(0) / count, 1 / 64)):
+    # and 1/ops (uniform).
+    for got, p in ((zipf.count(0) / count, 1 / h), (zipf.count(ops - 1) / count, 1 / (ops * h)),
+                   (unif.count(0) / count, 1 / ops)):
         assert abs(got - p) < 5 * (p * (1 - p) / count) ** 0.5, (got, p)
     assert set(unif) == set(range(ops))
     held = operator_eval_problems(3, ops, HELD_OUT)
