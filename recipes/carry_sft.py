@@ -168,7 +168,7 @@ def _key(obj, **extra) -> str:
         del recipe["schedule"]
     if recipe.get("operators") == 0:           # ... and before `operators`
         del recipe["operators"]
-    elif "operators" in recipe:                 # one-letter operator names (two-letter ones were keyed without)
+    elif "operators" in recipe:                 # the variant's operator-name format is part of its key
         extra = {**extra, "operator_names": "letter"}
     return recipe_key(recipe, obj.spec, CARRY_RECIPE_VERSION, **extra)
 

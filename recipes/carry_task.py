@@ -73,10 +73,9 @@ def operand_digits(x: int, n: int) -> list[int]:
 
 
 # Operator names: one letter ("a".."z", then "A".."Z"), one token in the tiny
-# tokenizer, so the operator is one embedding as a vocabulary item would be.
-# (Two-letter names, a two-token composition to resolve before the digit
-# table, kept a 4 x 256 teacher on its plateau past 640K examples, where a
-# one-token operator is learned by then.)
+# tokenizer, so the operator is one embedding, as a vocabulary item is. A
+# two-token name is a composition to resolve before the digit table, which a
+# 4 x 256 teacher does not find within 640K examples.
 OPERATOR_LETTERS = string.ascii_lowercase + string.ascii_uppercase
 MAX_OPERATORS = len(OPERATOR_LETTERS)
 OPERATOR_DISTS = ("zipf", "uniform")
@@ -317,19 +316,11 @@ def _held_out(n: int) -> set[tuple[int, int]]:
     return set(eval_problems(n, min(HELD_OUT, 10 ** (2 * n) // 4)))
 
 
-def operator_of(a: int, b: int, n: int, operators: int, dist: str = "zipf") -> int:
-    """The operator of held-out problem (a, b): drawn by `dist`, a fixed
+def operator_of(a: int, b: int, n: int, operators: int) -> int:
+    """The operator of held-out problem (a, b): drawn Zipf(1), a fixed
     function of the problem."""
-    return random.Random(f"carry-op-eval-{n}-{operators}-{dist}-{a}-{b}").choices(
-        range(operators), operator_weights(operators, dist))[0]
-
-
-def operator_eval_problems(n: int, operators: int, count: int = DEFAULT_EVAL,
-                           dist: str = "zipf") -> list[tuple[int, int, int]]:
-    """`count` (a, b, op) problems of the operator variant: the plain task's
-    held-out pairs (`eval_problems`; its first DEFAULT_EVAL the test set, the
-    next the validation set), each with its operator (`operator_of`)."""
-    return [(a, b, operator_of(a, b, n, operators, dist)) for a, b in eval_problems(n, count)]
+    return random.Random(f"carry-op-eval-{n}-{operators}-zipf-{a}-{b}").choices(
+        range(operators), operator_weights(operators, "zipf"))[0]
 
 
 def train_records(count: int, n: int = DEFAULT_DIGITS, *, seed: int, recovery_frac: float = 0.0,

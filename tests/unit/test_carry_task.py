@@ -281,7 +281,7 @@ def test_operator_recovery_traces_recover_to_the_mapped_sum():
 
 
 def test_operator_streams_follow_their_distribution_and_avoid_the_held_out_set():
-    from recipes.carry_task import HELD_OUT, operator_eval_problems, parse_operator
+    from recipes.carry_task import HELD_OUT, held_out_problems, parse_operator
 
     count, ops = 20000, 52
     h = sum(1 / (k + 1) for k in range(ops))
@@ -294,9 +294,9 @@ def test_operator_streams_follow_their_distribution_and_avoid_the_held_out_set()
                    (unif.count(0) / count, 1 / ops)):
         assert abs(got - p) < 5 * (p * (1 - p) / count) ** 0.5, (got, p)
     assert set(unif) == set(range(ops))
-    held = operator_eval_problems(3, ops, HELD_OUT)
+    held = held_out_problems(3, "test", operators=ops) + held_out_problems(3, "validation", operators=ops)
     assert len({(a, b) for a, b, _ in held}) == HELD_OUT
-    assert held[:10] == operator_eval_problems(3, ops, 10)           # test set = the stream's head
+    assert held[:10] == held_out_problems(3, "test", 10, operators=ops)   # a shorter test set = its head
     pairs = {(a, b) for a, b, _ in held}
     for r in train_records(5000, 3, seed=2, operators=ops):
         assert parse_operator(r["prompt"])[1:3] not in pairs
