@@ -178,21 +178,35 @@ def test_queue_full_then_graceful_shutdown(small_queue_server, teacher_hf):
     # It listened before vLLM was up: /health said 503 "loading" until the model was ready.
     assert server.health_seen[0] == (503, '{"status":"loading"}'), server.health_seen
     assert server.health_seen[-1] == (200, '{"status":"ok"}')
-    # Slow on purpose: full-vocab logprobs (temperature != 1), MAX_QUEUE x 4 x 300 tokens.
+    # Slow on purpose: full-vocab logprobs (temperature != 1) at every position of
+    # 32 x 300 tokens per request. All MAX_QUEUE must be admitted before the
+    # first finishes. With 4 sequences scored from position 150 the first finished
+    # after 0.4 s on a 2-core box, a window a loaded box's scheduler can miss;
+    # 32 sequences from position 1 (16x the positions, ~45 KB of JSON, under
+    # MAX_REQUEST_BYTES) finish one by one from 2.4 s on.
+    slow_seqs = 32
     rng = np.random.default_rng(5)
-    bodies = [[{"token_ids": rng.integers(0, VOCAB, 300).tolist(), "start": 150} for _ in range(4)]
+    bodies = [[{"token_ids": rng.integers(0, VOCAB, 300).tolist(), "start": 1} for _ in range(slow_seqs)]
               for _ in range(MAX_QUEUE)]
     result: dict[int, requests.Response] = {}
+    go = threading.Barrier(MAX_QUEUE)
 
     def slow(i):
+        go.wait()
         result[i] = post(server, "/v1/logprobs", {"sequences": bodies[i], "top_k": 2, "temperature": 0.9})
 
     threads = [threading.Thread(target=slow, args=(i,)) for i in range(MAX_QUEUE)]
+    t0 = time.monotonic()
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 30
-    while _metric(server, "teacher_queue_depth") < MAX_QUEUE:
-        assert time.monotonic() < deadline, "the slow requests were never all admitted"
+    deadline = t0 + 60
+    depths = []
+    while (depth := _metric(server, "teacher_queue_depth")) < MAX_QUEUE:
+        depths.append(depth)
+        done = {i: (r.status_code, r.text[:200]) for i, r in list(result.items())}
+        assert not done and time.monotonic() < deadline, (
+            f"the {MAX_QUEUE} slow requests were never admitted at once: after {time.monotonic() - t0:.1f} s "
+            f"queue depths seen {depths[-20:]}, finished before the last was admitted: {done}")
         time.sleep(0.02)
     r = post(server, "/v1/logprobs", {"sequences": [GOOD]})
     assert r.status_code == 429 and r.json()["error"]["type"] == "overloaded"
