@@ -358,6 +358,8 @@ DIAG_COLUMNS = (("greedy", "greedy acc."), ("accuracy", "sampled acc."),
                 ("compounded_share", "share of them compounding"), ("probe.recovers", "probe: recovers"),
                 ("probe.compounds", "probe: compounds"))
 
+LONG_TAIL_COLUMNS = (("head_accuracy", "head operators: sampled acc."), ("tail_accuracy", "tail operators: sampled acc."))
+
 
 def _diag_value(d: dict | None, key: str) -> float | None:
     for part in key.split("."):
@@ -374,10 +376,13 @@ def mechanism_table(res: dict) -> list[str]:
     models += [(LABELS[m], info.get("diagnosis") or []) for m, info in res["methods"].items()]
     if res.get("teacher_diagnosis"):
         models.append((LABELS["teacher"], [res["teacher_diagnosis"]]))
+    columns = DIAG_COLUMNS
+    if any(d and "head_accuracy" in d for _, diags in models for d in diags):  # the long-tail variant
+        columns += LONG_TAIL_COLUMNS
     body = []
     for name, diags in models:
         row = [name]
-        for key, _ in DIAG_COLUMNS:
+        for key, _ in columns:
             vals = [v for v in (_diag_value(d, key) for d in diags) if v is not None]
             row.append(f"{statistics.fmean(vals):.3f}" if vals else "-")
         body.append(row)
@@ -386,7 +391,7 @@ def mechanism_table(res: dict) -> list[str]:
     return ["Where the errors come from (exported final checkpoints, 500 test problems, one sample each; probe = "
             "teacher-forced clean trace with one carry flipped, greedy next digit true (recovers) or the one the "
             "flipped carry implies (compounds)):", "",
-            format_table(["model"] + [h for _, h in DIAG_COLUMNS], body), ""]
+            format_table(["model"] + [h for _, h in columns], body), ""]
 
 
 def plot(res: dict, out_png: Path) -> Path:

@@ -116,7 +116,9 @@ def test_compare_on_the_long_tail_variant(tmp_path):
     assert [r["step"] for r in read_metrics(run_dir) if "learner/loss" in r] == [1]
     diag = json.loads((run_dir / "result.json").read_text())["diagnosis"]
     assert {"greedy_head_accuracy", "greedy_tail_accuracy", "head_accuracy", "tail_accuracy"} <= set(diag)
-    assert "16 operators (Zipf)" in (out / "compare.md").read_text()
+    md = (out / "compare.md").read_text()
+    assert "16 operators (Zipf)" in md
+    assert "| head operators: sampled acc. | tail operators: sampled acc. |" in md
 
 
 def test_self_distill_runs_its_three_runs_through_the_driver(tmp_path, student_path):

@@ -320,6 +320,16 @@ def test_compare_report_and_plot_from_synthetic_runs(tmp_path):
     assert cells["(a) more SFT on fresh teacher traces"] == ["-"] * 6     # run (a) has no diagnosis
     assert cells["teacher"] == ["1.000", "1.000", "-", "-", "1.000", "0.000"]
     assert plot(res, tmp_path / "c.png").stat().st_size > 0
+    # The long-tail variant's diagnoses split head and tail operators: two more columns.
+    runs[1]["diagnosis"].update(head_accuracy=0.95, tail_accuracy=0.25)
+    lines = report(res).splitlines()
+    header = next(ln for ln in lines if ln.startswith("| model "))
+    assert [c.strip() for c in header.split("|")[-3:-1]] == ["head operators: sampled acc.",
+                                                             "tail operators: sampled acc."]
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines
+             if ln.startswith("| ") and len(ln.split("|")) == 11}
+    assert cells["(b) on-policy distillation, sampled reverse KL"][-2:] == ["0.950", "0.250"]
+    assert cells["teacher"][-2:] == ["-", "-"]
 
 
 def test_compare_picks_the_lr_with_the_best_mean_validation_accuracy():
