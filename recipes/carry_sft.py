@@ -438,6 +438,7 @@ def main(argv=None) -> int:
     c.add_argument("--n0", type=int, default=StudentRecipe.n0)
     c.add_argument("--points", type=int, default=StudentRecipe.points)
     c.add_argument("--lr", type=float, default=StudentRecipe.lr)
+    c.add_argument("--batch-size", type=int, default=StudentRecipe.batch_size)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--schedule", default=StudentRecipe.schedule, choices=["constant", "cosine"])
     args = ap.parse_args(argv)
@@ -448,8 +449,8 @@ def main(argv=None) -> int:
     ts = json.loads((tdir / "sft_summary.json").read_text())
     print(f"teacher {tdir}: {json.dumps(ts['final'])}")
     if args.cmd == "student":
-        sr = StudentRecipe(spec=args.spec, n0=args.n0, points=args.points, lr=args.lr, seed=args.seed,
-                           schedule=args.schedule)
+        sr = StudentRecipe(spec=args.spec, n0=args.n0, points=args.points, lr=args.lr, batch_size=args.batch_size,
+                           seed=args.seed, schedule=args.schedule)
         sdir = build_student(sr, tdir, use_cache=not args.no_cache, eval_count=args.eval_count)
         ss = json.loads((sdir / "sft_summary.json").read_text())
         print(f"student {sdir}: traces {ss['trace_accuracy']:.3f} correct")

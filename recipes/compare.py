@@ -500,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n0", type=int, default=262144)
     ap.add_argument("--init-schedule", default=StudentRecipe.schedule, choices=["constant", "cosine"],
                     help="lr schedule of the init's SFT (recipes/carry_sft.py StudentRecipe.schedule)")
+    ap.add_argument("--init-batch-size", type=int, default=StudentRecipe.batch_size,
+                    help="batch size of the init's SFT")
+    ap.add_argument("--init-lr", type=float, default=StudentRecipe.lr, help="peak lr of the init's SFT")
     ap.add_argument("--top-k", type=int, default=16, help="teacher.top_k of reverse_kl_topk")
     ap.add_argument("--no-truth-ref", action="store_true", help="skip the ground-truth SFT reference row")
     ap.add_argument("--out", default=None)
@@ -537,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         all_runs: list[dict] = []
         for seed in grid.seeds:
             init = build_student(StudentRecipe(spec=args.student_spec, n0=args.n0, points=5, seed=seed,
-                                               schedule=args.init_schedule), teacher)
+                                               schedule=args.init_schedule, batch_size=args.init_batch_size,
+                                               lr=args.init_lr), teacher)
             s_sum = json.loads((init / "sft_summary.json").read_text())
             runs = {}
             for m in methods:
@@ -555,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"n_digits": n, "operators": ops, "steps": grid.steps, "prompts": args.prompts_per_step,
                 "samples": args.samples_per_prompt, "seeds": list(grid.seeds), "lrs": grid.lrs,
                 "teacher_spec": args.teacher_spec, "student_spec": args.student_spec, "n0": args.n0,
-                "init_schedule": args.init_schedule, "recovery_frac": args.recovery_frac, "top_k": args.top_k,
+                "init_schedule": args.init_schedule, "init_batch_size": args.init_batch_size,
+                "init_lr": args.init_lr, "recovery_frac": args.recovery_frac, "top_k": args.top_k,
                 "run_teacher": str(run_teacher) if args.run_teacher else None,
                 "quick": args.quick}
     res = analyse(seeds, all_runs, methods, settings, n_teacher=t_sum["flop_params"],

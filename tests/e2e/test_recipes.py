@@ -89,7 +89,8 @@ def test_compare_on_the_long_tail_variant(tmp_path):
     """`--operators K`: the teacher trains on uniformly drawn operators, the
     init on Zipf-drawn ones, the driver's prompts and every evaluation carry
     operator prefixes, and the diagnosis splits head and tail operators. The
-    teacher's batch size and lr reach its recipe (and so its cache key)."""
+    teacher's and the init's batch size and lr reach their recipes (and so
+    their cache keys)."""
     from pathlib import Path
 
     from cluster.tiny_data import read_jsonl
@@ -99,12 +100,14 @@ def test_compare_on_the_long_tail_variant(tmp_path):
     out = tmp_path / "ops"
     args = [a for a in ARGS if a not in ("--methods", ",".join(METHODS))]
     assert compare.main(args + ["--methods", "seq_kd", "--operators", "16", "--steps", "1", "--no-truth-ref",
-                                "--teacher-batch-size", "32", "--teacher-lr", "2e-3", "--out", str(out)]) == 0
+                                "--teacher-batch-size", "32", "--teacher-lr", "2e-3", "--init-batch-size", "32",
+                                "--init-lr", "2e-3", "--out", str(out)]) == 0
     res = json.loads((out / "compare.json").read_text())
     assert res["settings"]["operators"] == 16
     t_recipe = json.loads((Path(res["teacher"]) / "sft_summary.json").read_text())["recipe"]
     assert (t_recipe["operators"], t_recipe["batch_size"], t_recipe["lr"]) == (16, 32, 2e-3)
-    assert json.loads((Path(res["seeds"]["0"]["init"]) / "sft_summary.json").read_text())["operators"] == 16
+    s_sum = json.loads((Path(res["seeds"]["0"]["init"]) / "sft_summary.json").read_text())
+    assert (s_sum["operators"], s_sum["recipe"]["batch_size"], s_sum["recipe"]["lr"]) == (16, 32, 2e-3)
     # The driver's data: every prompt has an operator, head and tail both present.
     files = dict(o.split("=", 1) for o in carry_overrides(3, operators=16) if o.startswith("data."))
     for key in ("data.train", "data.eval"):
