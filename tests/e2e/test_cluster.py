@@ -229,6 +229,31 @@ def test_sigkill_while_checkpointing_then_resume(ray_session, teacher_server, tm
 
 
 @pytest.mark.slow
+def _ports_below_ephemeral_range(k: int) -> list[int]:
+    """`k` distinct TCP ports, free on every interface now, between Ray's
+    worker ports (10002-19999) and the kernel's ephemeral range (32768+ here):
+    no port-0 bind or outgoing connection, Ray's own or anyone's, can take
+    them before the caller binds them. A `free_port()` port is ephemeral and
+    can be: once a Ray component started in between took the dashboard
+    agent's port, the agent never came up ("No available agent to submit
+    job") and this test failed."""
+    import random
+    import socket
+
+    lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports: list[int] = []
+    for p in random.Random().sample(range(20000, max(lo, 20000 + 10 * k)), 10 * k):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", p))
+            except OSError:
+                continue
+        ports.append(p)
+        if len(ports) == k:
+            return ports
+    raise RuntimeError(f"no {k} free ports in 20000-{lo}")
+
+
 def test_ray_job_submit_two_nodes(teacher_server, tmp_path):
     """A real `ray job submit` to a two-node Ray cluster started here (Ray 2.60
     token auth on); the placement config pins samplers to one node and
@@ -239,19 +264,17 @@ def test_ray_job_submit_two_nodes(teacher_server, tmp_path):
     # CLI needs RAY_AUTH_MODE=token to send it. Only the subprocess gets it:
     # this process's Ray client read its auth mode at import.
     env = dict(os.environ, RAY_AUTH_MODE="token")
-    from rollout.host import free_port
-
-    # Free ports everywhere: the session's own Ray cluster already holds the
+    # Own ports everywhere: the session's own Ray cluster already holds the
     # defaults (a dashboard agent that cannot bind leaves the job server with
     # "No available agent to submit job").
-    dash_port = free_port()
+    dash_port, head_agent, head_metrics, node_agent, node_metrics = _ports_below_ephemeral_range(5)
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 8, "resources": {"sampler_node": 1}, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": dash_port,
-        "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port()})
+        "dashboard_agent_listen_port": head_agent, "metrics_export_port": head_metrics})
     try:
-        cluster.add_node(num_cpus=8, resources={"learner_node": 1}, dashboard_agent_listen_port=free_port(),
-                         metrics_export_port=free_port())
+        cluster.add_node(num_cpus=8, resources={"learner_node": 1}, dashboard_agent_listen_port=node_agent,
+                         metrics_export_port=node_metrics)
         run_dir = tmp_path / "job"
         ov = base_overrides(run_dir, teacher_server, steps=1) + [
             "eval.every_steps=0", "placement.sampler_resource=sampler_node",
