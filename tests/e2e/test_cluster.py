@@ -228,15 +228,13 @@ def test_sigkill_while_checkpointing_then_resume(ray_session, teacher_server, tm
     assert got == _expected_digests(cfg, 3)
 
 
-@pytest.mark.slow
 def _ports_below_ephemeral_range(k: int) -> list[int]:
     """`k` distinct TCP ports, free on every interface now, between Ray's
     worker ports (10002-19999) and the kernel's ephemeral range (32768+ here):
     no port-0 bind or outgoing connection, Ray's own or anyone's, can take
-    them before the caller binds them. A `free_port()` port is ephemeral and
-    can be: once a Ray component started in between took the dashboard
-    agent's port, the agent never came up ("No available agent to submit
-    job") and this test failed."""
+    them before the caller binds them. A `free_port()` port is ephemeral, so
+    a Ray component starting in between can take it; if it is the dashboard
+    agent's, the agent never comes up ("No available agent to submit job")."""
     import random
     import socket
 
@@ -254,6 +252,7 @@ def _ports_below_ephemeral_range(k: int) -> list[int]:
     raise RuntimeError(f"no {k} free ports in 20000-{lo}")
 
 
+@pytest.mark.slow
 def test_ray_job_submit_two_nodes(teacher_server, tmp_path):
     """A real `ray job submit` to a two-node Ray cluster started here (Ray 2.60
     token auth on); the placement config pins samplers to one node and

@@ -180,9 +180,9 @@ def test_queue_full_then_graceful_shutdown(small_queue_server, teacher_hf):
     assert server.health_seen[-1] == (200, '{"status":"ok"}')
     # Slow on purpose: full-vocab logprobs (temperature != 1) at every position of
     # 32 x 300 tokens per request. All MAX_QUEUE must be admitted before the
-    # first finishes. With 4 sequences scored from position 150 the first finished
-    # after 0.4 s on a 2-core box, a window a loaded box's scheduler can miss;
-    # 32 sequences from position 1 (16x the positions, ~45 KB of JSON, under
+    # first finishes. 4 sequences scored from position 150 finish from 0.4 s on
+    # (2-core box), a window a loaded box's scheduler can miss; 32 sequences
+    # from position 1 (16x the positions, ~45 KB of JSON, under
     # MAX_REQUEST_BYTES) finish one by one from 2.4 s on.
     slow_seqs = 32
     rng = np.random.default_rng(5)
