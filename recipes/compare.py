@@ -448,6 +448,9 @@ def plot(res: dict, out_png: Path) -> Path:
     axes[0].set_xlabel("teacher traces trained on (SFT)")
     for ax, mode in zip(axes[1:3], MODES, strict=True):
         ax.set_xscale("log")
+        # Runs spanning less than a decade get labelled minor ticks: tilt them
+        # so that neighbours do not overlap.
+        ax.tick_params(axis="x", which="both", labelrotation=30, labelsize=7)
         ax.set_xlabel("FLOPs from the init (" + ("SFT data given" if mode == "data_given" else
                                                  "SFT pays the teacher's generation") + ")")
     axes[3].set_xlabel("step")
