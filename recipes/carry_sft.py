@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -145,6 +147,33 @@ def teacher_traces(model, tok, prompts: list[str], *, n: int, temperature: float
     return [{"prompt": p, "answer": c.strip()} for p, c in zip(prompts, comps, strict=True)]
 
 
+def cached_traces(path: Path, sample, log=print) -> tuple[list[dict], float]:
+    """Teacher traces from `path` (JSONL, first line {"gen_s": ...}), or
+    `sample()`d and written there atomically: inits that differ only in the
+    student (spec, lr, schedule, epochs) train on the same traces, which cost
+    more to sample than to train on. Returns (traces, sampling seconds)."""
+    if path.exists():
+        with path.open() as f:
+            meta = json.loads(f.readline())
+            data = [json.loads(line) for line in f]
+        log(f"[carry student] {len(data):,} cached teacher traces from {path}")
+        return data, meta["gen_s"]
+    t0 = time.monotonic()
+    data = sample()
+    gen_s = time.monotonic() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(json.dumps({"gen_s": gen_s}) + "\n")
+            for x in data:
+                f.write(json.dumps(x) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return data, gen_s
+
+
 def lr_fn_constant(lr: float, warmup: int):
     return lambda s: lr * min(1.0, (s + 1) / warmup)
 
@@ -168,6 +197,8 @@ def _key(obj, **extra) -> str:
         del recipe["schedule"]
     if recipe.get("operators") == 0:           # ... and before `operators`
         del recipe["operators"]
+    if recipe.get("epochs") == 1:              # ... and before `epochs`
+        del recipe["epochs"]
     elif "operators" in recipe:                 # the variant's operator-name format is part of its key
         extra = {**extra, "operator_names": "letter"}
     return recipe_key(recipe, obj.spec, CARRY_RECIPE_VERSION, **extra)
@@ -214,9 +245,19 @@ class StudentRecipe:
     points: int = 3
     seed: int = 0
     schedule: str = "constant"
+    # Passes over each point's traces (>1: a longer SFT on the same data,
+    # which separates a student's capacity from its data).
+    epochs: int = 1
 
     def key(self, teacher_key: str) -> str:
         return _key(self, teacher=teacher_key)
+
+    def traces_key(self, teacher_key: str) -> str:
+        """The key of the teacher traces this init trains on: the same for
+        every student spec, lr, schedule and epoch count."""
+        payload = {"teacher": teacher_key, "n0": self.n0, "seed": self.seed, "temperature": self.temperature,
+                   "v": CARRY_RECIPE_VERSION}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _save(model, tok, out: Path, summary: dict) -> None:
@@ -284,24 +325,28 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     ttok = AutoTokenizer.from_pretrained(teacher_dir)
     prompts = [x["prompt"] for x in train_records(r.n0, n, seed=r.seed + 1000, layout=layout, operators=ops)]
-    t0 = time.monotonic()
-    log(f"[carry student] sampling {len(prompts):,} teacher traces")
-    data = teacher_traces(teacher, ttok, prompts, n=n, temperature=r.temperature, seed=r.seed, log=log)
-    gen_s = time.monotonic() - t0
+    data, gen_s = cached_traces(cache_dir() / "recipes" / f"carry-traces-{r.traces_key(t_sum['key'])}.jsonl",
+                                lambda: teacher_traces(teacher, ttok, prompts, n=n, temperature=r.temperature,
+                                                       seed=r.seed, log=log), log=log)
+    if [x["prompt"] for x in data] != prompts:
+        raise RuntimeError("cached teacher traces do not match this init's prompts: delete the carry-traces-* "
+                           f"files under {cache_dir() / 'recipes'} and rerun")
     trace_acc = sum(trace_errors(x["answer"], x["prompt"]).correct for x in data) / len(data)
     log(f"[carry student] {len(data)} teacher traces in {gen_s:.0f}s, {trace_acc:.3f} of them correct")
     if r.schedule not in ("constant", "cosine"):
         raise ValueError(f"StudentRecipe.schedule={r.schedule!r}: use 'constant' or 'cosine'")
+    if r.epochs < 1:
+        raise ValueError(f"StudentRecipe.epochs={r.epochs}: use 1 or more passes over the traces")
     held = held_out_records(n, "test", eval_count, layout=layout, operators=ops)
-    steps = r.n0 // r.batch_size
-    marks = {r.n0 // 2 ** k // r.batch_size for k in range(r.points)}
+    steps = r.n0 * r.epochs // r.batch_size
+    marks = {r.n0 * r.epochs // 2 ** k // r.batch_size for k in range(r.points)}
     curve, t1, eval_s = [], time.monotonic(), 0.0
 
     def cb(step, tokens):
         nonlocal eval_s
         if step in marks:
             te = time.monotonic()
-            row = {"step": step, "traces": step * r.batch_size, "tokens": tokens, "train_s": te - t1 - eval_s,
+            row = {"step": step, "traces": step * r.batch_size // r.epochs, "tokens": tokens, "train_s": te - t1 - eval_s,
                    **_eval_row(model, tok, held, n, layout, eval_count, step, ops)}
             eval_s += time.monotonic() - te
             curve.append(row)
@@ -317,8 +362,8 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
                  else lr_fn_cosine(r.lr, r.warmup_steps, run_steps))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(r.seed)
-            # One pass over the traces: sft_loop shuffles within its single epoch.
-            tokens = sft_loop(model, tok, data[: run_steps * r.batch_size], steps=run_steps,
+            # `epochs` passes over the point's traces (sft_loop reshuffles each pass).
+            tokens = sft_loop(model, tok, data[: run_steps * r.batch_size // r.epochs], steps=run_steps,
                               batch_size=r.batch_size, lr_fn=lr_fn, seed=r.seed,
                               callback=cb if r.schedule == "constant" else
                               (lambda step, tk, _n=run_steps: cb(step, tk) if step == _n else False),
@@ -441,6 +486,8 @@ def main(argv=None) -> int:
     c.add_argument("--batch-size", type=int, default=StudentRecipe.batch_size)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--schedule", default=StudentRecipe.schedule, choices=["constant", "cosine"])
+    c.add_argument("--epochs", type=int, default=StudentRecipe.epochs,
+                   help="passes over each point's traces (a longer SFT on the same data)")
     args = ap.parse_args(argv)
     tr = TeacherRecipe(spec=args.teacher_spec, steps=args.teacher_steps, batch_size=args.teacher_batch_size,
                        lr=args.teacher_lr, recovery_frac=args.recovery_frac,
@@ -450,7 +497,7 @@ def main(argv=None) -> int:
     print(f"teacher {tdir}: {json.dumps(ts['final'])}")
     if args.cmd == "student":
         sr = StudentRecipe(spec=args.spec, n0=args.n0, points=args.points, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, schedule=args.schedule)
+                           seed=args.seed, schedule=args.schedule, epochs=args.epochs)
         sdir = build_student(sr, tdir, use_cache=not args.no_cache, eval_count=args.eval_count)
         ss = json.loads((sdir / "sft_summary.json").read_text())
         print(f"student {sdir}: traces {ss['trace_accuracy']:.3f} correct")
