@@ -6,6 +6,7 @@ probe. In-process torch (recipes.sft.sft_loop), for choosing sizes and N0.
 
     python -m recipes.carry_sft teacher                      # build (or reuse) the teacher, print its evals
     python -m recipes.carry_sft student --n0 16384 --spec student-4l   # + the student init and its SFT curve
+    python -m recipes.carry_sft student --n0 16384 --points 1 --epochs 2   # a longer SFT on the same traces
 
 Used by `python -m recipes.compare`, which builds the pair through these.
 """
@@ -318,6 +319,11 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Checked before the traces are sampled (minutes on the long-tail variant).
+    if r.schedule not in ("constant", "cosine"):
+        raise ValueError(f"StudentRecipe.schedule={r.schedule!r}: use 'constant' or 'cosine'")
+    if r.epochs < 1:
+        raise ValueError(f"StudentRecipe.epochs={r.epochs}: use 1 or more passes over the traces")
     set_threads()
     t_sum = json.loads((Path(teacher_dir) / "sft_summary.json").read_text())
     n, layout = t_sum["recipe"]["n_digits"], t_sum["recipe"]["layout"]
@@ -333,10 +339,6 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
                            f"files under {cache_dir() / 'recipes'} and rerun")
     trace_acc = sum(trace_errors(x["answer"], x["prompt"]).correct for x in data) / len(data)
     log(f"[carry student] {len(data)} teacher traces in {gen_s:.0f}s, {trace_acc:.3f} of them correct")
-    if r.schedule not in ("constant", "cosine"):
-        raise ValueError(f"StudentRecipe.schedule={r.schedule!r}: use 'constant' or 'cosine'")
-    if r.epochs < 1:
-        raise ValueError(f"StudentRecipe.epochs={r.epochs}: use 1 or more passes over the traces")
     held = held_out_records(n, "test", eval_count, layout=layout, operators=ops)
     steps = r.n0 * r.epochs // r.batch_size
     marks = {r.n0 * r.epochs // 2 ** k // r.batch_size for k in range(r.points)}

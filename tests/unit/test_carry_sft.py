@@ -44,3 +44,12 @@ def test_a_failed_sampling_leaves_no_cache_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         cached_traces(path, sample, log=lambda *_: None)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("bad, match", [({"epochs": 0}, "epochs=0"), ({"schedule": "linear"}, "schedule='linear'")])
+def test_a_bad_init_recipe_fails_before_any_trace_is_sampled(tmp_path, bad, match):
+    from recipes.carry_sft import train_student
+
+    # No teacher exists at the path: the recipe must be refused before it is read.
+    with pytest.raises(ValueError, match=match):
+        train_student(StudentRecipe(**bad), tmp_path / "no-teacher", tmp_path / "out", log=lambda *_: None)
