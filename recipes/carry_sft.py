@@ -348,7 +348,12 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
         nonlocal eval_s
         if step in marks:
             te = time.monotonic()
-            row = {"step": step, "traces": step * r.batch_size // r.epochs, "tokens": tokens, "train_s": te - t1 - eval_s,
+            # The loss before each update, over the point's last 50 steps: on a
+            # first pass every batch is unseen, so this is a held-out loss.
+            # Exact-match accuracy lags it: a falling loss under a flat
+            # accuracy means the curve has not flattened yet.
+            row = {"step": step, "traces": step * r.batch_size // r.epochs, "tokens": tokens,
+                   "train_loss": sum(step_losses[-50:]) / len(step_losses[-50:]), "train_s": te - t1 - eval_s,
                    **_eval_row(model, tok, held, n, layout, eval_count, step, ops)}
             eval_s += time.monotonic() - te
             curve.append(row)
@@ -359,6 +364,7 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
     # run per point, on the first traces of the same stream (the last is the init).
     runs = [steps] if r.schedule == "constant" else sorted(marks)
     for run_steps in runs:
+        step_losses: list[float] = []
         model, tok = fresh_model(r.spec, r.seed)
         lr_fn = (lr_fn_constant(r.lr, r.warmup_steps) if r.schedule == "constant"
                  else lr_fn_cosine(r.lr, r.warmup_steps, run_steps))
@@ -369,7 +375,7 @@ def train_student(r: StudentRecipe, teacher_dir: Path, out: Path, *, eval_count:
                               batch_size=r.batch_size, lr_fn=lr_fn, seed=r.seed,
                               callback=cb if r.schedule == "constant" else
                               (lambda step, tk, _n=run_steps: cb(step, tk) if step == _n else False),
-                              encode=encode_record, name=f"carry-student-{r.spec}", log=log)
+                              encode=encode_record, name=f"carry-student-{r.spec}", log=log, losses=step_losses)
     fp, fp_t = flop_params(model), t_sum["flop_params"]
     gen_tokens = sum(len(encode_record(tok, x)[0]) for x in data)   # prompt + completion + EOS
     summary = {"recipe": dataclasses.asdict(r), "key": r.key(t_sum["key"]), "teacher": str(teacher_dir),

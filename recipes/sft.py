@@ -223,14 +223,16 @@ def flop_params(model) -> int:
 # --------------------------------------------------------------------------
 
 def sft_loop(model, tokenizer, records: list[dict], *, steps: int, batch_size: int, lr_fn, seed: int,
-             weight_decay: float = 0.01, log=print, name: str = "sft", callback=None, encode=None) -> int:
+             weight_decay: float = 0.01, log=print, name: str = "sft", callback=None, encode=None,
+             losses: list[float] | None = None) -> int:
     """Completion-only SFT of `model` on `records` for `steps` AdamW steps at
     learning rate `lr_fn(step)`; returns the tokens processed (prompt +
     answer + EOS, no padding). `callback(step, tokens_so_far)` runs after
     every step (evaluation curves); the model is in train mode again after it;
     a callback returning True stops training after that step. `encode(tokenizer,
     record) -> (ids, loss_mask)` replaces `encode_example` (e.g. masks that
-    leave some answer tokens untrained)."""
+    leave some answer tokens untrained). `losses`, if given, gets every step's
+    loss (nats per trained token, computed before that step's update)."""
     import torch
 
     set_threads()
@@ -263,6 +265,8 @@ def sft_loop(model, tokenizer, records: list[dict], *, steps: int, batch_size: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if losses is not None:
+            losses.append(loss.item())
         tokens += int(attn_B_T.sum())
         if (step + 1) % 50 == 0 or step == 0:
             log(f"[sft {name}] step {step + 1}/{steps} loss {loss.item():.4f} {time.monotonic() - t0:.0f}s")

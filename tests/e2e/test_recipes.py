@@ -63,8 +63,19 @@ def test_compare_runs_each_method_through_the_driver_and_reuses_finished_runs(tm
         assert len(e["per_seed"]) == 1 and "interval" not in e
     assert len(res["truth_sft"]["curves"]) == 1 and [r["step"] for r in res["truth_sft"]["curves"][0]] == [0, 1, 2]
     md = (out / "compare.md").read_text()
-    for part in ("SFT curve of the student init", "Compute ratio", "Where the errors come from", "Run time"):
+    for part in ("SFT curve of the student init", "| teacher traces | test accuracy (sampled) | training loss |",
+                 "Compute ratio", "Where the errors come from", "Run time"):
         assert part in md, part
+    # Each point of an init's curve carries its training loss, which exact-match
+    # accuracy lags (built here: the cache may hold an init from before the field).
+    from pathlib import Path
+
+    from recipes.carry_sft import StudentRecipe, train_student
+
+    init = train_student(StudentRecipe(spec="student-1l-32", n0=256, batch_size=32, points=2, schedule="cosine"),
+                         Path(res["teacher"]), tmp_path / "init", eval_count=20, log=lambda *_: None)
+    assert [c["traces"] for c in init["curve"]] == [128, 256]
+    assert all(0.0 < c["train_loss"] < float("inf") for c in init["curve"]), init["curve"]
     assert (out / "compare.png").stat().st_size > 10_000
 
     # A rerun into the same --out reads the finished runs back: no driver run.

@@ -389,11 +389,17 @@ def test_sft_loop_memorises_a_few_problems():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     assert model_accuracy(model, tok, recs) == 0.0  # random init
-    losses = []
+    counted, step_losses = [], []
     sft_loop(model, tok, recs, steps=80, batch_size=6, lr_fn=lambda s: 3e-3, seed=0, log=lambda *_: None,
-             callback=lambda step, tokens: losses.append(tokens))
-    assert losses[-1] == 80 * sum(len(r["prompt"]) + len(r["answer"]) + 1 for r in recs)  # tokens counted
+             callback=lambda step, tokens: counted.append(tokens), losses=step_losses)
+    assert counted[-1] == 80 * sum(len(r["prompt"]) + len(r["answer"]) + 1 for r in recs)  # tokens counted
     assert model_accuracy(model, tok, recs) == 1.0
+    # One loss per step, the first before any update: near ln(vocab) from a
+    # near-uniform init (logits of a 0.02-std init are a few tenths at most).
+    vocab = model.get_output_embeddings().weight.shape[0]
+    assert len(step_losses) == 80
+    assert abs(step_losses[0] - math.log(vocab)) < 1.0, (step_losses[0], math.log(vocab))
+    assert max(step_losses[-5:]) < step_losses[0] / 2
 
 
 def test_sft_loop_stops_when_the_callback_says_so():
