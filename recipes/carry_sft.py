@@ -198,10 +198,10 @@ def _key(obj, **extra) -> str:
         del recipe["schedule"]
     if recipe.get("operators") == 0:           # ... and before `operators`
         del recipe["operators"]
-    if recipe.get("epochs") == 1:              # ... and before `epochs`
-        del recipe["epochs"]
     elif "operators" in recipe:                 # the variant's operator-name format is part of its key
         extra = {**extra, "operator_names": "letter"}
+    if recipe.get("epochs") == 1:              # ... and before `epochs`
+        del recipe["epochs"]
     return recipe_key(recipe, obj.spec, CARRY_RECIPE_VERSION, **extra)
 
 
