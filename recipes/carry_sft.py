@@ -18,12 +18,12 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
 from pathlib import Path
 
+from cluster.tiny_data import _write_jsonl_atomic, read_jsonl
 from cluster.tiny_models import build_model, cache_dir, publish_dir, save_tokenizer
 from recipes.carry_task import (DEFAULT_DIGITS, carry_trace, encode_trace, format_prompt, held_out_problems,
                                 held_out_records, mapped_operand, parse_operator, trace_errors, train_records)
@@ -149,29 +149,18 @@ def teacher_traces(model, tok, prompts: list[str], *, n: int, temperature: float
 
 
 def cached_traces(path: Path, sample, log=print) -> tuple[list[dict], float]:
-    """Teacher traces from `path` (JSONL, first line {"gen_s": ...}), or
+    """Teacher traces from `path` (JSONL, first record {"gen_s": ...}), or
     `sample()`d and written there atomically: inits that differ only in the
     student (spec, lr, schedule, epochs) train on the same traces, which cost
     more to sample than to train on. Returns (traces, sampling seconds)."""
     if path.exists():
-        with path.open() as f:
-            meta = json.loads(f.readline())
-            data = [json.loads(line) for line in f]
+        meta, *data = read_jsonl(path)
         log(f"[carry student] {len(data):,} cached teacher traces from {path}")
         return data, meta["gen_s"]
     t0 = time.monotonic()
     data = sample()
     gen_s = time.monotonic() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w") as f:
-            f.write(json.dumps({"gen_s": gen_s}) + "\n")
-            for x in data:
-                f.write(json.dumps(x) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _write_jsonl_atomic(path, [{"gen_s": gen_s}, *data])
     return data, gen_s
 
 
