@@ -4,8 +4,9 @@ init, does on-policy distillation learn an RL-trained policy in fewer gradient s
     python -m recipes.rl_teacher
     python -m recipes.rl_teacher --steps 150 --lr 1e-3 --distill-lr 3e-4 --target-fraction 0.5
     python -m recipes.rl_teacher --rl-dir runs/rl_teacher-<time>/rl --distill-set loss.kind=reverse_kl   # reuse an RL teacher
+    python -m recipes.rl_teacher --student DIR    # another init (a checkpoint with the tiny tokenizer)
 
-Two runs from the SFT student init (recipes.sft), through the real driver, on
+Two runs from the SFT student init (recipes.sft; or --student), through the real driver, on
 the arithmetic task with its grader (cluster.tiny_data:first_line, exact match
 of the answer) as the task reward:
 
@@ -164,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the target accuracy is init + f (RL teacher - init)")
     ap.add_argument("--accuracy-samples", type=int, default=10, help="samples per held-out prompt (T=1) for the "
                     "init's and the RL teacher's accuracy, the two ends of the target")
+    ap.add_argument("--student", default=None, help="the init both runs start from (a checkpoint directory "
+                    "with the tiny tokenizer; default: the recipes.sft student init, built on first use)")
     ap.add_argument("--rl-dir", default=None, help="reuse the RL run of an earlier invocation (its driver run "
                     "directory, e.g. runs/rl_teacher-<time>/rl: its metrics.jsonl and final/ export) instead of "
                     "training one (to try distillation settings against the same RL teacher)")
@@ -175,10 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--distill-set {bad[0]!r}: expected KEY=VALUE, e.g. loss.kind=reverse_kl_topk")
     if not 0.0 < args.target_fraction <= 1.0:
         ap.error(f"--target-fraction must be in (0, 1], got {args.target_fraction}")
+    if args.student is not None and not (Path(args.student) / "config.json").is_file():
+        ap.error(f"--student {args.student}: not a checkpoint directory (no config.json there)")
     out = Path(args.out or default_run_dir("rl_teacher")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    student = build_sft_model(STUDENT_RECIPE)
+    student = Path(args.student).resolve() if args.student else build_sft_model(STUDENT_RECIPE)
     common = [f"student.model={student}", f"train.prompts_per_step={args.prompts_per_step}",
               f"rollout.samples_per_prompt={args.samples_per_prompt}", "learner.warmup_steps=2",
               "eval.samples_per_prompt=4", *args.overrides]
@@ -203,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     acc_teacher = accuracy(rl_dir / "final", temperature=1.0, samples_per_prompt=args.accuracy_samples)
     print(f"[rl_teacher] held-out accuracy (T=1, {args.accuracy_samples} samples per prompt): init {acc_init:.3f}, "
           f"RL teacher {acc_teacher:.3f}", flush=True)
-    target_accuracy(acc_init, acc_teacher, args.target_fraction)  # no gain, nothing to distil: stop here
+    try:
+        target_accuracy(acc_init, acc_teacher, args.target_fraction)
+    except ValueError as e:  # no gain, nothing to distil: stop here, the RL run kept
+        print(f"python -m recipes.rl_teacher: error: {e} (the RL run is kept in {rl_dir})", file=sys.stderr)
+        return 2
     distill_ov = [f"teacher.model={rl_dir / 'final'}", *DISTILL_LOSS, "loss.kl_coef=1", "reward.coef=0",
                   f"learner.lr={args.distill_lr}", f"train.steps={args.distill_steps or args.steps}",
                   f"eval.every_steps={args.distill_eval_every}", "run.export_final=false",

@@ -217,3 +217,117 @@ def test_demo_runs_the_driver_and_writes_its_report(tmp_path, student_path, teac
         assert 0.0 <= s[k] <= 1.0, k
     assert "student after 2 steps of on-policy distillation" in (run_dir / "report.md").read_text()
     assert (run_dir / "report.png").stat().st_size > 10_000
+
+
+def test_continual_runs_its_in_process_sft_and_three_driver_runs(tmp_path, monkeypatch):
+    """`python -m recipes.continual` at toy scale: the post-trained and the
+    two mid-trained models (in-process SFT, 2 steps each, cached under a
+    fresh $OPD_CACHE_DIR), then its three driver runs of one step each
+    (distillation and SFT on the teacher's samples on instruction prompts,
+    the control on fact prompts), each scored on its export, the table and
+    the plot. A rerun reuses the cached models instead of training again."""
+    from pathlib import Path
+
+    from recipes import continual
+
+    monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "cont"
+    args = ["--post-steps", "2", "--mid-steps", "2", "--steps", "1", "--eval-every", "1", "--prompts-per-step", "8",
+            "--samples-per-prompt", "2", "eval.num_prompts=32"]
+    assert continual.main(args + ["--out", str(out)]) == 0
+    res = json.loads((out / "continual.json").read_text())
+    post, mids = Path(res["post"]), {k: Path(v) for k, v in res["mid"].items()}
+    assert json.loads((post / "sft_summary.json").read_text())["recipe"]["steps"] == 2
+    mid_recipes = {k: json.loads((d / "sft_summary.json").read_text())["recipe"] for k, d in mids.items()}
+    assert {k: (r["steps"], r["instruction_frac"]) for k, r in mid_recipes.items()} == \
+        {"mid100": (2, 0.0), "mid70": (2, 0.3)}
+    assert set(res["scores"]) == {"post", "mid100", "mid70", *continual.RUNS}
+    for name, s in res["scores"].items():
+        assert set(s) == {"knowledge", "instruction", "instruction_sampled"}, name
+        assert all(0.0 <= v <= 1.0 for v in s.values()), (name, s)
+    files = continual.build_task_files(continual.MID.n_facts, fact_seed=continual.MID.seed)
+    for name, (train, overrides) in continual.RUNS.items():
+        run_dir = out / name
+        cfg = _config(run_dir)
+        # Each run: the 70% mid-trained student, the post-trained teacher, its own prompts and loss.
+        assert (cfg["student"]["model"], cfg["teacher"]["model"]) == (str(mids["mid70"]), str(post)), name
+        assert cfg["data"]["train"] == str(files[train]), name
+        assert cfg["data"]["eval"] == str(files["facts" if train == "facts" else "inst_eval"]), name
+        assert cfg["loss"]["kind"] == overrides[0].split("=")[1], name
+        rows = read_metrics(run_dir)
+        assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1], name
+        trained = [r for r in rows if "learner/loss" in r]
+        assert [r["step"] for r in trained] == [1], name
+        assert (run_dir / "final" / "config.json").is_file(), name
+        # SFT on the teacher's samples trains on completions the teacher wrote; the others on the student's own.
+        generated = trained[0].get("teacher/tokens_generated", 0)
+        assert (generated > 0) == (name == "sft_teacher_samples"), (name, trained[0])
+        assert trained[0]["teacher/tokens_scored"] > 0, name
+    assert res["runs"].keys() == continual.RUNS.keys()
+    md = (out / "continual.md").read_text()
+    for label in continual.LABELS.values():
+        assert label in md, label
+    assert (out / "continual.png").stat().st_size > 10_000
+
+    # A second invocation reuses the cached post- and mid-trained models.
+    def no_training(*a, **k):
+        raise AssertionError("a cached model was trained again")
+
+    monkeypatch.setattr(continual, "train_post", no_training)
+    monkeypatch.setattr(continual, "train_mid", no_training)
+    assert continual.main(args + ["--runs", "distill", "--out", str(tmp_path / "cont2")]) == 0
+    res2 = json.loads((tmp_path / "cont2" / "continual.json").read_text())
+    assert (res2["post"], res2["mid"]) == (res["post"], res["mid"])
+    assert set(res2["runs"]) == {"distill"}
+
+
+def test_rl_teacher_runs_rl_then_distils_the_teacher_it_is_given(tmp_path, student_path, capsys):
+    """`python -m recipes.rl_teacher` at toy scale, in its two halves.
+
+    RL from the session's random student: a real driver run on the task
+    reward (the grader), which two steps cannot lift off an accuracy of 0,
+    so the recipe stops with the reason and keeps the RL run. Then the
+    distillation half with `--rl-dir`: a copy of that RL run whose export is
+    replaced by a stand-in teacher with a gain over the init (an SFT model
+    stopped at greedy accuracy 0.3; two RL steps cannot make one), distilled
+    into the same init through the driver, with the steps table and plot."""
+    from recipes import rl_teacher
+    from recipes.sft import SFTRecipe, build_sft_model
+
+    common = ["--student", student_path, "--steps", "2", "--eval-every", "1", "--prompts-per-step", "8",
+              "--samples-per-prompt", "2", "--accuracy-samples", "1", "eval.num_prompts=32"]
+    out = tmp_path / "rl_only"
+    assert rl_teacher.main(common + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is not above the init's" in err and f"the RL run is kept in {out / 'rl'}" in err, err
+    rl_dir = out / "rl"
+    cfg = _config(rl_dir)
+    assert (cfg["student"]["model"], cfg["reward"]["fn"], cfg["reward"]["coef"], cfg["loss"]["kl_coef"]) == \
+        (student_path, rl_teacher.REWARD_FN, 1.0, 0.0)
+    trained = [r for r in read_metrics(rl_dir) if "learner/loss" in r]
+    assert [r["step"] for r in trained] == [1, 2] and all("reward/mean" in r for r in trained), trained
+    assert (rl_dir / "final" / "config.json").is_file()
+    assert not (out / "distill").exists()
+
+    stand_in = build_sft_model(SFTRecipe(name="rl-teacher-stand-in", spec="student-4l", steps=3000, batch_size=64,
+                                         lr=3e-3, min_lr_ratio=1.0, stop_at_accuracy=0.3, seed=0))
+    teacher_run = tmp_path / "teacher_run"
+    shutil.copytree(rl_dir, teacher_run, ignore=shutil.ignore_patterns("final"))
+    shutil.copytree(stand_in, teacher_run / "final")
+    out2 = tmp_path / "distill_only"
+    assert rl_teacher.main(common + ["--rl-dir", str(teacher_run), "--distill-eval-every", "1",
+                                     "--out", str(out2)]) == 0
+    assert not (out2 / "rl").exists()  # the given RL run is read, not run again
+    s = json.loads((out2 / "rl_teacher.json").read_text())["summary"]
+    assert s["init_accuracy"] < s["teacher_accuracy"], s
+    assert s["target"] == pytest.approx(s["init_accuracy"] + 0.8 * (s["teacher_accuracy"] - s["init_accuracy"]))
+    assert [r["fraction"] for r in s["by_fraction"]] == list(rl_teacher.FRACTIONS)
+    dcfg = _config(out2 / "distill")
+    assert (dcfg["student"]["model"], dcfg["teacher"]["model"]) == (student_path, str(teacher_run / "final"))
+    assert (dcfg["loss"]["kind"], dcfg["teacher"]["top_k"], dcfg["reward"]["coef"]) == ("reverse_kl_topk", 16, 0.0)
+    rows = read_metrics(out2 / "distill")
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 1, 2]
+    assert all(r["teacher/tokens_scored"] > 0 for r in rows if "learner/loss" in r)
+    md = (out2 / "rl_teacher.md").read_text()
+    assert f"RL reused from {teacher_run}" in md and "| fraction of the RL gain |" in md
+    assert (out2 / "rl_teacher.png").stat().st_size > 10_000
